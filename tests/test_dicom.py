@@ -1,0 +1,193 @@
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from src import dicom as D
+
+from .conftest import CQ500, RSNA_SAMPLE
+
+
+def write_ds(path, raw, *, bits, rep, intercept, slope=1.0, implicit=True, wc="40", ww="80", uid="ID_44cfc8e964",
+             pixel_data=True):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.SOPInstanceUID = uid
+        ds.SeriesInstanceUID = uid
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = raw.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, rep
+    ds.RescaleIntercept, ds.RescaleSlope = intercept, slope
+    ds.WindowCenter, ds.WindowWidth = wc, ww
+    ds.ImagePositionPatient = [0, 0, 12.5]
+    if pixel_data:
+        ds.PixelData = raw.astype(np.int16 if rep else np.uint16).tobytes()
+    ds.save_as(path, implicit_vr=implicit, little_endian=True, enforce_file_format=True)
+    return path
+
+
+def hu_of(path):
+    ds = D.read_dicom(path)
+    return D.to_hu(D.pixels(ds), D.rescale_params(ds))
+
+
+def test_hu_12bit_unsigned(tmp_path):
+    raw = np.array([[0, 1024], [1064, 4095]], np.uint16)  # hand-computed: raw - 1024
+    hu = hu_of(write_ds(tmp_path / "a.dcm", raw, bits=12, rep=0, intercept=-1024))
+    assert hu.tolist() == [[-1024, 0], [40, 3071]]
+
+
+def test_hu_16bit_signed_explicit(tmp_path):
+    raw = np.array([[-2000, 0], [1064, 2600]], np.int16)  # -2000 -> -3024: air outside the scan circle
+    hu = hu_of(write_ds(tmp_path / "a.dcm", raw, bits=16, rep=1, intercept=-1024, implicit=False))
+    assert hu.tolist() == [[-3024, -1024], [40, 1576]]
+
+
+def test_hu_slope(tmp_path):
+    raw = np.array([[100, 200]], np.uint16)
+    hu = hu_of(write_ds(tmp_path / "a.dcm", raw, bits=16, rep=0, intercept=-1000, slope=2.5))
+    assert hu.tolist() == [[-750, -500]]
+
+
+def test_hu_intercept_bug(tmp_path):
+    # BitsStored 12, unsigned, intercept 1 (> -100): add 1000, wrap at 4096, intercept -1000
+    raw = np.array([[40, 3096], [1500, 3000]], np.uint16)
+    hu = hu_of(write_ds(tmp_path / "a.dcm", raw, bits=12, rep=0, intercept=1))
+    # 40 -> 1040 -> 40; 3096 -> 4096 -> 0 -> -1000; 1500 -> 2500 -> 1500; 3000 -> 4000 -> 3000
+    assert hu.tolist() == [[40, -1000], [1500, 3000]]
+    ds = D.read_dicom(tmp_path / "a.dcm")
+    assert D.rescale_params(ds).fix_12bit
+
+
+def test_no_fix_when_intercept_normal(tmp_path):
+    raw = np.array([[3096]], np.uint16)
+    assert hu_of(write_ds(tmp_path / "a.dcm", raw, bits=12, rep=0, intercept=-1024)).item() == 2072
+
+
+def test_window_scaling_hand_values():
+    hu = np.array([-100, 0, 40, 80, 81, 1000], np.float32)
+    # brain window 40/80 spans 0..80 HU: 255/80 per HU
+    assert D.window(hu, 40, 80).tolist() == [0, 0, 128, 255, 255, 255]
+    assert D.window(np.array([20.0]), 40, 80).item() == round(20 * 255 / 80)
+    # bone 600/2800 spans -800..2000
+    assert D.window(np.array([-800.0, 600.0, 2000.0]), 600, 2800).tolist() == [0, 128, 255]
+
+
+def test_fast_path_matches_reference(tmp_path):
+    rng = np.random.default_rng(0)
+    for i, (bits, rep, icpt) in enumerate([(12, 0, -1024), (16, 1, -1024), (12, 0, 1)]):
+        lo, hi = ((0, 4096) if rep == 0 else (-2000, 3000))
+        raw = rng.integers(lo, hi, (40, 40))
+        p = write_ds(tmp_path / f"{i}.dcm", raw, bits=bits, rep=rep, intercept=icpt, implicit=rep == 0)
+        ds = D.read_dicom(p)
+        ref = D.hu_to_image(D.to_hu(D.pixels(ds), D.rescale_params(ds)), size=None)
+        assert np.array_equal(D.dicom_to_image(ds, size=None), ref)
+        small_ref = D.hu_to_image(D.to_hu(D.pixels(ds), D.rescale_params(ds)), size=20)
+        # resizing stored values rounds to whole units: at most one grey level apart
+        assert np.abs(D.dicom_to_image(ds, size=20).astype(int) - small_ref).max() <= 2
+
+
+def test_file_window_multivalued(tmp_path):
+    p = write_ds(tmp_path / "a.dcm", np.array([[1024, 1064]], np.uint16), bits=12, rep=0, intercept=-1024,
+                 wc=["40", "300"], ww=["80", "1500"])
+    ds = D.read_dicom(p)
+    assert D.resolve_windows(ds, (None, D.BONE)) == ((40.0, 80.0), (600.0, 2800.0))
+    img = D.dicom_to_image(ds, windows=(None, D.SUBDURAL, D.BONE), size=None)
+    assert img[0, :, 0].tolist() == [0, 128]
+
+
+def test_kaggle_uid_warning_silenced_but_others_not(tmp_path):
+    p = write_ds(tmp_path / "a.dcm", np.zeros((4, 4), np.uint16), bits=12, rep=0, intercept=-1024, uid="ID_44cfc8e964")
+    q = write_ds(tmp_path / "b.dcm", np.zeros((4, 4), np.uint16), bits=12, rep=0, intercept=-1024, uid="not a uid!")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", message=D._KAGGLE_UID_WARNING, category=UserWarning)  # as the module sets
+        D.header_fields(D.read_dicom(p))
+        D.dicom_to_image(D.read_dicom(p), size=None)
+        assert rec == []
+        D.header_fields(D.read_dicom(q))
+        assert any("not a uid!" in str(w.message) for w in rec)
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    p = write_ds(tmp_path / "a.dcm", np.zeros((64, 64), np.uint16), bits=12, rep=0, intercept=-1024)
+    p.write_bytes(p.read_bytes()[:-3000])
+    with pytest.raises(D.DicomError, match="truncated|pixel data"):
+        D.dicom_to_image(D.read_dicom(p))
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"\x00" * 10)
+    with pytest.raises(D.DicomError, match="unreadable DICOM"):
+        D.read_dicom(junk)
+
+
+def test_missing_pixel_data_and_tags(tmp_path):
+    p = write_ds(tmp_path / "a.dcm", np.zeros((4, 4), np.uint16), bits=12, rep=0, intercept=-1024, pixel_data=False)
+    with pytest.raises(D.DicomError, match="no pixel data"):
+        D.dicom_to_image(D.read_dicom(p))
+    ds = D.read_dicom(write_ds(tmp_path / "b.dcm", np.zeros((4, 4), np.uint16), bits=12, rep=0, intercept=-1024))
+    del ds.RescaleIntercept
+    with pytest.raises(D.DicomError, match="RescaleIntercept"):
+        D.dicom_to_image(ds)
+
+
+def test_rgb_jpeg_lossless_rejected_as_not_ct():
+    ds = D.read_dicom(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"))  # bundled offline: JPEG Lossless, RGB
+    assert str(ds.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.70"
+    with pytest.raises(D.DicomError, match="not a grayscale"):
+        D.pixels(ds)
+
+
+def test_rle_decodes_like_uncompressed():
+    rle = D.read_dicom(get_testdata_file("MR_small_RLE.dcm"))
+    plain = D.read_dicom(get_testdata_file("MR_small.dcm"))
+    assert np.array_equal(D.pixels(rle), plain.pixel_array)
+
+
+def test_jpeg2000_ct_decodes():
+    ds = D.read_dicom(get_testdata_file("693_J2KI.dcm"))  # bundled: a CT slice in JPEG 2000
+    hu = D.to_hu(D.pixels(ds), D.rescale_params(ds))
+    assert hu.shape == (512, 512) and D.dicom_to_image(ds).shape == (256, 256, 3)
+
+
+@pytest.mark.skipif(not CQ500.exists(), reason="../shared/ct_other not present")
+def test_real_jpeg_lossless_head_ct():
+    files = sorted(CQ500.glob("*.dcm"))
+    ds = D.read_dicom(files[10])
+    assert str(ds.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.70"
+    hu = D.to_hu(D.pixels(ds), D.rescale_params(ds))
+    centre = hu[206:306, 206:306]
+    assert -30 < np.median(centre) < 80          # brain tissue in the middle of the head
+    assert np.median(hu[:20, :20]) < -900         # air (or padding) in the corner
+
+
+@pytest.mark.skipif(not RSNA_SAMPLE.exists(), reason="../shared/rsna_sample not present")
+def test_native_reader_equals_pydicom_on_real_files():
+    for p in sorted((RSNA_SAMPLE / "stage_2_train_images").glob("*.dcm"))[::10]:
+        ds = D.read_dicom(p)
+        a = D.pixels(ds)
+        b = pydicom.dcmread(p).pixel_array
+        assert a.dtype == b.dtype and np.array_equal(a, b), p
+
+
+def test_z_fallbacks(tmp_path):
+    ds = D.read_dicom(write_ds(tmp_path / "a.dcm", np.zeros((4, 4), np.uint16), bits=12, rep=0, intercept=-1024))
+    assert D.slice_z(ds) == (12.5, "ImagePositionPatient")
+    del ds.ImagePositionPatient
+    ds.SliceLocation = "7.5"
+    assert D.slice_z(ds) == (7.5, "SliceLocation")
+    del ds.SliceLocation
+    ds.InstanceNumber = 3
+    assert D.slice_z(ds) == (3.0, "InstanceNumber")

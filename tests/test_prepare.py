@@ -1,0 +1,98 @@
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import src.prepare as P
+from src.dicom import read_dicom
+
+
+def test_cache_contents_and_skipped_file(demo_data, demo_cache):
+    images, meta = P.load_cache(demo_cache / "cache")
+    n_files = len(list(demo_data.glob("stage_2_*_images/*.dcm")))
+    assert images.shape == (n_files, 64, 64, 3) and images.dtype == np.uint8
+    summary = json.loads((demo_cache / "cache" / "summary.json").read_text())
+    assert summary["skipped"] == 1 and summary["done"] == n_files - 1
+    bad = meta[meta.status != "ok"]
+    assert "truncated" in bad.reason.iloc[0]
+    assert not images[bad.row.iloc[0]].any()  # skipped rows stay zero
+    # every ok row holds the image of its file, and the 320 px series was resized
+    row = meta[meta.status == "ok"].iloc[5]
+    from src.dicom import dicom_to_image
+    assert np.array_equal(images[row.row], dicom_to_image(read_dicom(row.path), size=64))
+    assert (meta.cols > 128).any()
+
+
+def test_slices_ordered_by_z_not_by_name(demo_cache):
+    _, meta = P.load_cache(demo_cache / "cache")
+    ok = meta[meta.status == "ok"]
+    for _, s in ok.groupby("SeriesInstanceUID"):
+        s = s.sort_values("slice_index")
+        assert s.slice_index.tolist() == list(range(len(s)))
+        assert (np.diff(s.z.to_numpy()) > 0).all()
+        assert (s.series_len == len(s)).all()
+        assert s.prev_id.iloc[0] == "" and s.next_id.iloc[-1] == ""
+        assert s.prev_id.iloc[1:].tolist() == s.ID.iloc[:-1].tolist()
+        assert s.next_id.iloc[:-1].tolist() == s.ID.iloc[1:].tolist()
+    # file names are random IDs, so name order is not z order in at least one series
+    assert any(not s.sort_values("ID").z.is_monotonic_increasing for _, s in ok.groupby("SeriesInstanceUID"))
+
+
+def test_order_series_on_shuffled_rows():
+    meta = pd.DataFrame({"ID": list("abcde"), "status": "ok", "SeriesInstanceUID": ["s"] * 3 + ["t"] * 2,
+                         "z": [5.0, -1.0, 2.5, 9.0, 3.0]})
+    out = P.order_series(meta.sample(frac=1, random_state=1)).set_index("ID")
+    assert out.slice_index.to_dict() == {"a": 2, "b": 0, "c": 1, "d": 1, "e": 0}
+    assert out.loc["c", "prev_id"] == "b" and out.loc["c", "next_id"] == "a" and out.loc["e", "next_id"] == "d"
+
+
+def test_resume_after_kill_gives_identical_cache(demo_data, tmp_path, monkeypatch):
+    ref = tmp_path / "ref"
+    P.prepare(demo_data, ref, size=48, jobs=1, chunk=16, quiet=True)
+
+    real = P._process_chunk
+    calls = {"n": 0}
+
+    def dies_on_third(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the run is killed mid-way
+        return real(*a, **k)
+
+    monkeypatch.setattr(P, "_process_chunk", dies_on_third)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        P.prepare(demo_data, out, size=48, jobs=1, chunk=16, quiet=True)
+    assert not (out / "images.npy").exists() and (out / "images.partial.npy").exists()
+    assert len(list((out / "chunks").glob("*.csv"))) == 2
+    monkeypatch.setattr(P, "_process_chunk", real)
+
+    done = []
+    monkeypatch.setattr(P, "_process_chunk", lambda *a, **k: done.append(a[1]) or real(*a, **k))
+    P.prepare(demo_data, out, size=48, jobs=1, chunk=16, quiet=True)
+    assert 0 not in done and 16 not in done  # finished chunks were not redone
+    assert (out / "images.npy").read_bytes() == (ref / "images.npy").read_bytes()
+    pd.testing.assert_frame_equal(pd.read_csv(out / "metadata.csv"), pd.read_csv(ref / "metadata.csv"))
+    assert not list(out.glob("*.partial*")) and not (out / "chunks").exists()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_rerun_is_a_no_op_and_settings_change_rebuilds(demo_data, tmp_path, monkeypatch):
+    P.prepare(demo_data, tmp_path, size=32, jobs=1, chunk=64, quiet=True)
+    monkeypatch.setattr(P, "_process_chunk", lambda *a, **k: pytest.fail("should not decode again"))
+    P.prepare(demo_data, tmp_path, size=32, jobs=1, chunk=64, quiet=True)
+    monkeypatch.undo()
+    P.prepare(demo_data, tmp_path, size=24, jobs=1, chunk=64, quiet=True)
+    assert np.load(tmp_path / "images.npy", mmap_mode="r").shape[1] == 24
+
+
+def test_parallel_equals_serial(demo_data, demo_cache, tmp_path):
+    P.prepare(demo_data, tmp_path, size=64, jobs=2, chunk=32, quiet=True)
+    assert (tmp_path / "images.npy").read_bytes() == (demo_cache / "cache" / "images.npy").read_bytes()
+
+
+def test_not_a_data_folder(tmp_path):
+    with pytest.raises(P.PipelineError, match="no DICOM files"):
+        P.prepare(tmp_path, tmp_path / "c", quiet=True)

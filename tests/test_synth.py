@@ -1,0 +1,56 @@
+import hashlib
+import warnings
+
+import numpy as np
+import pydicom
+import pytest
+
+from src.dicom import pixels, read_dicom, rescale_params, to_hu
+from src.labels import read_labels
+from src.synth import MIN_PIXELS, generate
+from src.utils import CLASSES, PipelineError
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_same_bytes(tmp_path):
+    kw = dict(n_patients=3, n_test_series=1, slices=(6, 7), image_size=64, seed=11, quiet=True)
+    generate(tmp_path / "a", **kw)
+    generate(tmp_path / "b", **kw)
+    generate(tmp_path / "c", **{**kw, "seed": 12})
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
+    with pytest.raises(PipelineError, match="not empty"):
+        generate(tmp_path / "a", **kw)
+
+
+def test_layout_oddities_and_labels_follow_pixels(demo_data):
+    with pytest.warns(UserWarning, match="dropped 5 exactly duplicated"):
+        labels = read_labels(demo_data / "stage_2_train.csv")
+    assert (labels[CLASSES[:5]].max(axis=1) == labels["any"]).all()
+    assert labels[CLASSES[:5]].sum().min() > 0  # every subtype occurs
+    styles, windows, truncated = set(), 0, 0
+    blood_pos, blood_neg = [], []
+    for p in sorted((demo_data / "stage_2_train_images").glob("*.dcm")):
+        try:
+            ds = read_dicom(p)
+            hu = to_hu(pixels(ds), rescale_params(ds))
+        except Exception:
+            truncated += 1
+            continue
+        styles.add((str(ds.file_meta.TransferSyntaxUID), int(ds.BitsStored), int(ds.PixelRepresentation),
+                    rescale_params(ds).fix_12bit))
+        windows += isinstance(ds.WindowCenter, pydicom.multival.MultiValue)
+        n_blood = int(((hu >= 55) & (hu <= 95)).sum())
+        (blood_pos if labels.loc[p.stem, "any"] else blood_neg).append(n_blood)
+    assert truncated == 1 and windows > 0
+    assert {s[:3] for s in styles} >= {("1.2.840.10008.1.2", 12, 0), ("1.2.840.10008.1.2.1", 16, 1)}
+    assert any(s[3] for s in styles)  # intercept-bug files
+    # labels follow from what was drawn: acute blood (60-85 HU plus noise) only where a label says so
+    assert min(blood_pos) >= MIN_PIXELS * 0.8
+    assert max(blood_neg) < MIN_PIXELS / 2
