@@ -1,0 +1,98 @@
+"""The model: a timm backbone with 6 outputs, behind a tiny factory; and safe checkpoint I/O.
+
+Weights: none (random init), timm's pretrained weights (`pretrained=True`, needs network access once),
+or a local `.pth`/`.safetensors` file, which timm loads through `pretrained_cfg_overlay=dict(file=...)`:
+it drops a classifier of another size and adapts the first convolution to 9 input channels.
+
+Checkpoints load with `torch.load(weights_only=True)`: a file that would run code when unpickled is
+refused instead of executed.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from .utils import CLASSES, PipelineError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class Net(nn.Module):
+    """uint8 images in, logits (and optionally the pooled embedding) out.
+
+    Normalisation lives here so every caller (train, predict, demo) feeds the same raw cache bytes."""
+
+    def __init__(self, backbone: nn.Module, in_chans: int = 3, drop_rate: float = 0.0):
+        super().__init__()
+        self.backbone = backbone
+        reps = in_chans // 3
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN * reps).view(1, -1, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD * reps).view(1, -1, 1, 1) * 255, persistent=False)
+        self.dropout = nn.Dropout(drop_rate)
+        self.head = backbone.get_classifier()
+
+    @property
+    def num_features(self) -> int:
+        return self.backbone.num_features
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor, return_embedding: bool = False):
+        fmap = self.backbone.forward_features(self.normalise(x))
+        emb = self.backbone.forward_head(fmap, pre_logits=True)
+        logits = self.head(self.dropout(emb))
+        return (logits, emb) if return_embedding else logits
+
+
+def create_model(name: str, in_chans: int = 3, pretrained: bool = False, weights: str = "", drop_rate: float = 0.0) -> Net:
+    kw = dict(num_classes=len(CLASSES), in_chans=in_chans)
+    if weights:
+        if not Path(weights).exists():
+            raise PipelineError(f"weights file not found: {weights}")
+        backbone = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), **kw)
+    else:
+        try:
+            backbone = timm.create_model(name, pretrained=pretrained, **kw)
+        except RuntimeError as e:
+            if "not find" in str(e) or "Unknown model" in str(e):
+                raise PipelineError(f"unknown timm model {name!r}") from e
+            raise
+        except Exception as e:  # no network for pretrained weights
+            if pretrained:
+                raise PipelineError(f"could not fetch pretrained weights for {name!r} ({type(e).__name__}); "
+                                    f"offline, pass a local file with --weights PATH") from e
+            raise
+    return Net(backbone, in_chans, drop_rate)
+
+
+def save_checkpoint(state: dict, path) -> None:
+    """Atomic: a killed save never leaves a truncated checkpoint behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for files that carry code
+        raise PipelineError(f"{path} is not a plain-tensor checkpoint and was not loaded (it may contain code): "
+                            f"{str(e).splitlines()[0][:200]}") from e
+
+
+def model_from_checkpoint(path, map_location="cpu") -> tuple[Net, dict]:
+    """(model in eval mode with the checkpoint's weights, the checkpoint's config dict)."""
+    ckpt = load_checkpoint(path, map_location)
+    cfg = ckpt["config"]
+    model = create_model(cfg["model"], 9 if cfg["input_mode"] == "slices_windows" else 3, drop_rate=0.0)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), cfg
