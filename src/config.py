@@ -25,6 +25,7 @@ class TrainConfig:
     out_dir: str = ""                  # outputs root; default outputs/<data folder name>
     k: int = 5                         # number of folds (selects folds/<tag>_k{k}_seed{fold_seed}.csv)
     fold_seed: int = 42
+    folds_file: str = ""               # explicit folds CSV (overrides k / fold_seed lookup)
     fold: int = 0                      # validation fold trained against
     run_name: str = "resnet18_256"     # outputs go to OUT/runs/<run_name>/fold<fold>/
     # --- input ---

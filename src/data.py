@@ -1,7 +1,8 @@
 """Dataset over the image cache: one slice (3 windows) or its neighbours (2.5D), with CT-friendly augmentation.
 
-The dataset knows nothing about the model: it returns uint8 CHW tensors (the model normalises them
-on the device, which moves 4x fewer bytes than float32), the six labels, and the sample's index.
+The dataset knows nothing about the model: it returns uint8 CHW tensors in channels-last memory
+layout (the model normalises them on the device, which moves 4x fewer bytes than float32), the six
+labels, and the sample's index.
 Augmentation draws from a generator seeded by (seed, epoch, index), so a sample's augmentation does
 not depend on worker count or process, and a resumed run sees exactly the batches it would have seen.
 """
@@ -106,9 +107,19 @@ class SliceDataset(Dataset):
         img = self.image(i)
         if self.augment is not None:
             img = self.augment(img, np.random.default_rng((self.seed, self.epoch, int(i))))
-        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+        # a CHW view of the HWC bytes: channels_last layout, which the model runs in, so no transpose copy
+        # here; `collate` keeps that layout for the batch
+        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
         y = torch.from_numpy(self.labels[i]) if self.labels is not None else torch.zeros(len(CLASSES))
         return x, y, i
+
+
+def collate(batch):
+    """Stack samples into an (N, C, H, W) uint8 batch that stays channels-last (a plain memcpy per sample;
+    torch's default_collate would transpose every sample to the standard layout)."""
+    xs, ys, idx = zip(*batch)
+    x = torch.stack([t.permute(1, 2, 0) for t in xs]).permute(0, 3, 1, 2)
+    return x, torch.stack(ys), torch.as_tensor(idx)
 
 
 class EpochSampler(Sampler):

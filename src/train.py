@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .config import TrainConfig, config_from_args, save_yaml
-from .data import Augment, EpochSampler, SliceDataset, neighbour_rows
+from .data import Augment, EpochSampler, SliceDataset, collate, neighbour_rows
 from .folds import folds_path, load_folds
 from .infer import amp_settings, autocast, pick_device, predict_loader
 from .labels import read_labels
@@ -69,9 +69,9 @@ def load_fold_data(cfg: TrainConfig):
     """Cache, labels and the fold split -> (images, train table, val table); tables hold ID, row, neighbours, labels."""
     out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg.data_dir)
     images, meta = load_cache(out / "cache")
-    folds = load_folds(folds_path(cfg.data_dir, cfg.k, cfg.fold_seed))
-    if not 0 <= cfg.fold < cfg.k:
-        raise PipelineError(f"--fold must be in 0..{cfg.k - 1}")
+    folds = load_folds(cfg.folds_file or folds_path(cfg.data_dir, cfg.k, cfg.fold_seed))
+    if cfg.fold not in set(folds["fold"]):
+        raise PipelineError(f"--fold {cfg.fold} is not in the folds file (folds {sorted(set(folds['fold']))})")
     labels = read_labels(Path(cfg.data_dir) / "stage_2_train.csv")
     meta = meta.assign(prev_row=neighbour_rows(meta)[0], next_row=neighbour_rows(meta)[1]).set_index("ID")
     ok = meta[meta.status == "ok"]
@@ -145,7 +145,7 @@ def train(cfg: TrainConfig) -> Path:
 
     tr_ds, va_ds = make_dataset(images, tr, cfg, True), make_dataset(images, va, cfg, False)
     sampler = EpochSampler(len(tr_ds), True, cfg.seed, rank, world, positives=tr["any"].to_numpy() > 0, balanced=cfg.balanced)
-    loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False)
+    loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False, collate_fn=collate)
     tr_dl = DataLoader(tr_ds, cfg.batch_size, sampler=sampler, drop_last=len(tr_ds) > cfg.batch_size * world, **loader_kw)
     va_dl = DataLoader(va_ds, cfg.batch_size * 2, sampler=EpochSampler(len(va_ds), False, rank=rank, world=world, pad=False),
                        **loader_kw)
