@@ -61,6 +61,7 @@ def main():
     ap.add_argument("--out", default=None, help="output folder holding cache/ (default outputs/<data folder name>)")
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--folds-file", default=None, help="where to write (default folds/<data folder name>_k<K>_seed<SEED>.csv)")
     a = ap.parse_args()
     out = Path(a.out) if a.out else default_out_dir(a.data_dir)
     _, meta = load_cache(out / "cache")
@@ -71,7 +72,13 @@ def main():
         raise PipelineError(f"{len(unlabelled)} train image(s) have no label rows in stage_2_train.csv, "
                             f"e.g. {list(unlabelled[:5])}: labels and images do not match")
     folds = make_folds(labels, ok["PatientID"], a.k, a.seed)
-    path = folds_path(a.data_dir, a.k, a.seed)
+    path = Path(a.folds_file) if a.folds_file else folds_path(a.data_dir, a.k, a.seed)
+    if path.exists() and load_folds(path).equals(folds):
+        print(f"folds up to date: {path}")
+        return
+    if path.exists():
+        print(f"note: {path} did not match this data (a different dataset under the same name?); rewriting it. "
+              f"Runs trained on the old folds in the outputs folder are stale: delete them.")
     write_csv(folds, path)
     per_fold = folds.join(labels).groupby("fold")[CLASSES].mean().mul(100).round(1)
     per_fold.insert(0, "patients", folds.groupby("fold")["PatientID"].nunique())

@@ -190,6 +190,39 @@ def prepare(data_dir, cache_dir=None, size=256, windows=DEFAULT_WINDOWS, jobs=-1
     return summary
 
 
+def decode_files(paths, windows=DEFAULT_WINDOWS, size=256, jobs=1, split="test"):
+    """Decode a list of files in memory (for a folder of a user's DICOMs, not a whole dataset):
+    (uint8 images (N, size, size, 3), metadata in the cache's format with series ordering)."""
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise PipelineError("no files to decode")
+    results = Parallel(n_jobs=jobs)(delayed(decode_one)(p, windows, size) for p in paths) if jobs != 1 else \
+        [decode_one(p, windows, size) for p in paths]
+    images = np.zeros((len(paths), size, size, 3), np.uint8)
+    records = []
+    ids = [image_id_from_path(p) for p in paths]
+    if len(set(ids)) < len(ids):  # stems can repeat across folders: fall back to the full path
+        ids = paths
+    for i, (p, image_id, (img, head, reason)) in enumerate(zip(paths, ids, results)):
+        if img is not None:
+            images[i] = img
+        records.append({"ID": image_id, "split": split, "row": i, "status": "ok" if img is not None else "skipped",
+                        "reason": reason, "path": p, **head})
+    meta = pd.DataFrame(records, columns=META_COLUMNS)
+    meta["z"] = pd.to_numeric(meta["z"], errors="coerce")
+    return images, order_series(meta)
+
+
+def cache_settings(cache_dir) -> dict:
+    """The preprocessing a cache was built with (size and windows), which inference must repeat."""
+    cfg = json.loads((Path(cache_dir) / "cache_config.json").read_text())
+    return {"size": cfg["size"], "windows": cfg["windows"]}
+
+
+def windows_from_settings(settings: dict):
+    return tuple(None if w == "file" else tuple(w) for w in settings["windows"])
+
+
 def load_cache(cache_dir):
     """(memory-mapped images, metadata) of a finished cache; a clear error where there is none."""
     P = cache_paths(Path(cache_dir))

@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=4 -m src.train --fold 0 ...          # several GPUs (DistributedDataParallel)
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_endpoint=HOST:29500 -m src.train --fold 0 ...
 
-Outputs in OUT/runs/<run_name>/fold<K>/: config.yaml, train.log (starts with the command line),
+Outputs in OUT/runs/<run_name>/fold<K>/: config.yaml, preprocess.json (the cache's size and windows), train.log (starts with the command line),
 epochs.csv (train loss, validation weighted log loss, per-class log loss, seconds), last.pth and
 best.pth (one dict each: model, optimizer, scaler, scheduler, epoch, best score, config, RNG states),
 oof.csv (ID, fold, six probabilities of the best epoch's model on the validation fold) and
@@ -37,13 +37,16 @@ from .infer import amp_settings, autocast, pick_device, predict_loader
 from .labels import read_labels
 from .metrics import per_class_log_loss, weighted_log_loss
 from .model import create_model, load_checkpoint, save_checkpoint
-from .prepare import load_cache
-from .utils import CLASS_WEIGHTS, CLASSES, PipelineError, cli_main, default_out_dir, get_logger, write_csv, write_npy
+from .prepare import cache_settings, load_cache
+from .utils import CLASS_WEIGHTS, CLASSES, PipelineError, cli_main, default_out_dir, get_logger, write_csv, write_json, write_npy
+
+
+def out_root(cfg) -> Path:
+    return Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg.data_dir)
 
 
 def run_dir_of(cfg: TrainConfig) -> Path:
-    out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg.data_dir)
-    return out / "runs" / cfg.run_name / f"fold{cfg.fold}"
+    return out_root(cfg) / "runs" / cfg.run_name / f"fold{cfg.fold}"
 
 
 class WarmupCosine:
@@ -67,8 +70,7 @@ def weighted_bce(logits, y):
 
 def load_fold_data(cfg: TrainConfig):
     """Cache, labels and the fold split -> (images, train table, val table); tables hold ID, row, neighbours, labels."""
-    out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg.data_dir)
-    images, meta = load_cache(out / "cache")
+    images, meta = load_cache(out_root(cfg) / "cache")
     folds = load_folds(cfg.folds_file or folds_path(cfg.data_dir, cfg.k, cfg.fold_seed))
     if cfg.fold not in set(folds["fold"]):
         raise PipelineError(f"--fold {cfg.fold} is not in the folds file (folds {sorted(set(folds['fold']))})")
@@ -131,6 +133,8 @@ def train(cfg: TrainConfig) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         log.info("command: " + " ".join([Path(sys.executable).name, "-m", "src.train", *sys.argv[1:]]))
         save_yaml(cfg, run_dir / "config.yaml")
+        # the cache's size and windows: predict and the demo repeat exactly this preprocessing on new files
+        write_json(cache_settings(out_root(cfg) / "cache"), run_dir / "preprocess.json")
     images, tr, va = load_fold_data(cfg)
     amp_dtype, use_scaler = amp_settings(device, cfg.amp)
     if main_proc:

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# From data to a Kaggle-ready submission, one step per line. Rerun after a kill: finished steps are skipped.
+#
+#   bash run.sh                                   # input/ (or generated demo data when input/ has no competition data)
+#   INPUT_DIR=../shared/rsna_sample K=3 bash run.sh
+#   INPUT_DIR=/data/rsna OUT_DIR=/scratch/rsna bash run.sh
+#   bash run.sh test                              # the test suite
+#
+# Settings (environment): INPUT_DIR (Kaggle-layout data), OUT_DIR (default outputs/<data folder name>),
+# K and SEED (folds), DEVICE_CONFIG=gpu|cpu (default: gpu when CUDA is available), TRAIN_FLAGS and
+# SEQ_FLAGS (appended to every stage-1 / stage-2 command, e.g. TRAIN_FLAGS="--epochs 1" for a smoke run),
+# FOLDS_FILE, SUBMISSIONS_DIR. Outputs of two data folders never mix: each has its own OUT_DIR,
+# folds/<name>_k<K>_seed<SEED>.csv and submission name.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# ---- models: one line each, "<run name> <flags for python -m src.train>" ----
+GPU_MODELS=(
+  "seresnext50_384   --model seresnext50_32x4d --pretrained true --img_size 384 --epochs 4 --batch_size 32 --lr 4e-4 --workers 8"
+  "densenet121_256_25d --model densenet121 --pretrained true --img_size 256 --input_mode slices_windows --epochs 4 --batch_size 48 --lr 5e-4 --workers 8"
+)
+CPU_MODELS=(
+  "resnet10t_128     --model resnet10t --img_size 128 --epochs 7 --batch_size 32 --lr 2e-3 --workers 1"
+)
+K=${K:-5}
+SEED=${SEED:-42}
+TRAIN_FLAGS=${TRAIN_FLAGS:-}
+SEQ_FLAGS=${SEQ_FLAGS:-}
+SUBMISSIONS_DIR=${SUBMISSIONS_DIR:-submissions}
+
+T_START=$(date +%s)
+step() {  # step NAME DONE_FILE COMMAND...: skip when DONE_FILE exists, else run and time the command
+  local name=$1 done_file=$2; shift 2
+  if [ -e "$done_file" ]; then echo "[skip] $name (done: $done_file)"; return 0; fi
+  local t0; t0=$(date +%s)
+  echo "[run ] $name"
+  "$@"
+  echo "[done] $name in $(( $(date +%s) - t0 ))s"
+}
+
+# ---- 1. environment: .venv from requirements.txt, (re)installed when missing or stale ----
+if [ ! -x .venv/bin/python ] || ! cmp -s requirements.txt .venv/requirements.installed; then
+  echo "[run ] setup: creating .venv and installing requirements.txt"
+  t0=$(date +%s)
+  ${PYTHON:-python3} -m venv .venv
+  .venv/bin/python -m pip install -qq --upgrade pip
+  .venv/bin/python -m pip install -qq -r requirements.txt
+  cp requirements.txt .venv/requirements.installed
+  echo "[done] setup in $(( $(date +%s) - t0 ))s"
+else
+  echo "[skip] setup (.venv matches requirements.txt)"
+fi
+PY=.venv/bin/python
+
+if [ "${1:-}" = "test" ]; then
+  shift
+  exec $PY -m pytest -q "$@"
+fi
+
+# ---- 2. data: competition data in INPUT_DIR, else generated demo data ----
+INPUT_DIR=${INPUT_DIR:-input}
+if [ ! -f "$INPUT_DIR/stage_2_train.csv" ]; then
+  echo "no competition data in $INPUT_DIR/ (stage_2_train.csv): using generated demo data in input/demo"
+  INPUT_DIR=input/demo
+  step "demo data" "$INPUT_DIR/stage_2_sample_submission.csv" $PY -m src.synth --out "$INPUT_DIR" --overwrite
+fi
+TAG=$(basename "$(cd "$INPUT_DIR" && pwd)")
+OUT_DIR=${OUT_DIR:-outputs/$TAG}
+echo "data: $INPUT_DIR -> outputs: $OUT_DIR"
+
+DEVICE_CONFIG=${DEVICE_CONFIG:-$($PY -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")}
+if [ "$DEVICE_CONFIG" = gpu ]; then MODELS=("${GPU_MODELS[@]}"); IMG=512; else
+  MODELS=("${CPU_MODELS[@]}"); IMG=128
+  echo "no GPU: using the small CPU configuration (resnet10t, 128 px, few epochs); DEVICE_CONFIG=gpu overrides"
+fi
+
+# ---- 3. cache and folds ----
+step "prepare cache" "$OUT_DIR/cache/images.npy" $PY -m src.prepare "$INPUT_DIR" --out "$OUT_DIR" --size "$IMG"
+FOLDS_FILE=${FOLDS_FILE:-folds/${TAG}_k${K}_seed${SEED}.csv}
+# always checked: a folds file must belong to this data (src.folds rewrites it only when it differs)
+$PY -m src.folds "$INPUT_DIR" --out "$OUT_DIR" --k "$K" --seed "$SEED" --folds-file "$FOLDS_FILE"
+
+MEMBERS=()
+for spec in "${MODELS[@]}"; do
+  read -r NAME FLAGS <<< "$spec"
+  RUN="$OUT_DIR/runs/$NAME"
+  SEQ="$OUT_DIR/runs/seq_$NAME"
+  # ---- 4. stage 1: one command per fold (--resume continues a killed fold) ----
+  for ((k = 0; k < K; k++)); do
+    # shellcheck disable=SC2086
+    step "train $NAME fold $k" "$RUN/fold$k/oof.csv" $PY -m src.train --data_dir "$INPUT_DIR" --out_dir "$OUT_DIR" \
+      --k "$K" --folds_file "$FOLDS_FILE" --fold "$k" --run_name "$NAME" $FLAGS $TRAIN_FLAGS --resume
+  done
+  step "evaluate $NAME" "$RUN/report/summary.json" $PY -m src.evaluate "$RUN"
+  # ---- 5. test predictions and embeddings of every fold ----
+  step "predict $NAME" "$RUN/predict_report.json" $PY -m src.predict "$RUN"
+  # ---- 6. stage 2: sequence model over each series, per fold ----
+  for ((k = 0; k < K; k++)); do
+    # shellcheck disable=SC2086
+    step "sequence $NAME fold $k" "$SEQ/fold$k/oof.csv" $PY -m src.sequence --stage1 "$RUN" --fold "$k" $SEQ_FLAGS
+  done
+  step "evaluate stage 1 vs stage 2 ($NAME)" "$OUT_DIR/report/$NAME/summary.json" \
+    $PY -m src.evaluate "$RUN" "$SEQ" --out "$OUT_DIR/report/$NAME"
+  MEMBERS+=("$RUN" "$SEQ")
+done
+
+# ---- 7. blend and write the submission ----
+SUB="$SUBMISSIONS_DIR/stage_2_${TAG}_blend.csv"
+step "ensemble" "$SUB" $PY -m src.ensemble "${MEMBERS[@]}" --name "${TAG}_blend" --data_dir "$INPUT_DIR" \
+  --submissions-dir "$SUBMISSIONS_DIR"
+$PY -m src.submit "$SUB" -m "$TAG blend" --sample "$INPUT_DIR/stage_2_sample_submission.csv" --dry-run
+
+echo "total: $(( $(date +%s) - T_START ))s"
+echo "submission: $SUB   reports: $OUT_DIR/report/   (upload: python -m src.submit $SUB -m \"message\" --sample $INPUT_DIR/stage_2_sample_submission.csv)"

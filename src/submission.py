@@ -1,0 +1,78 @@
+"""Kaggle submission files: build from a wide prediction table, validate against the sample submission.
+
+A valid stage-2 file has the header `ID,Label`, exactly the IDs of `stage_2_sample_submission.csv`
+in its order (six rows per image), no NaN, and every value in [0, 1].
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .labels import read_sample_submission, to_long
+from .utils import CLASSES, PipelineError, write_csv
+
+# Submissions are clipped away from 0 and 1: one confident mistake at 1e-15 costs 34 nats, at 1e-5 only 11.5.
+CLIP = 1e-5
+
+
+def _few(ids, n=5):
+    ids = list(ids)
+    return f"{len(ids)} ({', '.join(map(str, ids[:n]))}{', ...' if len(ids) > n else ''})"
+
+
+def validate(df: pd.DataFrame, sample_ids: pd.Series, name="submission") -> None:
+    """Raise PipelineError describing every way df differs from a valid submission."""
+    if list(df.columns) != ["ID", "Label"]:
+        raise PipelineError(f"{name}: header must be 'ID,Label', found {','.join(map(str, df.columns))}")
+    problems = []
+    dup = df["ID"][df["ID"].duplicated()]
+    if len(dup):
+        problems.append(f"duplicated IDs: {_few(dup.unique())}")
+    have, want = set(df["ID"]), set(sample_ids)
+    if have - want:
+        problems.append(f"extra IDs (not in the sample submission): {_few(sorted(have - want))}")
+    if want - have:
+        problems.append(f"missing IDs: {_few(sorted(want - have))}")
+    if not problems and not (df["ID"].to_numpy() == sample_ids.to_numpy()).all():
+        first = int(np.argmax(df["ID"].to_numpy() != sample_ids.to_numpy()))
+        problems.append(f"IDs not in the sample submission's order (first difference at row {first + 2})")
+    labels = pd.to_numeric(df["Label"], errors="coerce")
+    if labels.isna().any():
+        problems.append(f"NaN or non-numeric labels: {_few(df['ID'][labels.isna()])}")
+    out = (labels < 0) | (labels > 1)
+    if out.any():
+        problems.append(f"labels outside [0, 1]: {_few(df['ID'][out])}")
+    if problems:
+        raise PipelineError(f"{name} is not a valid submission:\n  " + "\n  ".join(problems))
+
+
+def build(wide: pd.DataFrame, sample_path) -> pd.DataFrame:
+    """Wide predictions (index image ID, six columns) -> long submission in the sample's order, validated."""
+    sample_ids, _ = read_sample_submission(sample_path)
+    if wide[CLASSES].isna().any().any():
+        raise PipelineError(f"predictions contain NaN for {_few(wide.index[wide[CLASSES].isna().any(axis=1)])}")
+    long = to_long(wide.assign(**{c: np.clip(wide[c].to_numpy(dtype=float), CLIP, 1 - CLIP) for c in CLASSES}))
+    have, want = set(long["ID"]), set(sample_ids)
+    if have != want:
+        raise PipelineError("predictions do not match the sample submission: "
+                            f"missing {_few(sorted(want - have))}; extra {_few(sorted(have - want))}")
+    long = long.set_index("ID").loc[sample_ids.to_numpy()].reset_index()
+    validate(long, sample_ids)
+    return long
+
+
+def write(long: pd.DataFrame, path) -> Path:
+    write_csv(long, path, index=False, float_format="%.6f")
+    return Path(path)
+
+
+def validate_file(path, sample_path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"submission file not found: {path}")
+    df = pd.read_csv(path, dtype={"ID": str}, keep_default_na=True)
+    sample_ids, _ = read_sample_submission(sample_path)
+    validate(df, sample_ids, name=str(path))
+    return df

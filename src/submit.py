@@ -1,0 +1,79 @@
+"""Validate a submission file and upload it with the official Kaggle client.
+
+    python -m src.submit submissions/stage_2_demo_blend.csv -m "resnet10t + sequence" --dry-run
+    python -m src.submit submissions/stage_2_input_blend.csv -m "5-fold seresnext50 + GRU"
+
+Runs `kaggle competitions submit -c rsna-intracranial-hemorrhage-detection -f FILE -m MESSAGE` after the
+file passed the same validation as the ensembler's (IDs and order of the sample submission, no NaN,
+values in [0, 1]). Credentials: ~/.kaggle/kaggle.json, or KAGGLE_USERNAME and KAGGLE_KEY in the
+environment (https://www.kaggle.com/settings, "Create New Token"). --dry-run validates and prints the
+command without running it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from . import submission
+from .utils import ROOT, PipelineError, cli_main
+
+COMPETITION = "rsna-intracranial-hemorrhage-detection"
+
+
+def has_credentials(env=None) -> bool:
+    env = os.environ if env is None else env
+    if env.get("KAGGLE_USERNAME") and env.get("KAGGLE_KEY"):
+        return True
+    if env.get("KAGGLE_API_TOKEN"):
+        return True
+    cfg_dir = Path(env.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
+    return (cfg_dir / "kaggle.json").exists()
+
+
+def kaggle_command(path, message) -> list[str]:
+    exe = shutil.which("kaggle") or str(Path(sys.executable).with_name("kaggle"))
+    return [exe, "competitions", "submit", "-c", COMPETITION, "-f", str(path), "-m", message]
+
+
+def submit(path, message, sample, dry_run=False) -> int:
+    df = submission.validate_file(path, sample)
+    print(f"{path}: valid ({len(df)} rows, {len(df) // 6} images)")
+    cmd = kaggle_command(path, message)
+    if dry_run:
+        print("dry run; would run:\n  " + shlex.join(cmd))
+        return 0
+    if not has_credentials():
+        raise PipelineError("no Kaggle credentials: put kaggle.json (Kaggle > Settings > API > Create New Token) in "
+                            "~/.kaggle/ (chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY; then rerun")
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except FileNotFoundError as e:
+        raise PipelineError("the kaggle client is not installed here: pip install -r requirements.txt") from e
+    except subprocess.TimeoutExpired as e:
+        raise PipelineError("the upload did not finish in 10 minutes: is there network access to kaggle.com?") from e
+    sys.stdout.write(r.stdout)
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+        raise PipelineError("kaggle submit failed (no network, wrong credentials, or competition rules not accepted?): "
+                            + " | ".join(tail))
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("file")
+    ap.add_argument("-m", "--message", required=True)
+    ap.add_argument("--sample", default=str(ROOT / "input" / "stage_2_sample_submission.csv"),
+                    help="the data's stage_2_sample_submission.csv (default input/)")
+    ap.add_argument("--dry-run", action="store_true")
+    a = ap.parse_args()
+    sys.exit(submit(a.file, a.message, a.sample, a.dry_run))
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,114 @@
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from src.folds import make_folds
+from src.labels import read_labels
+from src.metrics import weighted_log_loss
+from src.prepare import load_cache
+from src.sequence import SeqConfig, SeqModel, batchify, check_no_leak, predict_series, train_sequence
+from src.utils import CLASSES, PipelineError, write_csv
+
+K = 2
+
+
+@pytest.fixture(scope="module")
+def stage1(demo_data, demo_cache, tmp_path_factory):
+    """A stage-1 run's files built by hand: per-slice predictions are the truth drowned in noise, so neighbours
+    carry information; embeddings are noisy copies of the labels. Each fold's OOF rows are that fold's images."""
+    root = tmp_path_factory.mktemp("s1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        labels = read_labels(demo_data / "stage_2_train.csv")
+    images, meta = load_cache(demo_cache / "cache")
+    ok = meta[meta.status == "ok"].set_index("ID")
+    train_ok = ok[ok.split == "train"]
+    folds = make_folds(labels, train_ok["PatientID"], k=K, seed=0)
+    folds_file = root / "folds.csv"
+    write_csv(folds, folds_file)
+    rng = np.random.default_rng(0)
+    run = root / "runs" / "s1"
+    test_ids = ok.index[ok.split == "test"]
+    for k in range(K):
+        d = run / f"fold{k}"
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(yaml.safe_dump({"data_dir": str(demo_data), "out_dir": str(demo_cache),
+                                                       "folds_file": str(folds_file), "k": K, "fold_seed": 0}))
+        ids = folds.index[folds.fold == k]
+        y = labels.loc[ids, CLASSES].to_numpy(float)
+        p = 1 / (1 + np.exp(-(np.log(0.1 / 0.9) + 4 * y + rng.normal(0, 1.8, y.shape))))
+        oof = pd.DataFrame(p, index=pd.Index(ids, name="ID"), columns=CLASSES)
+        oof.insert(0, "fold", k)
+        oof.to_csv(d / "oof.csv")
+        np.save(d / "oof_emb.npy", (np.c_[y, y] + rng.normal(0, 2.0, (len(y), 12))).astype(np.float16))
+        pd.DataFrame(0.1, index=pd.Index(test_ids, name="ID"), columns=CLASSES).assign(source="model").to_csv(d / "test.csv")
+        np.save(d / "test_emb.npy", rng.normal(0, 1, (len(test_ids), 12)).astype(np.float16))
+    return run, labels, folds
+
+
+def test_sequence_improves_on_noisy_stage1_and_writes_stage1_format(stage1):
+    run, labels, folds = stage1
+    scores = []
+    for k in range(K):
+        d = train_sequence(SeqConfig(stage1=str(run), fold=k, epochs=25, hidden=32, seed=k))
+        oof = pd.read_csv(d / "oof.csv").set_index("ID")
+        s1 = pd.read_csv(run / f"fold{k}" / "oof.csv").set_index("ID").loc[oof.index]
+        assert sorted(oof.index) == sorted(folds.index[folds.fold == k]) and (oof.fold == k).all()
+        y = labels.loc[oof.index, CLASSES].to_numpy()
+        scores.append((weighted_log_loss(y, oof[CLASSES].to_numpy()), weighted_log_loss(y, s1[CLASSES].to_numpy())))
+        test = pd.read_csv(d / "test.csv").set_index("ID")
+        assert len(test) == len(pd.read_csv(run / f"fold{k}" / "test.csv")) and list(test.columns) == CLASSES
+    s2, s1 = np.mean(scores, axis=0)
+    assert s2 < 0.9 * s1, scores  # neighbours help: the GRU beats the per-slice predictions
+
+
+def test_leak_is_refused(stage1, tmp_path):
+    run, labels, folds = stage1
+    oof0 = pd.read_csv(run / "fold0" / "oof.csv").set_index("ID")
+    rows = oof0.assign(source_fold=0)
+    check_no_leak(rows, folds["fold"], 1, "oof")  # fold-0 images from the fold-0 model: fine
+    with pytest.raises(PipelineError, match="leak"):
+        check_no_leak(rows.assign(source_fold=1), folds["fold"], 1, "oof")  # fold-0 images from a model trained on them
+    with pytest.raises(PipelineError, match="leak: test inputs"):
+        check_no_leak(rows.assign(source_fold=0), folds["fold"], 1, "test")
+    # and from the files: a fold-1 OOF file that carries a fold-0 image is refused by the stage itself
+    import shutil
+    bad = tmp_path / "runs" / "bad"
+    shutil.copytree(run, bad)
+    o1 = pd.read_csv(bad / "fold1" / "oof.csv").set_index("ID")
+    moved = oof0.iloc[:1].assign(fold=1)
+    pd.concat([o1, moved]).to_csv(bad / "fold1" / "oof.csv")
+    e1 = np.load(bad / "fold1" / "oof_emb.npy")
+    np.save(bad / "fold1" / "oof_emb.npy", np.concatenate([e1, e1[:1]]))
+    with pytest.raises(PipelineError, match="leak"):
+        train_sequence(SeqConfig(stage1=str(bad), fold=0, epochs=1))
+
+
+def test_padding_and_reverse_tta_are_exact():
+    torch.manual_seed(0)
+    m = SeqModel(4, hidden=8, layers=2, dropout=0.0)
+    torch.nn.init.normal_(m.head.weight)  # not the zero init, so the GRU matters
+    rng = np.random.default_rng(0)
+    series = [(np.arange(L), rng.normal(size=(L, 4)).astype(np.float32), rng.normal(size=(L, 6)).astype(np.float32), None)
+              for L in (3, 7, 5)]
+    together = predict_series(m, series, tta_reverse=False)
+    alone = [predict_series(m, [s], tta_reverse=False)[0] for s in series]
+    for a, b in zip(together, alone):
+        assert np.allclose(a, b, atol=1e-6)  # padding does not leak into shorter series
+    rev = [(s[0], s[1][::-1].copy(), s[2][::-1].copy(), None) for s in series]
+    fwd_rev = predict_series(m, rev, tta_reverse=False)
+    tta = predict_series(m, series, tta_reverse=True)
+    for t, f, r in zip(tta, together, fwd_rev):
+        assert np.allclose(t, (f + r[::-1]) / 2, atol=1e-6)
+    e, l_, y, mask, lengths = batchify(series, [0, 1])
+    assert e.shape == (2, 7, 4) and mask.sum().item() == 10 and lengths.tolist() == [3, 7]
+
+
+def test_zero_init_head_starts_at_stage1():
+    m = SeqModel(4, hidden=8)
+    s = [(np.arange(4), np.zeros((4, 4), np.float32), np.full((4, 6), 0.3, np.float32), None)]
+    assert np.allclose(predict_series(m, s)[0], 1 / (1 + np.exp(-0.3)))

@@ -1,0 +1,125 @@
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from src import submission
+from src.ensemble import ensemble, fit_weights
+from src.labels import to_long
+from src.metrics import weighted_log_loss
+from src.submit import has_credentials, submit
+from src.utils import CLASSES, PipelineError
+
+
+def sample_file(tmp_path, images):
+    wide = pd.DataFrame(0.5, index=images, columns=CLASSES)
+    p = tmp_path / "stage_2_sample_submission.csv"
+    to_long(wide).to_csv(p, index=False)
+    return p
+
+
+def valid_long(images, value=0.3):
+    return to_long(pd.DataFrame(value, index=images, columns=CLASSES))
+
+
+IMAGES = ["ID_00a", "ID_00b", "ID_00c"]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.iloc[:-6], "missing IDs: 6"),
+    (lambda d: pd.concat([d, pd.DataFrame({"ID": ["ID_fff_any"], "Label": [0.1]})]), "extra IDs.*ID_fff_any"),
+    (lambda d: pd.concat([d, d.iloc[:1]]), "duplicated IDs: 1 \\(ID_00a_epidural"),
+    (lambda d: d.assign(Label=np.where(np.arange(len(d)) == 4, np.nan, d.Label)), "NaN.*ID_00a_subdural"),
+    (lambda d: d.assign(Label=np.where(np.arange(len(d)) == 7, 1.2, d.Label)), "outside \\[0, 1\\].*ID_00b_intraparenchymal"),
+    (lambda d: d.iloc[::-1], "order"),
+    (lambda d: d.rename(columns={"Label": "label"}), "header"),
+])
+def test_validator_catches(tmp_path, mutate, message):
+    sample_ids = pd.read_csv(sample_file(tmp_path, IMAGES))["ID"]
+    bad = mutate(valid_long(IMAGES)).reset_index(drop=True)
+    with pytest.raises(PipelineError, match=message):
+        submission.validate(bad, sample_ids)
+
+
+def test_build_follows_sample_order_and_clips(tmp_path):
+    sample = sample_file(tmp_path, IMAGES)
+    wide = pd.DataFrame([[0, 1, 0.2, 0.3, 0.4, 1.0]] * 3, index=IMAGES[::-1], columns=CLASSES)
+    long = submission.build(wide, sample)
+    assert long["ID"].tolist() == pd.read_csv(sample)["ID"].tolist()
+    assert long["Label"].min() == submission.CLIP and long["Label"].max() == 1 - submission.CLIP
+    with pytest.raises(PipelineError, match="missing 6"):
+        submission.build(wide.iloc[:2], sample)
+    with pytest.raises(PipelineError, match="NaN"):
+        submission.build(wide.assign(any=np.nan), sample)
+
+
+def test_fitted_weights_beat_or_equal_best_member():
+    rng = np.random.default_rng(0)
+    y = (rng.random((400, 6)) < 0.2).astype(float)
+    good = np.clip(0.7 * y + 0.15 + rng.normal(0, 0.1, y.shape), 0.01, 0.99)
+    noisy = np.clip(0.5 * y + 0.25 + rng.normal(0, 0.25, y.shape), 0.01, 0.99)
+    useless = np.full_like(y, 0.5)
+    for members in ([good, noisy], [noisy, useless, good], [useless]):
+        w = fit_weights(y, members)
+        assert (w >= 0).all() and w.sum() == pytest.approx(1)
+        blend = weighted_log_loss(y, np.tensordot(w, np.stack(members), axes=1))
+        assert blend <= min(weighted_log_loss(y, m) for m in members) + 1e-12
+    w = fit_weights(y, [good, noisy])
+    assert w[0] > w[1]
+
+
+def fake_run(root, name, data_dir, oof_value, test_images, folds=(0, 1)):
+    labels = pd.read_csv(data_dir / "labels_wide.csv", index_col=0)
+    for k in folds:
+        d = root / name / f"fold{k}"
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(yaml.safe_dump({"data_dir": str(data_dir), "out_dir": str(root)}))
+        ids = labels.index[k::2]
+        oof = pd.DataFrame(np.clip(labels.loc[ids].to_numpy() * oof_value + (1 - oof_value) / 2, 0, 1), index=ids, columns=CLASSES)
+        oof.insert(0, "fold", k)
+        oof.rename_axis("ID").to_csv(d / "oof.csv")
+        pd.DataFrame(0.2 + 0.1 * k, index=pd.Index(test_images, name="ID"), columns=CLASSES).to_csv(d / "test.csv")
+    return root / name
+
+
+def test_ensemble_writes_valid_submission(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    train_ids = [f"ID_{i:03x}" for i in range(40)]
+    lab = pd.DataFrame((rng.random((40, 6)) < 0.3).astype(int), index=train_ids, columns=CLASSES)
+    lab["any"] = lab[CLASSES[:5]].max(axis=1)
+    lab.to_csv(data / "labels_wide.csv")
+    to_long(lab).to_csv(data / "stage_2_train.csv", index=False)
+    test_ids = ["ID_a01", "ID_a02"]
+    sample_file(data, test_ids)
+    a = fake_run(tmp_path / "out" / "runs", "a", data, 0.8, test_ids)
+    b = fake_run(tmp_path / "out" / "runs", "b", data, 0.2, test_ids)
+    info = ensemble([a, b], "t", data_dir=data, submissions_dir=tmp_path / "subs", out_dir=tmp_path / "out", quiet=True)
+    sub = submission.validate_file(tmp_path / "subs" / "stage_2_t.csv", data / "stage_2_sample_submission.csv")
+    assert len(sub) == 12
+    assert info["blend_oof_wll"] <= min(m["oof_wll"] for m in info["members"]) + 1e-12
+    # fold means: test values are the mean of 0.2 and 0.3 in both members
+    assert np.allclose(sub["Label"], 0.25)
+    assert not list((tmp_path / "subs").glob(".*"))  # no temporary file left behind
+    c = fake_run(tmp_path / "out" / "runs", "c", data, 0.8, ["ID_a01"])
+    with pytest.raises(PipelineError, match="other images"):
+        ensemble([a, c], "x", data_dir=data, submissions_dir=tmp_path / "subs", quiet=True)
+
+
+def test_submit_dry_run_and_missing_credentials(tmp_path, monkeypatch, capsys):
+    sample = sample_file(tmp_path, IMAGES)
+    f = tmp_path / "sub.csv"
+    valid_long(IMAGES).to_csv(f, index=False)
+    assert submit(f, "msg", sample, dry_run=True) == 0
+    out = capsys.readouterr().out
+    assert "competitions submit -c rsna-intracranial-hemorrhage-detection" in out and str(f) in out
+    for k in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "nokaggle"))
+    assert not has_credentials()
+    with pytest.raises(PipelineError, match="no Kaggle credentials"):
+        submit(f, "msg", sample)
+    pd.read_csv(f).iloc[:-1].to_csv(f, index=False)
+    with pytest.raises(PipelineError, match="missing IDs"):
+        submit(f, "msg", sample, dry_run=True)
