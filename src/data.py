@@ -109,7 +109,9 @@ class SliceDataset(Dataset):
             img = self.augment(img, np.random.default_rng((self.seed, self.epoch, int(i))))
         # a CHW view of the HWC bytes: channels_last layout, which the model runs in, so no transpose copy
         # here; `collate` keeps that layout for the batch
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+        if not img.flags.writeable or not img.flags.c_contiguous:
+            img = np.array(img, order="C")  # un-augmented samples are views of the read-only memmap: copy out
+        x = torch.from_numpy(img).permute(2, 0, 1)
         y = torch.from_numpy(self.labels[i]) if self.labels is not None else torch.zeros(len(CLASSES))
         return x, y, i
 

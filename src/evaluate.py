@@ -132,6 +132,13 @@ def _save(fig, path):
     plt.close(fig)
 
 
+def _legend(axes):
+    for ax in axes.ravel():  # the first panel that has labelled lines (a class may have no positives)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+            return
+
+
 def plot_roc(oofs: dict, labels, path):
     fig, axes = plt.subplots(2, 3, figsize=(12, 7.5))
     for ax, c in zip(axes.ravel(), CLASSES):
@@ -141,8 +148,9 @@ def plot_roc(oofs: dict, labels, path):
                 fpr, tpr, _ = roc_curve(y, oof[c])
                 ax.plot(fpr, tpr, label=name)
         ax.plot([0, 1], [0, 1], ":", color="grey")
-        ax.set_title(c), ax.set_xlabel("false positive rate"), ax.set_ylabel("true positive rate")
-    axes[0, 0].legend(fontsize=8)
+        ax.set_title(c if ax.lines[:-1] else f"{c} (no positives)"), ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+    _legend(axes)
     fig.suptitle("ROC per class (out of fold)")
     _save(fig, path)
 
@@ -158,7 +166,7 @@ def plot_calibration(oofs: dict, labels, path, bins=10):
             ax.plot([p[b == i].mean() for i in keep], [y[b == i].mean() for i in keep], "o-", label=name, ms=3)
         ax.plot([0, 1], [0, 1], ":", color="grey")
         ax.set_title(c), ax.set_xlabel("predicted probability"), ax.set_ylabel("observed frequency")
-    axes[0, 0].legend(fontsize=8)
+    _legend(axes)
     fig.suptitle("Calibration (reliability) per class, 10 bins")
     _save(fig, path)
 
@@ -172,7 +180,8 @@ def plot_loss_curves(run_dirs, path):
                 line, = ax.plot(e["epoch"], e["train_loss"], "--", alpha=0.7)
                 ax.plot(e["epoch"], e["val_wll"], "-", color=line.get_color(), label=f"{d.name} val")
         ax.set_title(f"{r.name}: train (dashed) / validation (solid)"), ax.set_xlabel("epoch"), ax.set_ylabel("weighted log loss")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     _save(fig, path)
 
 

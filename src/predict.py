@@ -42,14 +42,25 @@ def predict_images(fold_dir: Path, images, meta: pd.DataFrame, device, tta="hfli
     """Probabilities and embeddings of fold_dir's best model for the metadata's ok rows."""
     model, cfg = model_from_checkpoint(fold_dir / "best.pth")
     model = model.to(device).to(memory_format=torch.channels_last)
+    return predict_with_model(model, cfg, images, meta, device, tta, batch_size, workers, desc=f"predict {fold_dir.name}")
+
+
+def slice_dataset(cfg: dict, images, meta: pd.DataFrame) -> SliceDataset:
+    """The run's own input pipeline (input mode, size, crop) over the metadata's readable rows, without augmentation."""
     prev, nxt = neighbour_rows(meta)
     ok = (meta["status"] == "ok").to_numpy()
-    ds = SliceDataset(images, meta["row"].to_numpy()[ok], prev_rows=prev[ok], next_rows=nxt[ok], mode=cfg["input_mode"],
-                      size=cfg["img_size"], crop=cfg.get("crop_border", False))
+    return SliceDataset(images, meta["row"].to_numpy()[ok], prev_rows=prev[ok], next_rows=nxt[ok], mode=cfg["input_mode"],
+                        size=cfg["img_size"], crop=cfg.get("crop_border", False))
+
+
+def predict_with_model(model, cfg: dict, images, meta: pd.DataFrame, device, tta="hflip", batch_size=64, workers=0,
+                       desc="predict", progress=True):
+    """(IDs of the ok rows, probabilities, embeddings) of a loaded model."""
+    ds = slice_dataset(cfg, images, meta)
     dl = DataLoader(ds, batch_size, sampler=EpochSampler(len(ds), shuffle=False), num_workers=workers, collate_fn=collate)
     amp_dtype, _ = amp_settings(device, cfg.get("amp", "auto"))
-    _, probs, emb = predict_loader(model, dl, device, amp_dtype, hflip_tta=tta == "hflip", desc=f"predict {fold_dir.name}")
-    return meta["ID"].to_numpy()[ok], probs, emb
+    _, probs, emb = predict_loader(model, dl, device, amp_dtype, hflip_tta=tta == "hflip", desc=desc, progress=progress)
+    return meta["ID"].to_numpy()[(meta["status"] == "ok").to_numpy()], probs, emb
 
 
 def training_prior(run_dir) -> np.ndarray:
