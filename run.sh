@@ -9,6 +9,7 @@
 # Settings (environment): INPUT_DIR (Kaggle-layout data), OUT_DIR (default outputs/<data folder name>),
 # K and SEED (folds), DEVICE_CONFIG=gpu|cpu (default: gpu when CUDA is available), TRAIN_FLAGS and
 # SEQ_FLAGS (appended to every stage-1 / stage-2 command, e.g. TRAIN_FLAGS="--epochs 1" for a smoke run),
+# CACHE_SIZE (cached image size: 256 on GPU, about 150 GB for the full training set as uint8; 128 on CPU),
 # FOLDS_FILE, SUBMISSIONS_DIR. Outputs of two data folders never mix: each has its own OUT_DIR,
 # folds/<name>_k<K>_seed<SEED>.csv and submission name.
 set -euo pipefail
@@ -16,8 +17,8 @@ cd "$(dirname "$0")"
 
 # ---- models: one line each, "<run name> <flags for python -m src.train>" ----
 GPU_MODELS=(
-  "seresnext50_384   --model seresnext50_32x4d --pretrained true --img_size 384 --epochs 4 --batch_size 32 --lr 4e-4 --workers 8"
-  "densenet121_256_25d --model densenet121 --pretrained true --img_size 256 --input_mode slices_windows --epochs 4 --batch_size 48 --lr 5e-4 --workers 8"
+  "seresnext50_256   --model seresnext50_32x4d --pretrained true --img_size 256 --epochs 4 --batch_size 64 --lr 4e-4 --workers 8"
+  "densenet121_256_25d --model densenet121 --pretrained true --img_size 256 --input_mode slices_windows --epochs 4 --batch_size 64 --lr 5e-4 --workers 8"
 )
 CPU_MODELS=(
   "resnet10t_128     --model resnet10t --img_size 128 --epochs 7 --batch_size 32 --lr 2e-3 --workers 1"
@@ -69,8 +70,8 @@ OUT_DIR=${OUT_DIR:-outputs/$TAG}
 echo "data: $INPUT_DIR -> outputs: $OUT_DIR"
 
 DEVICE_CONFIG=${DEVICE_CONFIG:-$($PY -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")}
-if [ "$DEVICE_CONFIG" = gpu ]; then MODELS=("${GPU_MODELS[@]}"); IMG=512; else
-  MODELS=("${CPU_MODELS[@]}"); IMG=128
+if [ "$DEVICE_CONFIG" = gpu ]; then MODELS=("${GPU_MODELS[@]}"); IMG=${CACHE_SIZE:-256}; else
+  MODELS=("${CPU_MODELS[@]}"); IMG=${CACHE_SIZE:-128}
   echo "no GPU: using the small CPU configuration (resnet10t, 128 px, few epochs); DEVICE_CONFIG=gpu overrides"
 fi
 

@@ -198,7 +198,7 @@ def analyse(models: Models, files, cam_slices: int | None = 4, progress=False):
         chosen = order if cam_slices is None else order[:cam_slices]
         cams = {}
         sub = meta.set_index("ID").loc[ids].reset_index()
-        for name, model, cfg in models.stage1:
+        for _, model, cfg in models.stage1:
             ds = slice_dataset(cfg, images, sub)
             for pos in chosen:
                 cls = CLASSES.index(max(CLASSES[:5], key=lambda c: table[c].iloc[pos])) \

@@ -75,7 +75,8 @@ def load_fold_data(cfg: TrainConfig):
     if cfg.fold not in set(folds["fold"]):
         raise PipelineError(f"--fold {cfg.fold} is not in the folds file (folds {sorted(set(folds['fold']))})")
     labels = read_labels(Path(cfg.data_dir) / "stage_2_train.csv")
-    meta = meta.assign(prev_row=neighbour_rows(meta)[0], next_row=neighbour_rows(meta)[1]).set_index("ID")
+    prev_row, next_row = neighbour_rows(meta)
+    meta = meta.assign(prev_row=prev_row, next_row=next_row).set_index("ID")
     ok = meta[meta.status == "ok"]
     missing = folds.index.difference(ok.index)
     if len(missing):
@@ -162,18 +163,17 @@ def train(cfg: TrainConfig) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(int(cfg.warmup * total), total))
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
-    start_epoch, best, best_epoch = 0, float("inf"), -1
+    start_epoch, best, best_epoch, history = 0, float("inf"), -1, []
     if cfg.resume and (run_dir / "last.pth").exists():
         ck = load_checkpoint(run_dir / "last.pth")
         model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"]), sched.load_state_dict(ck["scheduler"])
-        start_epoch, best, best_epoch = ck["epoch"], ck["best_score"], ck["best_epoch"]
+        start_epoch, best, best_epoch, history = ck["epoch"], ck["best_score"], ck["best_epoch"], ck["history"]
         torch.set_rng_state(ck["rng"]["torch"])
         if device.type == "cuda" and ck["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
         if main_proc:
             log.info(f"resumed from {run_dir / 'last.pth'} after epoch {start_epoch} (best {best:.5f})")
-    history = pd.read_csv(run_dir / "epochs.csv").iloc[:start_epoch].to_dict("records") if start_epoch and (run_dir / "epochs.csv").exists() else []
 
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.stop_after_epochs and epoch - start_epoch >= cfg.stop_after_epochs:
@@ -203,12 +203,13 @@ def train(cfg: TrainConfig) -> Path:
         improved = score < best
         best, best_epoch = (score, epoch) if improved else (best, best_epoch)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_wll": score,
-               **{f"val_ll_{c}": v for c, v in zip(CLASSES, per_class_log_loss(y_val, probs))},
+               **{f"val_ll_{c}": float(v) for c, v in zip(CLASSES, per_class_log_loss(y_val, probs))},
                "lr": sched.get_last_lr()[0], "train_images_per_s": seen * world / train_secs, "seconds": time.time() - t0}
         history.append(row)
         if main_proc:
             ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                   "scheduler": sched.state_dict(), "epoch": epoch + 1, "best_score": best, "best_epoch": best_epoch,
+                  "history": history,
                   "config": dataclasses.asdict(cfg), "rng": {"torch": torch.get_rng_state(),
                   "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
             save_checkpoint(ck, run_dir / "last.pth")

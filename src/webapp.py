@@ -23,7 +23,7 @@ from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.responses import HTMLResponse
 
 from .demo import THRESHOLD, analyse, load_models, overlay, zplot
-from .utils import CLASSES, PipelineError
+from .utils import PipelineError
 
 MAX_BYTES = 512 * 1024 * 1024      # whole upload, zips counted uncompressed
 MAX_FILES = 2000

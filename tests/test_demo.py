@@ -16,7 +16,7 @@ import pydicom
 import pytest
 import requests
 
-from src.demo import analyse, grad_cam, list_inputs, load_models, write_outputs
+from src.demo import analyse, grad_cam, list_inputs, load_models
 from src.folds import make_folds
 from src.labels import read_labels
 from src.predict import predict_run
@@ -25,7 +25,7 @@ from src.sequence import SeqConfig, train_sequence
 from src.train import train
 from src.config import TrainConfig
 from src.utils import CLASSES, write_csv
-from src.webapp import MAX_FILES, UploadError, save_uploads
+from src.webapp import UploadError, save_uploads
 
 from .conftest import CQ500, RSNA_SAMPLE
 

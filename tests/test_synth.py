@@ -1,7 +1,5 @@
 import hashlib
-import warnings
 
-import numpy as np
 import pydicom
 import pytest
 

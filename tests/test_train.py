@@ -1,5 +1,4 @@
 import os
-import pickle
 import subprocess
 import sys
 import warnings
@@ -82,8 +81,12 @@ def test_resume_gives_same_weights(demo_data, demo_cache, folds_file, tmp_path):
 
 
 def test_ddp_two_processes_gloo(demo_data, demo_cache, folds_file, tmp_path):
+    import socket
     link_cache(demo_cache, tmp_path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "src.train",
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "src.train",
            "--data_dir", str(demo_data), "--out_dir", str(tmp_path), "--folds_file", str(folds_file), "--fold", "1",
            "--run_name", "ddp", "--model", "resnet10t", "--img_size", "48", "--epochs", "1", "--batch_size", "8",
            "--workers", "0", "--max_steps_per_epoch", "3"]
