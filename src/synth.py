@@ -62,10 +62,11 @@ class Bleed:
 
 
 def _ids(rng, n, hexlen):
-    out = set()
+    """n distinct random IDs, in the order drawn (a dict, not a set: set order varies between processes)."""
+    out = {}
     while len(out) < n:
-        out.add("ID_" + "".join(rng.choice(list("0123456789abcdef"), hexlen)))
-    return sorted(out, key=lambda _: rng.random())
+        out["ID_" + "".join(rng.choice(list("0123456789abcdef"), hexlen))] = None
+    return list(out)
 
 
 def draw_slice(rng, n_px: int, k: int, n_slices: int, head: dict, bleeds: list[Bleed]):

@@ -1,4 +1,8 @@
 import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -18,13 +22,15 @@ def _digest(folder):
 
 
 def test_same_seed_same_bytes(tmp_path):
-    kw = dict(n_patients=3, n_test_series=1, slices=(6, 7), image_size=64, seed=11, quiet=True)
-    generate(tmp_path / "a", **kw)
-    generate(tmp_path / "b", **kw)
-    generate(tmp_path / "c", **{**kw, "seed": 12})
+    # two processes with different string-hash seeds, as two runs of `python -m src.synth` are
+    root = Path(__file__).resolve().parents[1]
+    for name, hash_seed, seed in (("a", "1", "11"), ("b", "2", "11"), ("c", "1", "12")):
+        subprocess.run([sys.executable, "-m", "src.synth", "--out", str(tmp_path / name), "--patients", "3",
+                        "--test-series", "1", "--min-slices", "6", "--max-slices", "7", "--image-size", "64", "--seed", seed],
+                       cwd=root, env={**os.environ, "PYTHONHASHSEED": hash_seed}, check=True, capture_output=True)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
     with pytest.raises(PipelineError, match="not empty"):
-        generate(tmp_path / "a", **kw)
+        generate(tmp_path / "a", n_patients=3, quiet=True)
 
 
 def test_layout_oddities_and_labels_follow_pixels(demo_data):
