@@ -23,6 +23,10 @@ GPU_MODELS=(
 CPU_MODELS=(
   "resnet10t_128     --model resnet10t --img_size 128 --epochs 7 --batch_size 32 --lr 2e-3 --workers 1"
 )
+# stage-2 inputs: randomly initialised fold models do not share an embedding space, so on CPU the sequence
+# model reads the stage-1 logits only (measured in README); pretrained GPU models share one: embeddings + logits
+GPU_SEQ_FLAGS="--features both"
+CPU_SEQ_FLAGS="--features logits"
 K=${K:-5}
 SEED=${SEED:-42}
 TRAIN_FLAGS=${TRAIN_FLAGS:-}
@@ -70,8 +74,8 @@ OUT_DIR=${OUT_DIR:-outputs/$TAG}
 echo "data: $INPUT_DIR -> outputs: $OUT_DIR"
 
 DEVICE_CONFIG=${DEVICE_CONFIG:-$($PY -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")}
-if [ "$DEVICE_CONFIG" = gpu ]; then MODELS=("${GPU_MODELS[@]}"); IMG=${CACHE_SIZE:-256}; else
-  MODELS=("${CPU_MODELS[@]}"); IMG=${CACHE_SIZE:-128}
+if [ "$DEVICE_CONFIG" = gpu ]; then MODELS=("${GPU_MODELS[@]}"); IMG=${CACHE_SIZE:-256}; SEQ_FLAGS="$GPU_SEQ_FLAGS $SEQ_FLAGS"; else
+  MODELS=("${CPU_MODELS[@]}"); IMG=${CACHE_SIZE:-128}; SEQ_FLAGS="$CPU_SEQ_FLAGS $SEQ_FLAGS"
   echo "no GPU: using the small CPU configuration (resnet10t, 128 px, few epochs); DEVICE_CONFIG=gpu overrides"
 fi
 

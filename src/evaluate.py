@@ -127,6 +127,7 @@ def write_markdown(summary: dict, path):
 
 
 def _save(fig, path):
+    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
@@ -179,7 +180,8 @@ def plot_loss_curves(run_dirs, path):
                 e = pd.read_csv(d / "epochs.csv")
                 line, = ax.plot(e["epoch"], e["train_loss"], "--", alpha=0.7)
                 ax.plot(e["epoch"], e["val_wll"], "-", color=line.get_color(), label=f"{d.name} val")
-        ax.set_title(f"{r.name}: train (dashed) / validation (solid)"), ax.set_xlabel("epoch"), ax.set_ylabel("weighted log loss")
+        ax.set_title(f"{r.name}: train (dashed) / validation (solid)"), ax.set_xlabel("epoch")
+        ax.set_ylabel("weighted log loss (log scale)"), ax.set_yscale("log")  # early spikes would flatten the rest
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     _save(fig, path)
