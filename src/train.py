@@ -92,6 +92,26 @@ def make_dataset(images, table, cfg: TrainConfig, train: bool) -> SliceDataset:
                         cfg.input_mode, cfg.img_size, aug, cfg.crop_border, cfg.seed)
 
 
+def make_optimizer(model, cfg: TrainConfig, total_steps: int):
+    """AdamW (no weight decay on biases and norms) with linear warmup then cosine decay."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+                            lr=cfg.lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(int(cfg.warmup * total_steps), total_steps))
+
+
+def restore(path, model, opt, scaler, sched, device):
+    """Load a last.pth into the live objects and RNG; returns (epochs done, best score, best epoch, history)."""
+    ck = load_checkpoint(path)
+    model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
+    scaler.load_state_dict(ck["scaler"]), sched.load_state_dict(ck["scheduler"])
+    torch.set_rng_state(ck["rng"]["torch"])
+    if device.type == "cuda" and ck["rng"].get("cuda"):
+        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+    return ck["epoch"], ck["best_score"], ck["best_epoch"], ck["history"]
+
+
 def setup_distributed(device_name: str):
     """(rank, world size, device); initialises the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -143,9 +163,8 @@ def train(cfg: TrainConfig) -> Path:
                  f"amp {amp_dtype or 'off'}{' + GradScaler' if use_scaler else ''}; model {cfg.model} @ {cfg.img_size}px")
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and in a resumed run
-    model = create_model(cfg.model, cfg.in_chans, cfg.pretrained, cfg.weights, cfg.drop_rate).to(device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = create_model(cfg.model, cfg.in_chans, cfg.pretrained, cfg.weights, cfg.drop_rate).to(device, memory_format=fmt)
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
 
     tr_ds, va_ds = make_dataset(images, tr, cfg, True), make_dataset(images, va, cfg, False)
@@ -155,23 +174,12 @@ def train(cfg: TrainConfig) -> Path:
     va_dl = DataLoader(va_ds, cfg.batch_size * 2, sampler=EpochSampler(len(va_ds), False, rank=rank, world=world, pad=False),
                        **loader_kw)
 
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]  # biases and norms
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0}], lr=cfg.lr)
     steps_per_epoch = min(len(tr_dl), cfg.max_steps_per_epoch or len(tr_dl))
-    total = cfg.epochs * math.ceil(steps_per_epoch / cfg.accum_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(int(cfg.warmup * total), total))
+    opt, sched = make_optimizer(model, cfg, cfg.epochs * math.ceil(steps_per_epoch / cfg.accum_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-
     start_epoch, best, best_epoch, history = 0, float("inf"), -1, []
     if cfg.resume and (run_dir / "last.pth").exists():
-        ck = load_checkpoint(run_dir / "last.pth")
-        model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"]), sched.load_state_dict(ck["scheduler"])
-        start_epoch, best, best_epoch, history = ck["epoch"], ck["best_score"], ck["best_epoch"], ck["history"]
-        torch.set_rng_state(ck["rng"]["torch"])
-        if device.type == "cuda" and ck["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        start_epoch, best, best_epoch, history = restore(run_dir / "last.pth", model, opt, scaler, sched, device)
         if main_proc:
             log.info(f"resumed from {run_dir / 'last.pth'} after epoch {start_epoch} (best {best:.5f})")
 
