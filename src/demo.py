@@ -154,18 +154,9 @@ def summarise(series: str, table: pd.DataFrame) -> dict:
 def analyse(models: Models, files, cam_slices: int | None = 4, progress=False):
     """(list of SeriesResult, DataFrame of skipped files with reasons)."""
     images, meta = decode_files(files, windows_from_settings(models.settings), models.settings["size"])
-    modality = meta["Modality"].fillna("").astype(str)
-    not_ct = (meta.status == "ok") & ~modality.isin(["CT", ""])
-    meta.loc[not_ct, "reason"] = "not a CT image (Modality " + modality[not_ct] + ")"
-    meta.loc[not_ct, "status"] = "skipped"
     skipped = meta.loc[meta.status != "ok", ["path", "reason"]].reset_index(drop=True)
-    ok = meta[meta.status == "ok"]
-    if ok.empty:
+    if (meta.status != "ok").all():
         return [], skipped
-    meta = meta.copy()
-    meta.loc[meta.SeriesInstanceUID.fillna("") == "", "SeriesInstanceUID"] = "unknown-series"
-    from .prepare import order_series
-    meta = order_series(meta)  # again, now that non-CT files are out of their series
 
     per_fold = {}
     for name, model, cfg in models.stage1:

@@ -23,7 +23,7 @@ from . import submission
 from .evaluate import fold_dirs, load_oof, run_config
 from .labels import read_labels
 from .metrics import weighted_log_loss
-from .utils import CLASSES, ROOT, PipelineError, cli_main, dataset_tag, default_out_dir, write_json
+from .utils import CLASSES, ROOT, PipelineError, cli_main, dataset_tag, out_root, write_json
 
 
 def load_test(run_dir) -> pd.DataFrame:
@@ -79,7 +79,7 @@ def ensemble(run_dirs, name, weights="fit", data_dir=None, submissions_dir=None,
     blend = sum(wi * t.loc[ids, CLASSES] for wi, t in zip(w, tests))
     long = submission.build(blend, data_dir / "stage_2_sample_submission.csv")
     path = submission.write(long, Path(submissions_dir or ROOT / "submissions") / f"stage_2_{name}.csv")
-    out_dir = Path(out_dir) if out_dir else (Path(cfg["out_dir"]) if cfg.get("out_dir") else default_out_dir(cfg["data_dir"]))
+    out_dir = Path(out_dir) if out_dir else out_root(cfg["data_dir"], cfg.get("out_dir"))
     info = {"name": name, "submission": str(path), "weights_mode": weights, "oof_images": len(common),
             "members": [{"run": str(r), "weight": float(wi), "oof_wll": member_scores[r.name]} for r, wi in zip(run_dirs, w)],
             "blend_oof_wll": blend_score, "test_images": len(ids), "rows": len(long)}

@@ -20,11 +20,16 @@ from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
 from .labels import read_labels
 from .prepare import load_cache
-from .utils import CLASSES, ROOT, PipelineError, cli_main, dataset_tag, default_out_dir, write_csv
+from .utils import CLASSES, ROOT, PipelineError, cli_main, dataset_tag, out_root, write_csv
 
 
 def folds_path(data_dir, k: int, seed: int) -> Path:
     return ROOT / "folds" / f"{dataset_tag(data_dir)}_k{k}_seed{seed}.csv"
+
+
+def run_folds_file(data_dir, k: int, seed: int, folds_file=None) -> Path:
+    """The folds file a run uses: the explicit one when given, else the standard one for (data, k, seed)."""
+    return Path(folds_file) if folds_file else folds_path(data_dir, k, seed)
 
 
 def make_folds(labels: pd.DataFrame, patients: pd.Series, k: int = 5, seed: int = 42) -> pd.DataFrame:
@@ -63,7 +68,7 @@ def main():
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--folds-file", default=None, help="where to write (default folds/<data folder name>_k<K>_seed<SEED>.csv)")
     a = ap.parse_args()
-    out = Path(a.out) if a.out else default_out_dir(a.data_dir)
+    out = out_root(a.data_dir, a.out)
     _, meta = load_cache(out / "cache")
     ok = meta[(meta.split == "train") & (meta.status == "ok")].set_index("ID")
     labels = read_labels(Path(a.data_dir) / "stage_2_train.csv")
@@ -72,7 +77,7 @@ def main():
         raise PipelineError(f"{len(unlabelled)} train image(s) have no label rows in stage_2_train.csv, "
                             f"e.g. {list(unlabelled[:5])}: labels and images do not match")
     folds = make_folds(labels, ok["PatientID"], a.k, a.seed)
-    path = Path(a.folds_file) if a.folds_file else folds_path(a.data_dir, a.k, a.seed)
+    path = run_folds_file(a.data_dir, a.k, a.seed, a.folds_file)
     if path.exists() and load_folds(path).equals(folds):
         print(f"folds up to date: {path}")
         return

@@ -28,7 +28,7 @@ from .infer import amp_settings, pick_device, predict_loader
 from .labels import read_labels
 from .model import model_from_checkpoint
 from .prepare import decode_files, load_cache, windows_from_settings
-from .utils import CLASSES, PipelineError, cli_main, default_out_dir, write_csv, write_json, write_npy
+from .utils import CLASSES, PipelineError, cli_main, out_root, write_csv, write_json, write_npy
 
 
 def finished_folds(run_dir) -> list[Path]:
@@ -90,7 +90,7 @@ def predict_run(run_dir, tta="hflip", dicom_dir=None, out=None, device="auto", b
         out = Path(out) if out else run_dir / "predict_folder"
     else:
         cfg = run_config(run_dir)
-        root = Path(cfg["out_dir"]) if cfg.get("out_dir") else default_out_dir(cfg["data_dir"])
+        root = out_root(cfg["data_dir"], cfg.get("out_dir"))
         images, meta = load_cache(root / "cache")
         meta = meta[meta.split == "test"].reset_index(drop=True)
         if meta.empty:

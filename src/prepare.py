@@ -32,7 +32,7 @@ from joblib import Parallel, delayed
 from tqdm import tqdm
 
 from .dicom import DEFAULT_WINDOWS, DicomError, dicom_to_image, header_fields, image_id_from_path, read_dicom
-from .utils import PipelineError, ROOT, cli_main, default_out_dir, write_csv, write_json
+from .utils import PipelineError, ROOT, cli_main, default_out_dir, out_root, write_csv, write_json
 
 SPLITS = {"train": "stage_2_train_images", "test": "stage_2_test_images"}
 META_COLUMNS = ["ID", "split", "row", "status", "reason", "path", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
@@ -71,16 +71,24 @@ def list_files(data_dir: Path) -> pd.DataFrame:
 
 
 def decode_one(path: str, windows, size: int):
-    """One file -> (image or None, header dict, reason)."""
+    """One file -> (image or None, header dict, reason). Files of another modality are refused."""
     try:
         ds = read_dicom(path)
         head = header_fields(ds)
     except DicomError as e:
         return None, {}, str(e)
+    if head["Modality"] not in ("CT", ""):
+        return None, head, f"not a CT image (Modality {head['Modality']})"
     try:
         return dicom_to_image(ds, windows, size), head, ""
     except DicomError as e:
         return None, head, str(e)
+
+
+def _record(image_id, split, row, path, img, head, reason) -> dict:
+    """One metadata row (META_COLUMNS) for a decoded file."""
+    return {"ID": image_id, "split": split, "row": row, "status": "ok" if img is not None else "skipped",
+            "reason": reason, "path": path, **head}
 
 
 def _process_chunk(files: pd.DataFrame, start: int, array_path: str, shape, windows, size: int, marker: str):
@@ -90,8 +98,7 @@ def _process_chunk(files: pd.DataFrame, start: int, array_path: str, shape, wind
         img, head, reason = decode_one(path, windows, size)
         if img is not None:
             arr[start + i] = img
-        records.append({"ID": image_id, "split": split, "row": start + i, "status": "ok" if img is not None else "skipped",
-                        "reason": reason, "path": path, **head})
+        records.append(_record(image_id, split, start + i, path, img, head, reason))
     arr.flush()
     del arr
     write_csv(pd.DataFrame(records, columns=META_COLUMNS), marker, index=False)
@@ -196,8 +203,7 @@ def decode_files(paths, windows=DEFAULT_WINDOWS, size=256, jobs=1, split="test")
     paths = [str(p) for p in paths]
     if not paths:
         raise PipelineError("no files to decode")
-    results = Parallel(n_jobs=jobs)(delayed(decode_one)(p, windows, size) for p in paths) if jobs != 1 else \
-        [decode_one(p, windows, size) for p in paths]
+    results = Parallel(n_jobs=jobs)(delayed(decode_one)(p, windows, size) for p in paths)  # n_jobs=1: in-process
     images = np.zeros((len(paths), size, size, 3), np.uint8)
     records = []
     ids = [image_id_from_path(p) for p in paths]
@@ -206,10 +212,12 @@ def decode_files(paths, windows=DEFAULT_WINDOWS, size=256, jobs=1, split="test")
     for i, (p, image_id, (img, head, reason)) in enumerate(zip(paths, ids, results)):
         if img is not None:
             images[i] = img
-        records.append({"ID": image_id, "split": split, "row": i, "status": "ok" if img is not None else "skipped",
-                        "reason": reason, "path": p, **head})
+        records.append(_record(image_id, split, i, p, img, head, reason))
     meta = pd.DataFrame(records, columns=META_COLUMNS)
     meta["z"] = pd.to_numeric(meta["z"], errors="coerce")
+    # a user's files without a SeriesInstanceUID are taken as one series rather than left unordered
+    uid = meta["SeriesInstanceUID"].fillna("").astype(str)
+    meta["SeriesInstanceUID"] = uid.where((uid != "") | (meta.status != "ok"), "unknown-series")
     return images, order_series(meta)
 
 
@@ -244,7 +252,7 @@ def main():
     ap.add_argument("--chunk", type=int, default=128, help="slices per work unit (the unit of resume)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N files (for a quick look)")
     a = ap.parse_args()
-    out = Path(a.out) if a.out else default_out_dir(a.data_dir)
+    out = out_root(a.data_dir, a.out)
     prepare(a.data_dir, out / "cache", a.size, parse_windows(a.windows), a.jobs, a.chunk, a.limit)
 
 

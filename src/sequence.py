@@ -32,13 +32,13 @@ from torch import nn
 
 from .config import config_from_args, save_yaml
 from .evaluate import fold_dirs, run_config
-from .folds import folds_path, load_folds
+from .folds import load_folds, run_folds_file
 from .labels import read_labels
 from .metrics import weighted_log_loss
 from .model import load_checkpoint, save_checkpoint
 from .prepare import load_cache
 from .train import weighted_bce
-from .utils import CLASSES, PipelineError, cli_main, default_out_dir, get_logger, write_csv
+from .utils import CLASSES, PipelineError, cli_main, get_logger, out_root, write_csv
 
 
 @dataclass
@@ -140,10 +140,9 @@ def assemble(cfg: SeqConfig):
     """(train series, val series, test series, embedding dim); a series is (IDs in z order, emb, logits, labels)."""
     stage1 = Path(cfg.stage1)
     s1 = run_config(stage1)
-    out = Path(s1["out_dir"]) if s1.get("out_dir") else default_out_dir(s1["data_dir"])
-    _, meta = load_cache(out / "cache")
+    _, meta = load_cache(out_root(s1["data_dir"], s1.get("out_dir")) / "cache")
     meta = meta[meta.status == "ok"].set_index("ID")
-    folds = load_folds(s1.get("folds_file") or folds_path(s1["data_dir"], s1["k"], s1["fold_seed"]))["fold"]
+    folds = load_folds(run_folds_file(s1["data_dir"], s1["k"], s1["fold_seed"], s1.get("folds_file")))["fold"]
     labels = read_labels(Path(s1["data_dir"]) / "stage_2_train.csv")
 
     oof = load_stage1_outputs(stage1, "oof")

@@ -32,21 +32,17 @@ from tqdm import tqdm
 
 from .config import TrainConfig, config_from_args, save_yaml
 from .data import Augment, EpochSampler, SliceDataset, collate, neighbour_rows
-from .folds import folds_path, load_folds
+from .folds import load_folds, run_folds_file
 from .infer import amp_settings, autocast, pick_device, predict_loader
 from .labels import read_labels
 from .metrics import per_class_log_loss, weighted_log_loss
 from .model import create_model, load_checkpoint, save_checkpoint
 from .prepare import cache_settings, load_cache
-from .utils import CLASS_WEIGHTS, CLASSES, PipelineError, cli_main, default_out_dir, get_logger, write_csv, write_json, write_npy
-
-
-def out_root(cfg) -> Path:
-    return Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg.data_dir)
+from .utils import CLASS_WEIGHTS, CLASSES, PipelineError, cli_main, get_logger, out_root, write_csv, write_json, write_npy
 
 
 def run_dir_of(cfg: TrainConfig) -> Path:
-    return out_root(cfg) / "runs" / cfg.run_name / f"fold{cfg.fold}"
+    return out_root(cfg.data_dir, cfg.out_dir) / "runs" / cfg.run_name / f"fold{cfg.fold}"
 
 
 class WarmupCosine:
@@ -70,8 +66,8 @@ def weighted_bce(logits, y):
 
 def load_fold_data(cfg: TrainConfig):
     """Cache, labels and the fold split -> (images, train table, val table); tables hold ID, row, neighbours, labels."""
-    images, meta = load_cache(out_root(cfg) / "cache")
-    folds = load_folds(cfg.folds_file or folds_path(cfg.data_dir, cfg.k, cfg.fold_seed))
+    images, meta = load_cache(out_root(cfg.data_dir, cfg.out_dir) / "cache")
+    folds = load_folds(run_folds_file(cfg.data_dir, cfg.k, cfg.fold_seed, cfg.folds_file))
     if cfg.fold not in set(folds["fold"]):
         raise PipelineError(f"--fold {cfg.fold} is not in the folds file (folds {sorted(set(folds['fold']))})")
     labels = read_labels(Path(cfg.data_dir) / "stage_2_train.csv")
@@ -155,7 +151,7 @@ def train(cfg: TrainConfig) -> Path:
         log.info("command: " + " ".join([Path(sys.executable).name, "-m", "src.train", *sys.argv[1:]]))
         save_yaml(cfg, run_dir / "config.yaml")
         # the cache's size and windows: predict and the demo repeat exactly this preprocessing on new files
-        write_json(cache_settings(out_root(cfg) / "cache"), run_dir / "preprocess.json")
+        write_json(cache_settings(out_root(cfg.data_dir, cfg.out_dir) / "cache"), run_dir / "preprocess.json")
     images, tr, va = load_fold_data(cfg)
     amp_dtype, use_scaler = amp_settings(device, cfg.amp)
     if main_proc:
