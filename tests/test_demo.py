@@ -1,6 +1,7 @@
 """The demo as a person uses it: the command line on real series, and the web page driven by headless Chromium."""
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -224,14 +225,17 @@ def test_browser_upload_shows_summary(server, demo_data, tmp_path):
         page.set_input_files("#files", files)
         page.click("#submit")
         page.wait_for_selector(".summary", timeout=300_000)
-        text = page.inner_text(".summary")
-        assert f"{len(files)} slices" in text and "highest probability" in text
-        for c in CLASSES:
-            assert c in text
+        texts = page.locator(".summary").all_inner_texts()
+        n_series = len({pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in files})
+        assert len(texts) == n_series  # one summary per series in the upload
+        counts = [int(re.search(r"(\d+) slices", t).group(1)) for t in texts]
+        assert sum(counts) == len(files)
+        for text in texts:
+            assert "highest probability" in text and all(c in text for c in CLASSES)
         assert page.locator("#slice0").get_attribute("src").startswith("data:image/png;base64,")
         page.fill("#range0", "1")
         page.dispatch_event("#range0", "input")
-        assert page.inner_text("#caption0").startswith(f"slice 1/{len(files)}")
+        assert page.inner_text("#caption0").startswith(f"slice 1/{counts[0]}")
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert shot.stat().st_size > 10_000
