@@ -4,25 +4,23 @@
 #   bash run.sh                                   # input/ (or generated demo data when input/ has no competition data)
 #   INPUT_DIR=../shared/rsna_sample K=3 bash run.sh
 #   INPUT_DIR=/data/rsna OUT_DIR=/scratch/rsna bash run.sh
+#   OVERWRITE=1 bash run.sh                       # redo every step whose settings or inputs changed
 #   bash run.sh test                              # the test suite
 #
 # Settings (environment): INPUT_DIR (Kaggle-layout data), OUT_DIR (default outputs/<data folder name>),
 # K and SEED (folds), DEVICE_CONFIG=gpu|cpu (default: gpu when CUDA is available), TRAIN_FLAGS and
 # SEQ_FLAGS (appended to every stage-1 / stage-2 command, e.g. TRAIN_FLAGS="--epochs 1" for a smoke run),
-# CACHE_SIZE (cached image size: 256 on GPU, about 150 GB for the full training set as uint8; 128 on CPU),
-# FOLDS_FILE, SUBMISSIONS_DIR. Outputs of two data folders never mix: each has its own OUT_DIR,
-# folds/<name>_k<K>_seed<SEED>.csv and submission name.
+# CACHE_SIZE (cached image size: 256 on GPU, 128 on CPU), FOLDS_FILE, SUBMISSIONS_DIR, OVERWRITE.
+# Every step records what made its output (src/runs.py): a step whose settings and inputs are unchanged is
+# skipped; one whose settings changed stops the run and says what differs, unless OVERWRITE=1.
+# Outputs of two data folders never mix: each has its own OUT_DIR, folds/<name>_k<K>_seed<SEED>.csv and
+# submission name.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# ---- models: one line each, "<run name> <flags for python -m src.train>" ----
-GPU_MODELS=(
-  "seresnext50_256   --model seresnext50_32x4d --pretrained true --img_size 256 --epochs 4 --batch_size 64 --lr 4e-4 --workers 8"
-  "densenet121_256_25d --model densenet121 --pretrained true --img_size 256 --input_mode slices_windows --epochs 4 --batch_size 64 --lr 5e-4 --workers 8"
-)
-CPU_MODELS=(
-  "resnet10t_128     --model resnet10t --img_size 128 --epochs 7 --batch_size 32 --lr 2e-3 --workers 1"
-)
+# ---- models: one YAML file per model (the run is named after the file); stage-2 flags per device ----
+GPU_CONFIGS=(configs/seresnext50_256.yaml configs/densenet121_256_25d.yaml)
+CPU_CONFIGS=(configs/resnet10t_128.yaml)
 # stage-2 inputs: randomly initialised fold models do not share an embedding space, so on CPU the sequence
 # model reads the stage-1 logits only (measured in README); pretrained GPU models share one: embeddings + logits
 GPU_SEQ_FLAGS="--features both"
@@ -32,15 +30,17 @@ SEED=${SEED:-42}
 TRAIN_FLAGS=${TRAIN_FLAGS:-}
 SEQ_FLAGS=${SEQ_FLAGS:-}
 SUBMISSIONS_DIR=${SUBMISSIONS_DIR:-submissions}
+OW=""; [ "${OVERWRITE:-0}" = 1 ] && OW="--overwrite"
 
 T_START=$(date +%s)
-step() {  # step NAME DONE_FILE COMMAND...: skip when DONE_FILE exists, else run and time the command
+export ICH_STEP_STATUS; ICH_STEP_STATUS=$(mktemp); trap 'rm -f "$ICH_STEP_STATUS"' EXIT
+step() {  # step NAME DONE_FILE COMMAND...: the command checks its output's fingerprint and skips when up to date
   local name=$1 done_file=$2; shift 2
-  if [ -e "$done_file" ]; then echo "[skip] $name (done: $done_file)"; return 0; fi
   local t0; t0=$(date +%s)
-  echo "[run ] $name"
+  : > "$ICH_STEP_STATUS"
+  [ -e "$done_file" ] || echo "[run ] $name"
   "$@"
-  echo "[done] $name in $(( $(date +%s) - t0 ))s"
+  if grep -q skip "$ICH_STEP_STATUS"; then echo "[skip] $name (up to date)"; else echo "[done] $name in $(( $(date +%s) - t0 ))s"; fi
 }
 
 # ---- 1. environment: .venv from requirements.txt, (re)installed when missing or stale ----
@@ -67,52 +67,51 @@ INPUT_DIR=${INPUT_DIR:-input}
 if [ ! -f "$INPUT_DIR/stage_2_train.csv" ]; then
   echo "no competition data in $INPUT_DIR/ (stage_2_train.csv): using generated demo data in input/demo"
   INPUT_DIR=input/demo
-  step "demo data" "$INPUT_DIR/stage_2_sample_submission.csv" $PY -m src.synth --out "$INPUT_DIR" --overwrite
+  [ -f "$INPUT_DIR/stage_2_sample_submission.csv" ] || $PY -m src.synth --data-dir "$INPUT_DIR" --overwrite
 fi
 TAG=$(basename "$(cd "$INPUT_DIR" && pwd)")
 OUT_DIR=${OUT_DIR:-outputs/$TAG}
 echo "data: $INPUT_DIR -> outputs: $OUT_DIR"
 
 DEVICE_CONFIG=${DEVICE_CONFIG:-$($PY -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")}
-if [ "$DEVICE_CONFIG" = gpu ]; then MODELS=("${GPU_MODELS[@]}"); IMG=${CACHE_SIZE:-256}; SEQ_FLAGS="$GPU_SEQ_FLAGS $SEQ_FLAGS"; else
-  MODELS=("${CPU_MODELS[@]}"); IMG=${CACHE_SIZE:-128}; SEQ_FLAGS="$CPU_SEQ_FLAGS $SEQ_FLAGS"
+if [ "$DEVICE_CONFIG" = gpu ]; then CONFIGS=("${GPU_CONFIGS[@]}"); IMG=${CACHE_SIZE:-256}; SEQ_FLAGS="$GPU_SEQ_FLAGS $SEQ_FLAGS"; else
+  CONFIGS=("${CPU_CONFIGS[@]}"); IMG=${CACHE_SIZE:-128}; SEQ_FLAGS="$CPU_SEQ_FLAGS $SEQ_FLAGS"
   echo "no GPU: using the small CPU configuration (resnet10t, 128 px, few epochs); DEVICE_CONFIG=gpu overrides"
 fi
 
 # ---- 3. cache and folds ----
-step "prepare cache" "$OUT_DIR/cache/images.npy" $PY -m src.prepare "$INPUT_DIR" --out "$OUT_DIR" --size "$IMG"
+step "prepare cache" "$OUT_DIR/cache/images.npy" $PY -m src.prepare "$INPUT_DIR" --out-dir "$OUT_DIR" --cache-size "$IMG" $OW
 FOLDS_FILE=${FOLDS_FILE:-folds/${TAG}_k${K}_seed${SEED}.csv}
-# always checked: a folds file must belong to this data (src.folds rewrites it only when it differs)
-$PY -m src.folds "$INPUT_DIR" --out "$OUT_DIR" --k "$K" --seed "$SEED" --folds-file "$FOLDS_FILE"
+step "folds" "$FOLDS_FILE" $PY -m src.folds "$INPUT_DIR" --out-dir "$OUT_DIR" --k "$K" --fold-seed "$SEED" --folds-file "$FOLDS_FILE"
 
 MEMBERS=()
-for spec in "${MODELS[@]}"; do
-  read -r NAME FLAGS <<< "$spec"
+for CFG in "${CONFIGS[@]}"; do
+  NAME=$(basename "$CFG" .yaml)
   RUN="$OUT_DIR/runs/$NAME"
   SEQ="$OUT_DIR/runs/seq_$NAME"
   # ---- 4. stage 1: one command per fold (--resume continues a killed fold) ----
   for ((k = 0; k < K; k++)); do
     # shellcheck disable=SC2086
-    step "train $NAME fold $k" "$RUN/fold$k/oof.csv" $PY -m src.train --data_dir "$INPUT_DIR" --out_dir "$OUT_DIR" \
-      --k "$K" --folds_file "$FOLDS_FILE" --fold "$k" --run_name "$NAME" $FLAGS $TRAIN_FLAGS --resume
+    step "train $NAME fold $k" "$RUN/fold$k/oof.csv" $PY -m src.train --config "$CFG" --data-dir "$INPUT_DIR" \
+      --out-dir "$OUT_DIR" --k "$K" --folds-file "$FOLDS_FILE" --fold "$k" $TRAIN_FLAGS --resume $OW
   done
   step "evaluate $NAME" "$RUN/report/summary.json" $PY -m src.evaluate "$RUN"
   # ---- 5. test predictions and embeddings of every fold ----
-  step "predict $NAME" "$RUN/predict_report.json" $PY -m src.predict "$RUN"
+  step "predict $NAME" "$RUN/predict.json" $PY -m src.predict "$RUN" $OW
   # ---- 6. stage 2: sequence model over each series, per fold ----
   for ((k = 0; k < K; k++)); do
     # shellcheck disable=SC2086
-    step "sequence $NAME fold $k" "$SEQ/fold$k/oof.csv" $PY -m src.sequence --stage1 "$RUN" --fold "$k" $SEQ_FLAGS
+    step "sequence $NAME fold $k" "$SEQ/fold$k/oof.csv" $PY -m src.sequence --stage1 "$RUN" --fold "$k" $SEQ_FLAGS $OW
   done
   step "evaluate stage 1 vs stage 2 ($NAME)" "$OUT_DIR/report/$NAME/summary.json" \
-    $PY -m src.evaluate "$RUN" "$SEQ" --out "$OUT_DIR/report/$NAME"
+    $PY -m src.evaluate "$RUN" "$SEQ" --report-dir "$OUT_DIR/report/$NAME"
   MEMBERS+=("$RUN" "$SEQ")
 done
 
 # ---- 7. blend and write the submission ----
 SUB="$SUBMISSIONS_DIR/stage_2_${TAG}_blend.csv"
-step "ensemble" "$SUB" $PY -m src.ensemble "${MEMBERS[@]}" --name "${TAG}_blend" --data_dir "$INPUT_DIR" \
-  --submissions-dir "$SUBMISSIONS_DIR"
+step "ensemble" "$SUB" $PY -m src.ensemble "${MEMBERS[@]}" --name "${TAG}_blend" --data-dir "$INPUT_DIR" \
+  --submissions-dir "$SUBMISSIONS_DIR" $OW
 $PY -m src.submit "$SUB" -m "$TAG blend" --sample "$INPUT_DIR/stage_2_sample_submission.csv" --dry-run
 
 echo "total: $(( $(date +%s) - T_START ))s"

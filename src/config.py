@@ -1,16 +1,26 @@
-"""Training configuration: one dataclass of commented defaults, overridable from the command line.
+"""Settings: one dataclass of commented defaults per step, and the one command-line convention of all steps.
 
-    python -m src.train --fold 0 --model resnet18 --img_size 256 --epochs 5
-    python -m src.train --fold 0 --config configs/seresnext50_512.yaml --lr 3e-4   # file, then flags
+    python -m src.train --fold 0 --model resnet18 --img-size 256 --epochs 5
+    python -m src.train --fold 0 --config configs/seresnext50_256.yaml --lr 3e-4   # file, then flags
+    python -m src.train --help                                                     # every setting, with its comment
 
-Precedence: defaults < `--config` YAML file < command-line flags. The resolved config is saved as
-`config.yaml` in the run's fold directory and inside every checkpoint.
+Every field of a step's dataclass is a flag, in hyphenated form (`--batch-size`) with the underscore form
+(`--batch_size`) kept as an alias; `--help` shows the comment written beside the field. A flag name means
+one thing in every step: `--data-dir` is a Kaggle-layout data folder, `--out-dir` the outputs root
+(outputs/<data folder name>), `--seed` a model's seed (folds have `--fold-seed`, generated data `--data-seed`).
+Precedence: defaults < `--config` YAML file < flags. The resolved config of a training run is saved as
+`config.yaml` beside its outputs and inside every checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, fields
+import functools
+import inspect
+import io
+import re
+import tokenize
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -18,16 +28,29 @@ import yaml
 from .utils import PipelineError
 
 
+def positional(default=None, nargs="?", help=None):
+    """A dataclass field given on the command line without a flag (`python -m src.evaluate RUN ...`)."""
+    if nargs in ("+", "*"):
+        return field(default_factory=list, metadata={"positional": nargs})
+    return field(default=default, metadata={"positional": nargs})
+
+
+def short(default, flag: str):
+    """A field that also has a one-letter flag (submit's -m)."""
+    return field(default=default, metadata={"short": flag})
+
+
 @dataclass
 class TrainConfig:
     # --- data ---
     data_dir: str = "input"            # Kaggle-layout folder (stage_2_train.csv, stage_2_*_images/)
     out_dir: str = ""                  # outputs root; default outputs/<data folder name>
-    k: int = 5                         # number of folds (selects folds/<tag>_k{k}_seed{fold_seed}.csv)
-    fold_seed: int = 42
-    folds_file: str = ""               # explicit folds CSV (overrides k / fold_seed lookup)
+    k: int = 5                         # number of folds (selects folds/<data>_k{k}_seed{fold_seed}.csv)
+    fold_seed: int = 42                # seed the folds file was made with
+    folds_file: str = ""               # explicit folds CSV (overrides the k / fold_seed lookup)
     fold: int = 0                      # validation fold trained against
-    run_name: str = "resnet18_256"     # outputs go to OUT/runs/<run_name>/fold<fold>/
+    run_name: str = ""                 # OUT/runs/<run_name>/fold<fold>/; default: the --config file's name,
+                                       # else <model>_<img_size> (+ _<input_mode> unless windows)
     # --- input ---
     img_size: int = 256                # network input size; the cache is resized when it differs
     input_mode: str = "windows"        # windows: brain/subdural/bone of one slice (3 ch)
@@ -35,47 +58,68 @@ class TrainConfig:
                                        # slices_windows: all three windows of s-1, s, s+1 (9 ch)
     # --- augmentation (train only) ---
     hflip: float = 0.5                 # left-right flip probability (heads are near-symmetric)
-    vflip: float = 0.0
+    vflip: float = 0.0                 # up-down flip probability
     affine: float = 0.7                # probability of a small shift/scale/rotate
     max_shift: float = 0.06            # fraction of the image size
-    max_scale: float = 0.1
-    max_rotate: float = 15.0           # degrees
+    max_scale: float = 0.1             # relative zoom, +-
+    max_rotate: float = 15.0           # degrees, +-
     crop_border: bool = False          # crop empty (air) border around the head before resizing
     balanced: float = 0.0              # 0: plain shuffling; >0: draw this share of each epoch from positive slices
+    tta: str = "hflip"                 # test-time augmentation of the OOF and the test predictions alike: hflip, none
     # --- model ---
     model: str = "resnet18"            # any timm model name
     pretrained: bool = False           # timm's ImageNet weights (needs network access once)
     weights: str = ""                  # local .pth/.safetensors backbone weights (offline machines, Kaggle)
     drop_rate: float = 0.0             # dropout before the classifier
     # --- optimisation ---
-    epochs: int = 5
+    epochs: int = 5                    # passes over the training folds
     batch_size: int = 32               # per process
     accum_steps: int = 1               # gradient accumulation: optimizer step every N batches
     lr: float = 1e-3                   # peak learning rate (AdamW), reached after warmup
-    weight_decay: float = 1e-4
-    warmup: float = 0.1                # share of all optimizer steps spent in linear warmup; then cosine to 0
+    weight_decay: float = 1e-4         # AdamW weight decay (not on biases and norms)
+    warmup: float = 0.1                # share of training spent in linear warmup; then cosine to 0
     grad_clip: float = 1.0             # max gradient norm (0: off)
     amp: str = "auto"                  # auto (CUDA: bf16 if supported else fp16+GradScaler; CPU: bf16), fp16, bf16, off
-    channels_last: bool = True
-    workers: int = 2                   # data loader processes
+    channels_last: bool = True         # NHWC memory layout (faster convolutions with AMP)
     seed: int = 0                      # model init, shuffling and augmentation all follow from it
+    max_steps_per_epoch: int = 0       # cap on batches per epoch (smoke tests, rehearsals); 0: all
+    # --- run control (not part of the run's fingerprint) ---
+    workers: int = 2                   # data loader processes
     device: str = "auto"               # auto, cpu, cuda
-    # --- run control ---
+    log_every: int = 50                # steps between loss readings (each one waits for the GPU)
     resume: bool = False               # continue from last.pth of this fold if it exists
+    overwrite: bool = False            # redo a fold that was trained with other settings (else: stop and say)
     stop_after_epochs: int = 0         # end this invocation after N epochs (time-boxed jobs); --resume continues
-    max_steps_per_epoch: int = 0       # cap on batches per epoch (smoke tests); 0: all
 
     def __post_init__(self):
         if self.input_mode not in ("windows", "slices", "slices_windows"):
             raise PipelineError(f"input_mode must be windows, slices or slices_windows, not {self.input_mode!r}")
         if self.amp not in ("auto", "fp16", "bf16", "off"):
             raise PipelineError(f"amp must be auto, fp16, bf16 or off, not {self.amp!r}")
+        if self.tta not in ("hflip", "none"):
+            raise PipelineError(f"tta must be hflip or none, not {self.tta!r}")
         if not 0 <= self.balanced < 1:
             raise PipelineError("balanced must be in [0, 1)")
+        if not self.run_name:
+            self.run_name = default_run_name(self.model, self.img_size, self.input_mode)
 
     @property
     def in_chans(self) -> int:
         return 9 if self.input_mode == "slices_windows" else 3
+
+
+# settings that say how or where a step runs, not what it computes: left out of fingerprints
+RUN_CONTROL = {"data_dir", "out_dir", "folds_file", "run_name", "workers", "device", "log_every", "resume",
+               "overwrite", "stop_after_epochs", "stage1", "batch_size_predict"}
+
+
+def default_run_name(model: str, img_size: int, input_mode: str = "windows") -> str:
+    return f"{model}_{img_size}" + ("" if input_mode == "windows" else f"_{input_mode}")
+
+
+def result_settings(cfg) -> dict:
+    """The settings of a config that change what a step computes (its fingerprint's settings)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_CONTROL}
 
 
 def _parse_bool(v: str) -> bool:
@@ -86,41 +130,96 @@ def _parse_bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 
 
-def add_dataclass_args(ap: argparse.ArgumentParser, cls) -> None:
+_TYPES = {"int": int, "float": float, "str": str, "bool": _parse_bool, int: int, float: float, str: str}
+
+
+@functools.lru_cache(maxsize=None)
+def field_comments(cls) -> dict[str, str]:
+    """The comment beside each field in the class's source, continued on the comment-only lines below it."""
+    out, current, line = {}, None, -1
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4:  # a statement of the class body
+            current = tok.string if re.match(r"\s{4}\w+\s*:", tok.line) else None
+            line = tok.start[0]
+        elif tok.type == tokenize.COMMENT and current:
+            text = tok.string.lstrip("#").strip()
+            if tok.start[0] == line:
+                out[current] = text
+            elif current in out and tok.line.strip().startswith("#") and not text.startswith("---"):
+                out[current] += " " + text
+    return out
+
+
+def build_parser(cls, description=None, prog=None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    comments = field_comments(cls)
+    ap.add_argument("--config", default=None, help="YAML file of settings (flags win over it)")
     for f in fields(cls):
-        typ = _parse_bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
-        if f.type in (bool, "bool"):
-            # `--resume` alone means true; `--resume false` also works
-            ap.add_argument(f"--{f.name}", type=typ, nargs="?", const=True, default=None)
+        typ = str(f.type)
+        default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory
+                                                                           is not dataclasses.MISSING else None)
+        help_ = comments.get(f.name, "")
+        if "positional" in f.metadata:
+            ap.add_argument(f.name, nargs=f.metadata["positional"], default=None,
+                            help=f"{help_} (default: {default})" if default not in (None, [], "") else help_)
+            continue
+        names = ([f.metadata["short"]] if "short" in f.metadata else []) + [f"--{f.name.replace('_', '-')}"]
+        if "_" in f.name:
+            names.append(f"--{f.name}")
+        shown = f"{help_} (default: {default!r})" if help_ else f"(default: {default!r})"
+        if typ == "bool":  # `--resume` alone means true; `--resume false` also works
+            ap.add_argument(*names, dest=f.name, type=_parse_bool, nargs="?", const=True, default=None, help=shown)
+        elif typ.startswith("list"):
+            ap.add_argument(*names, dest=f.name, nargs="+", default=None, help=shown)
         else:
-            ap.add_argument(f"--{f.name}", type=typ, default=None)
+            ap.add_argument(*names, dest=f.name, type=_TYPES.get(typ, str), default=None, help=shown)
+    return ap
 
 
-def config_from_args(cls, argv=None, description=None):
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="YAML file of overrides (flags win over it)")
-    add_dataclass_args(ap, cls)
-    a = ap.parse_args(argv)
+def parse_config(cls, argv=None, description=None, prog=None):
+    """Defaults < --config YAML < flags -> an instance of cls. A YAML file named NAME.yaml also names the run
+    (run_name NAME) when the class has a run_name and neither the file nor a flag sets it."""
+    a = build_parser(cls, description, prog).parse_args(argv)
     values = {}
     if a.config:
         values.update(load_yaml(a.config, cls))
+        if "run_name" in {f.name for f in fields(cls)}:
+            values.setdefault("run_name", Path(a.config).stem)
     values.update({k: v for k, v in vars(a).items() if k != "config" and v is not None})
     return cls(**values)
 
 
+
 def load_yaml(path, cls) -> dict:
+    """A YAML file of settings, each coerced to its field's type (YAML reads `2e-3` as a string)."""
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise PipelineError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: expected 'setting: value' lines")
+    types = {f.name: str(f.type) for f in fields(cls)}
+    unknown = sorted(set(data) - set(types))
     if unknown:
-        raise PipelineError(f"{path}: unknown setting(s) {unknown}")
-    return data
+        raise PipelineError(f"{path}: unknown setting(s) {unknown}; see --help for the known ones")
+    out = {}
+    for k, v in data.items():
+        conv = _TYPES.get(types[k])
+        try:
+            out[k] = conv(str(v)) if conv is _parse_bool and not isinstance(v, bool) else (conv(v) if conv else v)
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise PipelineError(f"{path}: {k}: {v!r} is not a {types[k]}") from e
+    return out
 
 
 def save_yaml(cfg, path) -> None:
     from .utils import atomic_write
     with atomic_write(path) as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+
+
+def snake(flag: str) -> str:
+    return re.sub(r"^-+", "", flag).replace("-", "_")

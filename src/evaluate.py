@@ -1,16 +1,21 @@
 """Out-of-fold evaluation report of one or more runs, with the prior baseline side by side.
 
     python -m src.evaluate outputs/demo/runs/resnet10t_128                       # report in RUN/report/
-    python -m src.evaluate outputs/demo/runs/resnet10t_128 outputs/demo/runs/seq_resnet10t_128 --out outputs/demo/report
+    python -m src.evaluate outputs/demo/runs/resnet10t_128 outputs/demo/runs/seq_resnet10t_128 \
+        --report-dir outputs/demo/report/resnet10t_128
 
 Joins every fold's oof.csv of each run and writes: summary.json (for scripts), report.md (a table for
 people), roc.png (ROC per class), calibration.png (reliability per class) and loss_curves.png (train
 and validation loss per fold, from each fold's epochs.csv). The prior baseline gives every image the
-label frequencies of its training folds: a model must beat it to have learnt anything.
+label frequencies of its training folds: a model must beat it to have learnt anything (its AUC is
+undefined, "-": it is constant within a fold). The report's summary.json records the fingerprints of the
+runs it describes; a rerun with the same runs is skipped, with changed runs it is written again. A stage-1
+run's report also writes RUN/card.json: what the run was trained on and how well it did, which the demo shows.
 """
 from __future__ import annotations
 
-import argparse
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -19,43 +24,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from . import runs  # noqa: E402
+from .config import parse_config, positional  # noqa: E402
 from .labels import read_labels  # noqa: E402
 from .metrics import report  # noqa: E402
 from .utils import CLASSES, PipelineError, atomic_path, atomic_write, cli_main, write_json  # noqa: E402
-
-
-def fold_dirs(run_dir: Path) -> list[Path]:
-    dirs = sorted(p for p in Path(run_dir).glob("fold*") if p.is_dir())
-    if not dirs:
-        raise PipelineError(f"no fold directories in {run_dir}")
-    return dirs
-
-
-def load_oof(run_dir) -> pd.DataFrame:
-    """All folds' OOF predictions of a run: index ID, columns fold + six classes."""
-    run_dir = Path(run_dir)
-    parts, unfinished = [], []
-    for d in fold_dirs(run_dir):
-        if (d / "oof.csv").exists():
-            parts.append(pd.read_csv(d / "oof.csv", dtype={"ID": str}).set_index("ID"))
-        else:
-            unfinished.append(d.name)
-    if not parts:
-        raise PipelineError(f"no finished fold in {run_dir} (no fold*/oof.csv)")
-    if unfinished:
-        print(f"note: {run_dir.name}: {', '.join(unfinished)} not finished; evaluating the others")
-    oof = pd.concat(parts)
-    if oof.index.duplicated().any():
-        raise PipelineError(f"{run_dir}: an image appears in two folds' OOF files, e.g. {oof.index[oof.index.duplicated()][:3].tolist()}")
-    return oof
-
-
-def run_config(run_dir) -> dict:
-    cfg_path = fold_dirs(Path(run_dir))[0] / "config.yaml"
-    return yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
 
 
 def prior_predictions(labels: pd.DataFrame, folds: pd.Series) -> np.ndarray:
@@ -67,40 +42,49 @@ def prior_predictions(labels: pd.DataFrame, folds: pd.Series) -> np.ndarray:
     return out
 
 
-def evaluate_runs(run_dirs, out_dir, labels_path=None) -> dict:
-    run_dirs = [Path(r) for r in run_dirs]
+def evaluate_runs(run_dirs, out_dir, labels_path=None, quiet=False) -> dict:
+    run_list = [runs.Run(r) for r in run_dirs]
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if labels_path is None:
-        data_dir = run_config(run_dirs[0]).get("data_dir")
-        if not data_dir:
-            raise PipelineError("cannot tell the data folder from the run's config.yaml; pass --labels stage_2_train.csv")
-        labels_path = Path(data_dir) / "stage_2_train.csv"
-    labels = read_labels(labels_path)
+    stamp = runs.Stamp("evaluate", {"labels": str(labels_path or "")},
+                       {r.name: r.fingerprint(with_test=False) for r in run_list})
+    if runs.Stamp.load(out_dir / "summary.json") and runs.Stamp.load(out_dir / "summary.json").id == stamp.id \
+            and (out_dir / "report.md").exists():
+        if not quiet:
+            runs.announce_skip(f"report {out_dir}")
+        return json.loads((out_dir / "summary.json").read_text())
+    labels = read_labels(labels_path) if labels_path else runs.labels(*run_list[0].data())[0]
 
     results, oofs = {}, {}
-    for r in run_dirs:
-        oof = load_oof(r)
+    for r in run_list:
+        oof = r.load_oof()
         missing = oof.index.difference(labels.index)
         if len(missing):
-            raise PipelineError(f"{r}: {len(missing)} OOF ID(s) have no labels, e.g. {list(missing[:3])}")
+            raise PipelineError(f"{r.path}: {len(missing)} OOF ID(s) have no labels, e.g. {list(missing[:3])}")
         y = labels.loc[oof.index, CLASSES].to_numpy()
         results[r.name] = report(y, oof[CLASSES].to_numpy())
         results[r.name]["folds"] = sorted(int(f) for f in oof["fold"].unique())
         oofs[r.name] = oof
-    first = oofs[run_dirs[0].name]
+    first = oofs[run_list[0].name]
     y0 = labels.loc[first.index, CLASSES].to_numpy()
     prior = report(y0, prior_predictions(labels, first["fold"]))
+    prior["mean_auc"] = float("nan")  # constant within a fold: no ranking, no AUC
+    for c in CLASSES:
+        prior["per_class"][c]["auc"] = float("nan")
     summary = {"runs": results, "prior": prior,
-               "ratio_to_prior": {k: v["weighted_log_loss"] / prior["weighted_log_loss"] for k, v in results.items()}}
-    if len(run_dirs) > 1:
-        base = results[run_dirs[0].name]["weighted_log_loss"]
+               "ratio_to_prior": {k: v["weighted_log_loss"] / prior["weighted_log_loss"] for k, v in results.items()},
+               "stamp": stamp.to_dict()}
+    if len(run_list) > 1:
+        base = results[run_list[0].name]["weighted_log_loss"]
         summary["ratio_to_first"] = {k: v["weighted_log_loss"] / base for k, v in results.items()}
-    write_json(summary, out_dir / "summary.json")
-    write_markdown(summary, out_dir / "report.md")
+    out_dir.mkdir(parents=True, exist_ok=True)
     plot_roc(oofs, labels, out_dir / "roc.png")
     plot_calibration(oofs, labels, out_dir / "calibration.png")
-    plot_loss_curves(run_dirs, out_dir / "loss_curves.png")
+    plot_loss_curves(run_list, out_dir / "loss_curves.png")
+    write_markdown(summary, out_dir / "report.md")
+    write_json(summary, out_dir / "summary.json")
+    for r in run_list:  # a stage-1 run carries what it was trained on and how well it did
+        if "stage1" not in r.config():
+            write_json(runs.make_card(r), r.path / runs.CARD)
     return summary
 
 
@@ -116,14 +100,18 @@ def write_markdown(summary: dict, path):
              "| ratio to prior | " + " | ".join(f"{summary['ratio_to_prior'].get(n, 1.0):.3f}" for n in cols) + " |"]
     if "ratio_to_first" in summary:
         lines.append("| ratio to first run | " + " | ".join(f"{summary['ratio_to_first'].get(n, float('nan')):.3f}" for n in names) + " | |")
-    lines.append("| mean AUC | " + " | ".join(f"{get(n)['mean_auc']:.4f}" for n in cols) + " |")
+    lines.append("| mean AUC | " + " | ".join(_num(get(n)["mean_auc"], "{:.4f}") for n in cols) + " |")
     for c in CLASSES:
         lines.append(f"| {c}: log loss / AUC / acc@0.5 | " + " | ".join(
-            f"{get(n)['per_class'][c]['log_loss']:.4f} / {get(n)['per_class'][c]['auc']:.3f} / {get(n)['per_class'][c]['accuracy']:.3f}"
-            for n in cols) + " |")
+            f"{get(n)['per_class'][c]['log_loss']:.4f} / {_num(get(n)['per_class'][c]['auc'], '{:.3f}')} / "
+            f"{get(n)['per_class'][c]['accuracy']:.3f}" for n in cols) + " |")
     lines += ["", "Plots: roc.png, calibration.png, loss_curves.png", ""]
     with atomic_write(path) as f:
         f.write("\n".join(lines))
+
+
+def _num(v, fmt) -> str:
+    return "-" if v is None or v != v else fmt.format(v)
 
 
 def _save(fig, path):
@@ -172,14 +160,15 @@ def plot_calibration(oofs: dict, labels, path, bins=10):
     _save(fig, path)
 
 
-def plot_loss_curves(run_dirs, path):
-    fig, axes = plt.subplots(1, len(run_dirs), figsize=(6 * len(run_dirs), 4), squeeze=False)
-    for ax, r in zip(axes[0], run_dirs):
-        for d in fold_dirs(r):
-            if (d / "epochs.csv").exists():
-                e = pd.read_csv(d / "epochs.csv")
+def plot_loss_curves(run_list, path):
+    fig, axes = plt.subplots(1, len(run_list), figsize=(6 * len(run_list), 4), squeeze=False)
+    for ax, r in zip(axes[0], run_list):
+        for k in r.folds():
+            e_csv = r.fold_dir(k) / runs.EPOCHS
+            if e_csv.exists():
+                e = pd.read_csv(e_csv)
                 line, = ax.plot(e["epoch"], e["train_loss"], "--", alpha=0.7)
-                ax.plot(e["epoch"], e["val_wll"], "-", color=line.get_color(), label=f"{d.name} val")
+                ax.plot(e["epoch"], e["val_wll"], "-", color=line.get_color(), label=f"fold{k} val")
         ax.set_title(f"{r.name}: train (dashed) / validation (solid)"), ax.set_xlabel("epoch")
         ax.set_ylabel("weighted log loss (log scale)"), ax.set_yscale("log")  # early spikes would flatten the rest
         if ax.get_legend_handles_labels()[0]:
@@ -187,15 +176,19 @@ def plot_loss_curves(run_dirs, path):
     _save(fig, path)
 
 
+@dataclass
+class EvalConfig:
+    runs: list[str] = positional(nargs="+")  # run folders (each holding fold*/oof.csv)
+    report_dir: str = ""              # where the report goes (default: FIRST_RUN/report)
+    labels: str = ""                  # stage_2_train.csv (default: the runs' data folder, via its parsed copy)
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", help="run directories (each holding fold*/oof.csv)")
-    ap.add_argument("--out", default=None, help="report folder (default: FIRST_RUN/report)")
-    ap.add_argument("--labels", default=None, help="stage_2_train.csv (default: from the run's config.yaml)")
-    a = ap.parse_args()
-    out = Path(a.out) if a.out else Path(a.runs[0]) / "report"
-    s = evaluate_runs(a.runs, out, a.labels)
-    print((out / "report.md").read_text())
+    a = parse_config(EvalConfig, description=__doc__, prog="python -m src.evaluate")
+    out = Path(a.report_dir) if a.report_dir else Path(a.runs[0]) / "report"
+    s = evaluate_runs(a.runs, out, a.labels or None)
+    if (out / "report.md").exists():
+        print((out / "report.md").read_text())
     print(f"report: {out}")
     return s
 

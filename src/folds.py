@@ -1,35 +1,29 @@
 """Multilabel-stratified K folds over patients, written to folds/ as a CSV keyed by image ID.
 
-    python -m src.folds --k 5 --seed 42                      # data input/, file folds/input_k5_seed42.csv
-    python -m src.folds ../shared/rsna_sample --k 3 --seed 42
+    python -m src.folds --k 5 --fold-seed 42                      # data input/, file folds/input_k5_seed42.csv
+    python -m src.folds ../shared/rsna_sample --k 3
 
 Every slice of a patient lands in one fold (a patient's slices are near-duplicates of each other, so
 splitting them would leak). Patients are stratified on per-patient label presence (does the patient
 have any slice of each subtype, and any bleed at all) with iterative stratification, which keeps the
-rare subtypes (epidural) spread evenly. Only labelled slices that the cache could read are assigned.
-Same inputs, same file: patients are sorted before the seeded split.
+rare subtypes (epidural) spread evenly. Only labelled slices that the cache could read are assigned;
+labelled images without a file or with an unreadable one are counted and named, and left out.
+Same inputs, same file: patients are sorted before the seeded split. A folds file that no longer matches
+its data is rewritten, and the runs trained on the old one then stop (their fingerprint names the folds file).
 """
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
-from .labels import read_labels
+from . import runs
+from .config import parse_config, positional
 from .prepare import load_cache
-from .utils import CLASSES, ROOT, PipelineError, cli_main, dataset_tag, out_root, write_csv
-
-
-def folds_path(data_dir, k: int, seed: int) -> Path:
-    return ROOT / "folds" / f"{dataset_tag(data_dir)}_k{k}_seed{seed}.csv"
-
-
-def run_folds_file(data_dir, k: int, seed: int, folds_file=None) -> Path:
-    """The folds file a run uses: the explicit one when given, else the standard one for (data, k, seed)."""
-    return Path(folds_file) if folds_file else folds_path(data_dir, k, seed)
+from .utils import CLASSES, PipelineError, cli_main, write_csv
 
 
 def make_folds(labels: pd.DataFrame, patients: pd.Series, k: int = 5, seed: int = 42) -> pd.DataFrame:
@@ -56,34 +50,41 @@ def make_folds(labels: pd.DataFrame, patients: pd.Series, k: int = 5, seed: int 
 def load_folds(path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
-        raise PipelineError(f"folds file not found: {path} (run `python -m src.folds DATA_DIR --k K --seed S`)")
+        raise PipelineError(f"folds file not found: {path} (run `python -m src.folds DATA_DIR --k K --fold-seed S`)")
     return pd.read_csv(path, dtype={"ID": str, "PatientID": str}).set_index("ID")
 
 
+@dataclass
+class FoldsConfig:
+    data_dir: str = positional("input")  # Kaggle-layout data folder
+    out_dir: str = ""                    # outputs root holding cache/ (default outputs/<data folder name>)
+    k: int = 5                           # number of folds
+    fold_seed: int = 42                  # seed of the stratified split
+    folds_file: str = ""                 # where to write (default folds/<data folder name>_k<K>_seed<SEED>.csv)
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("data_dir", nargs="?", default=str(ROOT / "input"))
-    ap.add_argument("--out", default=None, help="output folder holding cache/ (default outputs/<data folder name>)")
-    ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--folds-file", default=None, help="where to write (default folds/<data folder name>_k<K>_seed<SEED>.csv)")
-    a = ap.parse_args()
-    out = out_root(a.data_dir, a.out)
-    _, meta = load_cache(out / "cache")
-    ok = meta[(meta.split == "train") & (meta.status == "ok")].set_index("ID")
-    labels = read_labels(Path(a.data_dir) / "stage_2_train.csv")
+    a = parse_config(FoldsConfig, description=__doc__, prog="python -m src.folds")
+    _, meta = load_cache(runs.cache_dir(a.data_dir, a.out_dir))
+    train = meta[meta.split == "train"].set_index("ID")
+    ok = train[train.status == "ok"]
+    labels, _ = runs.labels(a.data_dir, a.out_dir)
     unlabelled = ok.index.difference(labels.index)
     if len(unlabelled):
         raise PipelineError(f"{len(unlabelled)} train image(s) have no label rows in stage_2_train.csv, "
                             f"e.g. {list(unlabelled[:5])}: labels and images do not match")
-    folds = make_folds(labels, ok["PatientID"], a.k, a.seed)
-    path = run_folds_file(a.data_dir, a.k, a.seed, a.folds_file)
+    no_file, unreadable = labels.index.difference(train.index), labels.index.intersection(train.index[train.status != "ok"])
+    for what, ids in (("have no file", no_file), ("have an unreadable file (see the cache's summary.json)", unreadable)):
+        if len(ids):
+            print(f"note: {len(ids)} labelled image(s) {what} and are left out of the folds: {list(ids[:10])}")
+    folds = make_folds(labels, ok["PatientID"], a.k, a.fold_seed)
+    path = runs.run_folds_file(a.data_dir, a.k, a.fold_seed, a.folds_file)
     if path.exists() and load_folds(path).equals(folds):
-        print(f"folds up to date: {path}")
+        runs.announce_skip(f"folds {path}")
         return
     if path.exists():
         print(f"note: {path} did not match this data (a different dataset under the same name?); rewriting it. "
-              f"Runs trained on the old folds in the outputs folder are stale: delete them.")
+              f"Runs trained on the old folds will stop and say so (their fingerprint names the folds file).")
     write_csv(folds, path)
     per_fold = folds.join(labels).groupby("fold")[CLASSES].mean().mul(100).round(1)
     per_fold.insert(0, "patients", folds.groupby("fold")["PatientID"].nunique())

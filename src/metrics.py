@@ -3,10 +3,15 @@
 Weighted multi-label log loss: per image, the weighted mean over the six labels of the binary log
 loss (weights 1 for each subtype, 2 for `any`), averaged over images. Probabilities are clipped to
 [EPS, 1 - EPS] with EPS = 1e-15, scikit-learn's historical `log_loss` default that Kaggle's scorer used.
+
+`WeightedBCE` is the same metric as a training loss on logits (torch), so the loss the models minimise
+is the score they are judged by.
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from .utils import CLASS_WEIGHTS, CLASSES, PipelineError
@@ -61,3 +66,22 @@ def report(y, p) -> dict:
                               "positives": int(np.asarray(y)[:, i].sum())} for i, c in enumerate(CLASSES)},
             "mean_auc": float(np.nanmean(auc)) if not np.isnan(auc).all() else float("nan"),
             "accuracy_any": float(acc[-1])}
+
+
+class WeightedBCE:
+    """BCE-with-logits weighted like the metric (any = 2), on (N, 6) logits and labels.
+
+    The weights are built once, on the loss's device (not from numpy on every step: a host-to-device copy
+    per step)."""
+
+    def __init__(self, device="cpu"):
+        w = torch.as_tensor(CLASS_WEIGHTS, dtype=torch.float32, device=device)
+        self.w = w / w.sum()
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over rows (..., 6); with a mask (...,), over the rows it marks (padded series positions are not)."""
+        per = (F.binary_cross_entropy_with_logits(logits.float(), y.float(), reduction="none") * self.w).sum(-1)
+        if mask is None:
+            return per.mean()
+        m = mask.to(per.dtype)
+        return (per * m).sum() / m.sum().clamp(min=1)

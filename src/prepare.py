@@ -1,29 +1,35 @@
 """Decode every DICOM once into an image cache and a per-slice metadata table.
 
-    python -m src.prepare input/                         # cache in outputs/input/cache
-    python -m src.prepare ../shared/rsna_sample --size 256 --out outputs/rsna_sample
+    python -m src.prepare input/                                  # cache in outputs/input/cache
+    python -m src.prepare ../shared/rsna_sample --cache-size 256 --out-dir outputs/rsna_sample
 
 The cache is one uint8 array `images.npy` of shape (N, size, size, 3) that the data loader memory-maps
 (a sample is one slice of it: no decoding, no windowing, no resizing per epoch), and `metadata.csv`,
 one row per file: ID, split, row in the array, status and reason, PatientID, Study/Series UIDs, z,
 the slice's index in its series ordered by z, the series length, and the previous/next slice IDs.
+The label file is parsed here once into `labels.csv` beside them (see runs.labels).
 
 Work is split into chunks of rows decoded in parallel (joblib, all cores). Each chunk writes its rows
 straight into `images.partial.npy` and then records itself in `chunks/` (atomically); a rerun after a
 kill skips finished chunks. Only when every chunk is done is the array renamed to `images.npy`, so
 a finished cache is byte-identical to one built without interruption and a half-built one never
 looks finished. Files that cannot be read are recorded with their reason and counted in
-`summary.json`; their rows stay zero and they have status `skipped`.
+`summary.json`; their rows stay zero and they have status `skipped`. Labelled images without a file
+are counted there too.
+
+`cache_config.json` is the cache's stamp: its size and windows and the names and sizes of its files.
+A finished cache is reused only when they all match; otherwise the command stops and says what differs
+(`--overwrite` rebuilds). Before a build starts, free disk space is checked against the array's size:
+N x size x size x 3 bytes, e.g. 874,035 x 256 x 256 x 3 = 171.8 GB for the competition's train + test.
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import os
 import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +37,12 @@ import pandas as pd
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
+from . import runs
+from .config import parse_config, positional
 from .dicom import DEFAULT_WINDOWS, DicomError, dicom_to_image, header_fields, image_id_from_path, read_dicom
-from .utils import PipelineError, ROOT, cli_main, default_out_dir, out_root, write_csv, write_json
+from .utils import PipelineError, cli_main, write_csv, write_json
 
+from .synth import SYNTHETIC_MARKER  # noqa: E402  (src.synth leaves it in the data folders it writes)
 SPLITS = {"train": "stage_2_train_images", "test": "stage_2_test_images"}
 META_COLUMNS = ["ID", "split", "row", "status", "reason", "path", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
                 "Modality", "z", "z_source", "rows", "cols"]
@@ -54,16 +63,18 @@ def parse_windows(text: str):
 
 
 def list_files(data_dir: Path) -> pd.DataFrame:
-    """All DICOM files of the Kaggle layout, train then test, each sorted by name."""
+    """All DICOM files of the Kaggle layout, train then test, each sorted by name, with their sizes."""
     rows = []
     for split, sub in SPLITS.items():
-        d = data_dir / sub
+        d = Path(data_dir) / sub
         if d.is_dir():
-            rows += [(image_id_from_path(p.name), split, str(p)) for p in sorted(d.glob("*.dcm"))]
+            with os.scandir(d) as it:
+                rows += sorted((image_id_from_path(e.name), split, e.path, e.stat().st_size)
+                               for e in it if e.name.endswith(".dcm"))
     if not rows:
         raise PipelineError(f"no DICOM files under {data_dir}/{{{','.join(SPLITS.values())}}}; "
                             f"is this a Kaggle-layout data folder? (python -m src.synth writes a demo one)")
-    df = pd.DataFrame(rows, columns=["ID", "split", "path"])
+    df = pd.DataFrame(rows, columns=["ID", "split", "path", "bytes"])
     dup = df["ID"].duplicated(keep=False)
     if dup.any():
         raise PipelineError(f"image ID(s) found in more than one file: {df.loc[dup, 'path'].head(6).tolist()}")
@@ -131,37 +142,77 @@ def cache_paths(cache_dir: Path) -> dict:
                                               chunks="chunks").items()}
 
 
+def files_fingerprint(files: pd.DataFrame) -> str:
+    """Of the files' split, names and sizes: a file added, removed, renamed or rewritten changes it."""
+    return runs.fingerprint("\n".join(f"{sp}/{Path(p).name}:{n}" for sp, p, n in
+                                       files[["split", "path", "bytes"]].itertuples(index=False)))
+
+
+def prepare_stamp(files: pd.DataFrame, size: int, windows, limit=0) -> runs.Stamp:
+    return runs.Stamp("prepare", {"size": size, "windows": [list(w) if w else "file" for w in windows],
+                                  "limit": int(limit or 0)}, {"files": files_fingerprint(files)})
+
+
+def cache_stamp(cache_dir) -> runs.Stamp:
+    """The stamp of a finished cache (what later steps record as their `cache` input)."""
+    P = cache_paths(Path(cache_dir))
+    stamp = runs.Stamp.load(P["config"]) if P["images"].exists() else None
+    if stamp is None:
+        raise PipelineError(f"no finished image cache in {cache_dir}: run `python -m src.prepare DATA_DIR` first")
+    return stamp
+
+
+def check_disk(path: Path, need: int, have_already: int = 0) -> None:
+    """Stop before a build that cannot fit: a full disk kills a worker with SIGBUS halfway through."""
+    free = shutil.disk_usage(path).free
+    if need - have_already > free:
+        gb = lambda b: f"{b / 1e9:,.1f} GB"  # noqa: E731
+        raise PipelineError(f"the image cache needs {gb(need)} ({gb(need - have_already)} still to write) but "
+                            f"{path} has {gb(free)} free: free space, put the outputs on a larger disk "
+                            f"(--out-dir / OUT_DIR), or use a smaller --cache-size (the size grows with its square)")
+
+
+def labelled_but_missing(data_dir: Path, cache_dir: Path, files: pd.DataFrame) -> list[str]:
+    """IDs in stage_2_train.csv without a file in stage_2_train_images (dropped from training: said, not silent)."""
+    if not (data_dir / "stage_2_train.csv").exists():
+        return []
+    labels, _ = runs.labels(data_dir, cache=cache_dir)  # parsed once here; later steps read the cached table
+    return sorted(labels.index.difference(files.loc[files.split == "train", "ID"]))
+
+
 def prepare(data_dir, cache_dir=None, size=256, windows=DEFAULT_WINDOWS, jobs=-1, chunk=128, limit=None,
-            quiet=False) -> dict:
-    """Build (or finish) the cache; returns the summary dict."""
+            quiet=False, overwrite=False, out_dir=None) -> dict:
+    """Build (or finish) the cache; returns the summary dict. A finished cache made with the same settings
+    and files is kept; one made with others stops the build (`overwrite` rebuilds it)."""
     data_dir = Path(data_dir)
-    cache_dir = Path(cache_dir) if cache_dir else default_out_dir(data_dir) / "cache"
+    cache_dir = Path(cache_dir) if cache_dir else runs.cache_dir(data_dir, out_dir)
     P = cache_paths(cache_dir)
     t0 = time.time()
     files = list_files(data_dir)
     if limit:
         files = files.iloc[:limit]
-    fingerprint = hashlib.sha256("\n".join(files["path"]).encode()).hexdigest()[:16]
-    config = {"data_dir": str(data_dir.resolve()), "size": size, "windows": [list(w) if w else "file" for w in windows],
-              "n_files": len(files), "files_sha": fingerprint, "format": "uint8 (N, size, size, 3) npy, rows as metadata.csv"}
-
-    if P["images"].exists() and P["meta"].exists() and P["config"].exists():
-        if json.loads(P["config"].read_text()) == config:
-            if not quiet:
-                print(f"cache up to date: {cache_dir}")
-            return json.loads(P["summary"].read_text())
+    stamp = prepare_stamp(files, size, windows, limit)
+    if runs.guard(stamp, P["config"], P["images"].exists(), overwrite, f"the image cache {cache_dir}",
+                  exists=P["images"].exists(), clear=[P["images"], P["meta"], P["summary"]],
+                  redo="--overwrite (rebuilds the whole cache)"):
         if not quiet:
-            print(f"cache settings or files changed; rebuilding {cache_dir}")
-        P["images"].unlink()
+            runs.announce_skip(f"image cache {cache_dir}")
+        return json.loads(P["summary"].read_text())
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     shape = (len(files), size, size, 3)
-    partial_ok = P["partial"].exists() and P["config"].exists() and json.loads(P["config"].read_text()) == config
-    if not partial_ok:  # settings changed or first run: start clean
+    partial_ok = P["partial"].exists() and (runs.Stamp.load(P["config"]) or stamp).id == stamp.id
+    if not partial_ok:  # settings changed or first run: start clean (a partial build is never reused)
+        if P["partial"].exists() and not quiet:
+            print("a partial cache made with other settings or files is discarded")
         shutil.rmtree(P["chunks"], ignore_errors=True)
         P["partial"].unlink(missing_ok=True)
-        write_json(config, P["config"])
+        check_disk(cache_dir, int(np.prod(shape)))
+        write_json({**stamp.to_dict(), "data_dir": str(data_dir.resolve()), "n_files": len(files),
+                    "format": "uint8 (N, size, size, 3) npy, rows as metadata.csv"}, P["config"])
         np.lib.format.open_memmap(P["partial"], mode="w+", dtype=np.uint8, shape=shape).flush()  # sparse, zeros
+    else:
+        check_disk(cache_dir, int(np.prod(shape)), P["partial"].stat().st_blocks * 512)
     P["chunks"].mkdir(exist_ok=True)
 
     starts = list(range(0, len(files), chunk))
@@ -182,10 +233,14 @@ def prepare(data_dir, cache_dir=None, size=256, windows=DEFAULT_WINDOWS, jobs=-1
     meta = order_series(meta.sort_values("row").reset_index(drop=True))
     write_csv(meta, P["meta"], index=False)
     skipped = meta[meta.status != "ok"]
+    missing = labelled_but_missing(data_dir, cache_dir, files)
     summary = {"data_dir": str(data_dir), "slices": len(meta), "done": int((meta.status == "ok").sum()),
                "skipped": len(skipped), "skipped_reasons": dict(Counter(skipped["reason"])),
-               "skipped_ids": skipped["ID"].tolist()[:100], "z_sources": dict(Counter(meta.loc[meta.status == "ok", "z_source"])),
+               "skipped_ids": skipped["ID"].tolist()[:100],
+               "labelled_missing_files": len(missing), "labelled_missing_ids": missing[:100],
+               "z_sources": dict(Counter(meta.loc[meta.status == "ok", "z_source"])),
                "series": int(meta.loc[meta.status == "ok", "SeriesInstanceUID"].nunique()),
+               "synthetic": (data_dir / SYNTHETIC_MARKER).exists(),
                "seconds_this_run": round(time.time() - t0, 2), "size": size}
     write_json(summary, P["summary"])
     os.replace(P["partial"], P["images"])  # the moment the cache becomes complete
@@ -193,7 +248,9 @@ def prepare(data_dir, cache_dir=None, size=256, windows=DEFAULT_WINDOWS, jobs=-1
     if not quiet:
         print(f"cached {summary['done']} of {summary['slices']} slices in {summary['series']} series to {cache_dir} "
               f"in {summary['seconds_this_run']}s; skipped {summary['skipped']}"
-              + "".join(f"\n  skipped {i}: {r}" for i, r in zip(skipped["ID"][:20], skipped["reason"][:20])))
+              + "".join(f"\n  skipped {i}: {r}" for i, r in zip(skipped["ID"][:20], skipped["reason"][:20]))
+              + (f"\n  {len(missing)} labelled image(s) have no file in {SPLITS['train']}/ and are left out: "
+                 f"{missing[:10]}" if missing else ""))
     return summary
 
 
@@ -223,8 +280,8 @@ def decode_files(paths, windows=DEFAULT_WINDOWS, size=256, jobs=1, split="test")
 
 def cache_settings(cache_dir) -> dict:
     """The preprocessing a cache was built with (size and windows), which inference must repeat."""
-    cfg = json.loads((Path(cache_dir) / "cache_config.json").read_text())
-    return {"size": cfg["size"], "windows": cfg["windows"]}
+    st = cache_stamp(cache_dir).settings
+    return {"size": st["size"], "windows": st["windows"]}
 
 
 def windows_from_settings(settings: dict):
@@ -241,19 +298,22 @@ def load_cache(cache_dir):
     return np.load(P["images"], mmap_mode="r"), meta
 
 
+@dataclass
+class PrepareConfig:
+    data_dir: str = positional("input")  # Kaggle-layout data folder
+    out_dir: str = ""                    # outputs root (default outputs/<data folder name>); the cache goes in OUT/cache
+    cache_size: int = 256                # cached image size in pixels (square)
+    windows: str = "40,80 80,200 600,2800"  # three 'center,width' HU windows, or 'file' for the file's own
+    workers: int = -1                    # decoding processes (-1: all cores)
+    chunk: int = 128                     # slices per work unit (the unit of resume)
+    limit: int = 0                       # only the first N files (a quick look); 0: all
+    overwrite: bool = False              # rebuild a cache made with other settings or files (else: stop and say)
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("data_dir", nargs="?", default=str(ROOT / "input"), help="Kaggle-layout data folder (default input/)")
-    ap.add_argument("--out", default=None, help="output folder (default outputs/<data folder name>); cache goes in OUT/cache")
-    ap.add_argument("--size", type=int, default=256, help="cached image size in pixels (square)")
-    ap.add_argument("--windows", default="40,80 80,200 600,2800",
-                    help="three 'center,width' HU windows, or 'file' for the file's own (default brain/subdural/bone)")
-    ap.add_argument("--jobs", type=int, default=-1, help="worker processes (-1: all cores)")
-    ap.add_argument("--chunk", type=int, default=128, help="slices per work unit (the unit of resume)")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N files (for a quick look)")
-    a = ap.parse_args()
-    out = out_root(a.data_dir, a.out)
-    prepare(a.data_dir, out / "cache", a.size, parse_windows(a.windows), a.jobs, a.chunk, a.limit)
+    c = parse_config(PrepareConfig, description=__doc__, prog="python -m src.prepare")
+    prepare(c.data_dir, runs.cache_dir(c.data_dir, c.out_dir), c.cache_size, parse_windows(c.windows), c.workers,
+            c.chunk, c.limit, overwrite=c.overwrite)
 
 
 if __name__ == "__main__":

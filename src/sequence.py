@@ -7,19 +7,26 @@ For each series, the slices' stage-1 embeddings (projected by a linear layer) an
 ordered by z, go through a 2-layer bidirectional GRU; a per-slice head adds a correction to the
 stage-1 logits (a residual: the model starts from stage 1 and learns what neighbours change).
 Series of different lengths are padded and masked. Training reverses a series' order at random;
-prediction averages the series and its reversal.
+prediction averages the series and its reversal. It runs on CUDA when there is a GPU (`--device`).
+
+Speed: all slices of all series live in flat arrays (embeddings float16) on the device, once; a batch
+of series is one gather through an index matrix, so an epoch costs no Python loop over series.
+Early stopping: training ends when the validation loss has not improved for `--patience` epochs, and
+the best epoch's weights make the outputs (the validation fold is the fold whose OOF rows these are,
+as for stage 1's choice of best epoch).
 
 No leakage. Every stage-2 input of an image is a stage-1 output from a model that never trained on
 that image: train and validation rows use the stage-1 OOF files (image in fold j <- stage-1 model of
 fold j), stage-2 fold K trains on folds != K and is validated on fold K, and its test inputs are the
-test embeddings of stage-1 fold K. `assemble` checks this from the files and refuses otherwise.
+test embeddings of stage-1 fold K. `check_no_leak` checks this from the files and refuses otherwise.
 
-Outputs in OUT/runs/<run_name>/fold<K>/ (run_name defaults to seq_<stage-1 run name>): config.yaml,
-epochs.csv, best.pth, oof.csv and test.csv in stage 1's format, so src.evaluate and src.ensemble
-treat stage 2 as one more run.
+Outputs in OUT/runs/<run_name>/fold<K>/ (run_name defaults to seq_<stage-1 run name>): fingerprint.json,
+config.yaml, epochs.csv, train.log, best.pth, oof.csv and test.csv in stage 1's format, so src.evaluate and
+src.ensemble treat stage 2 as one more run.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -30,33 +37,35 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .config import config_from_args, save_yaml
-from .evaluate import fold_dirs, run_config
-from .folds import load_folds, run_folds_file
-from .labels import read_labels
-from .metrics import weighted_log_loss
+from . import runs
+from .config import parse_config, result_settings, save_yaml
+from .engine import pick_device
+from .folds import load_folds
+from .metrics import WeightedBCE, weighted_log_loss
 from .model import load_checkpoint, save_checkpoint
 from .prepare import load_cache
-from .train import weighted_bce
-from .utils import CLASSES, PipelineError, cli_main, get_logger, out_root, write_csv
+from .utils import CLASSES, PipelineError, cli_main, get_logger, write_csv
 
 
 @dataclass
 class SeqConfig:
-    stage1: str = ""                  # stage-1 run directory (fold*/oof.csv, oof_emb.npy, test.csv, test_emb.npy)
-    fold: int = 0
+    stage1: str = ""                  # stage-1 run folder (fold*/oof.csv, oof_emb.npy, test.csv, test_emb.npy)
+    fold: int = 0                     # validation fold
     run_name: str = ""                # default seq_<stage-1 run name>, beside the stage-1 run
     features: str = "both"            # both: embeddings + stage-1 logits; emb; logits
     hidden: int = 64                  # projection width and GRU hidden size (per direction)
-    layers: int = 2
-    dropout: float = 0.2
-    epochs: int = 40
-    batch_size: int = 8               # series per step
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
+    layers: int = 2                   # GRU layers
+    dropout: float = 0.2              # after the projection and between GRU layers
+    epochs: int = 40                  # at most; early stopping usually ends sooner
+    patience: int = 6                 # stop after this many epochs without a better validation loss
+    batch_size: int = 64              # series per step
+    lr: float = 3e-3                  # AdamW learning rate, cosine-decayed over `epochs`
+    weight_decay: float = 1e-4        # AdamW weight decay
     reverse: float = 0.5              # probability of reversing a training series
     tta_reverse: bool = True          # average with the reversed series at prediction
-    seed: int = 0
+    seed: int = 0                     # model init and batch order
+    device: str = "auto"              # auto (CUDA when available), cpu, cuda
+    overwrite: bool = False           # redo a fold made with other settings or inputs (else: stop and say)
 
     def __post_init__(self):
         if self.features not in ("both", "emb", "logits"):
@@ -93,27 +102,96 @@ class SeqModel(nn.Module):
         return logits + self.head(out)
 
 
-def load_stage1_outputs(stage1: Path, which: str, fold: int | None = None) -> pd.DataFrame:
-    """oof (all folds) or test (one fold) outputs: index ID; columns source_fold, six probabilities, emb (array)."""
-    parts = []
-    for d in fold_dirs(stage1):
-        k = int(d.name.replace("fold", ""))
-        if which == "test" and k != fold:
-            continue
-        csv, npy = (d / "oof.csv", d / "oof_emb.npy") if which == "oof" else (d / "test.csv", d / "test_emb.npy")
-        if not csv.exists() or not npy.exists():
-            raise PipelineError(f"{d}: missing {csv.name} or {npy.name}; finish stage 1 "
-                                f"({'src.train' if which == 'oof' else 'src.predict'}) for fold {k} first")
-        df = pd.read_csv(csv, dtype={"ID": str}).set_index("ID")
-        emb = np.load(npy).astype(np.float32)
-        if len(emb) != len(df):
-            raise PipelineError(f"{npy}: {len(emb)} rows but {csv.name} has {len(df)}")
-        df = df[CLASSES].assign(source_fold=k)
-        df["emb"] = list(emb)
-        parts.append(df)
-    if not parts:
-        raise PipelineError(f"{stage1}: no stage-1 {which} outputs{'' if fold is None else f' for fold {fold}'}")
-    return pd.concat(parts)
+@dataclass
+class SeriesSet:
+    """The slices of many series in flat arrays, series after series, each in z order."""
+    ids: np.ndarray                   # (N,) image IDs
+    emb: np.ndarray | None            # (N, E) float16 stage-1 embeddings, or None when unused
+    logits: np.ndarray                # (N, 6) float32 stage-1 logits
+    labels: np.ndarray | None         # (N, 6) float32, or None (test)
+    starts: np.ndarray                # (S,) first row of each series
+    lengths: np.ndarray               # (S,) slices per series
+
+    def __len__(self):
+        return len(self.starts)
+
+    @classmethod
+    def build(cls, preds: pd.DataFrame, emb, order: pd.DataFrame, labels: pd.DataFrame | None = None) -> SeriesSet:
+        """preds: stage-1 probabilities (index ID, rows aligned with emb); order: SeriesInstanceUID and
+        slice_index by ID. Slices without a series (unreadable) are left out."""
+        m = order.reindex(preds.index)
+        keep = np.flatnonzero(m["SeriesInstanceUID"].notna().to_numpy() & (m["SeriesInstanceUID"] != "").to_numpy())
+        m = m.iloc[keep]
+        srt = np.lexsort((m["slice_index"].to_numpy(), pd.factorize(m["SeriesInstanceUID"], sort=True)[0]))
+        pos = keep[srt]
+        uid = m["SeriesInstanceUID"].to_numpy()[srt]
+        starts = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]]) if len(uid) else np.zeros(0, np.int64)
+        ids = preds.index.to_numpy()[pos]
+        return cls(ids, None if emb is None else np.asarray(emb)[pos],
+                   logit(preds[CLASSES].to_numpy()[pos]).astype(np.float32),
+                   None if labels is None else labels.loc[ids, CLASSES].to_numpy(np.float32),
+                   starts, np.diff(np.r_[starts, len(uid)]))
+
+
+class Batcher:
+    """A SeriesSet's arrays on the device; a batch of series is one gather through a padded index matrix."""
+
+    def __init__(self, s: SeriesSet, device, mu=None, sd=None):
+        self.s, self.device = s, device
+        # on the CPU these share the arrays' memory; on a GPU they are its one copy
+        on = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+        self.emb, self.logits, self.labels = on(s.emb), on(s.logits), on(s.labels)
+        self.mu = None if mu is None else torch.as_tensor(mu, dtype=torch.float32, device=device)
+        self.sd = None if sd is None else torch.as_tensor(sd, dtype=torch.float32, device=device)
+
+    def rows(self, series_idx, reverse=None) -> tuple[np.ndarray, np.ndarray]:
+        """(B, T) flat row of each position (N for padding; reversed series read back to front), lengths."""
+        L = self.s.lengths[series_idx]
+        t = np.arange(L.max())[None, :]
+        pos = np.where(reverse[:, None], L[:, None] - 1 - t, t) if reverse is not None else t
+        return np.where(t < L[:, None], self.s.starts[series_idx][:, None] + pos, len(self.s.ids)), L
+
+    def batch(self, series_idx, reverse=None):
+        """(embeddings, logits, labels, mask, lengths, rows) of a batch; padded positions read row 0 and are
+        masked (the GRU never sees them: the batch is packed by length)."""
+        rows, L = self.rows(series_idx, reverse)
+        r = torch.from_numpy(rows).to(self.device)
+        mask = r < len(self.s.ids)
+        r = r.clamp(max=max(len(self.s.ids) - 1, 0))
+        emb = None
+        if self.emb is not None:
+            emb = self.emb[r].float()
+            if self.mu is not None:
+                emb = (emb - self.mu) / self.sd
+        y = self.labels[r] if self.labels is not None else None
+        return emb, self.logits[r], y, mask, torch.as_tensor(L), rows
+
+
+@torch.no_grad()
+def predict_series(model, batcher: Batcher, tta_reverse=True, batch_size=256) -> np.ndarray:
+    """Per-slice probabilities (N, 6), rows in the SeriesSet's order; series batched by length."""
+    model.eval()
+    n = len(batcher.s.ids)
+    out = torch.zeros(n + 1, len(CLASSES), device=batcher.device)
+    order = np.argsort(batcher.s.lengths, kind="stable")
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        passes = [None, np.ones(len(idx), bool)] if tta_reverse else [None]
+        for rev in passes:
+            emb, lg, _, _, lengths, rows = batcher.batch(idx, rev)
+            p = torch.sigmoid(model(emb, lg, lengths))
+            out.index_add_(0, torch.from_numpy(rows.reshape(-1)).to(batcher.device), p.reshape(-1, p.shape[-1]) / len(passes))
+    return out[:n].cpu().numpy()
+
+
+def embedding_stats(emb: np.ndarray, chunk=65536) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std per feature, in float64 over chunks (no float32 copy of a multi-GB array)."""
+    s = np.zeros(emb.shape[1]), np.zeros(emb.shape[1])
+    for i in range(0, len(emb), chunk):
+        x = np.asarray(emb[i:i + chunk], np.float64)
+        s[0].__iadd__(x.sum(0)), s[1].__iadd__((x * x).sum(0))
+    mu = s[0] / max(len(emb), 1)
+    return mu.astype(np.float32), np.sqrt(np.maximum(s[1] / max(len(emb), 1) - mu * mu, 0) + 1e-12).astype(np.float32) + 1e-6
 
 
 def check_no_leak(rows: pd.DataFrame, folds: pd.Series, fold: int, split: str) -> None:
@@ -136,138 +214,142 @@ def check_no_leak(rows: pd.DataFrame, folds: pd.Series, fold: int, split: str) -
                             f"{int(rows['source_fold'].iloc[i])}); stage-2 inputs must be out-of-fold")
 
 
-def assemble(cfg: SeqConfig):
-    """(train series, val series, test series, embedding dim); a series is (IDs in z order, emb, logits, labels)."""
-    stage1 = Path(cfg.stage1)
-    s1 = run_config(stage1)
-    _, meta = load_cache(out_root(s1["data_dir"], s1.get("out_dir")) / "cache")
-    meta = meta[meta.status == "ok"].set_index("ID")
-    folds = load_folds(run_folds_file(s1["data_dir"], s1["k"], s1["fold_seed"], s1.get("folds_file")))["fold"]
-    labels = read_labels(Path(s1["data_dir"]) / "stage_2_train.csv")
-
-    oof = load_stage1_outputs(stage1, "oof")
-    check_no_leak(oof, folds, cfg.fold, "oof")
-    test = load_stage1_outputs(stage1, "test", cfg.fold)
-    check_no_leak(test, folds, cfg.fold, "test")
-
-    def series_of(rows: pd.DataFrame, with_labels: bool):
-        rows = rows[rows.index.isin(meta.index)]
-        m = meta.loc[rows.index, ["SeriesInstanceUID", "slice_index"]]
-        out_series = []
-        for _, g in m.sort_values(["SeriesInstanceUID", "slice_index"]).groupby("SeriesInstanceUID", sort=True):
-            ids = g.index.to_numpy()
-            r = rows.loc[ids]
-            out_series.append((ids, np.stack(r["emb"].to_numpy()), logit(r[CLASSES].to_numpy()).astype(np.float32),
-                               labels.loc[ids, CLASSES].to_numpy(np.float32) if with_labels else None))
-        return out_series
-
-    in_val = folds.reindex(oof.index).to_numpy() == cfg.fold
-    tr, va = series_of(oof[~in_val], True), series_of(oof[in_val], True)
-    te = series_of(test, False)
-    return tr, va, te, oof["emb"].iloc[0].shape[0], test
+def stage1_inputs(stage1: runs.Run, fold: int, with_emb=True):
+    """The stage-1 outputs stage-2 fold `fold` may use, leak-checked: (oof rows, oof emb, test rows, test emb,
+    fold of each image, labels, series order). Rows carry `source_fold`, the stage-1 fold that made them."""
+    s1 = stage1.config()
+    _, meta = load_cache(runs.cache_dir(s1["data_dir"], s1.get("out_dir")))
+    order = meta[meta.status == "ok"].set_index("ID")[["SeriesInstanceUID", "slice_index"]]
+    folds = load_folds(runs.run_folds_file(s1["data_dir"], s1["k"], s1["fold_seed"], s1.get("folds_file")))["fold"]
+    labels, _ = runs.labels(s1["data_dir"], s1.get("out_dir"))
+    parts, embs = [], []
+    for k in stage1.folds():
+        df, emb = stage1.fold_outputs("oof", k)
+        parts.append(df[CLASSES].assign(source_fold=k))
+        embs.append(emb)
+    oof = pd.concat(parts)
+    check_no_leak(oof, folds, fold, "oof")
+    test, test_emb = stage1.fold_outputs("test", fold)
+    test = test[CLASSES].assign(source_fold=fold)
+    check_no_leak(test, folds, fold, "test")
+    oof_emb = np.concatenate([np.asarray(e) for e in embs]) if with_emb else None
+    return oof, oof_emb, test, (np.asarray(test_emb) if with_emb else None), folds, labels, order
 
 
-def batchify(series, idx, reverse_flags=None):
-    """Pad a list of series into (emb, logits, labels, mask, lengths) tensors."""
-    chosen = [series[i] for i in idx]
-    n, T = len(chosen), max(len(s[0]) for s in chosen)
-    E, C = chosen[0][1].shape[1], len(CLASSES)
-    emb, lg, y, mask = np.zeros((n, T, E), np.float32), np.zeros((n, T, C), np.float32), np.zeros((n, T, C), np.float32), np.zeros((n, T), bool)
-    for j, (ids, e, l_, lab) in enumerate(chosen):
-        L = len(ids)
-        if reverse_flags is not None and reverse_flags[j]:
-            e, l_, lab = e[::-1], l_[::-1], None if lab is None else lab[::-1]
-        emb[j, :L], lg[j, :L], mask[j, :L] = e, l_, True
-        if lab is not None:
-            y[j, :L] = lab
-    lengths = torch.as_tensor([len(s[0]) for s in chosen])
-    return torch.from_numpy(emb), torch.from_numpy(lg), torch.from_numpy(y), torch.from_numpy(mask), lengths
-
-
-@torch.no_grad()
-def predict_series(model, series, tta_reverse=True, batch_size=32):
-    """Per-slice probabilities for every series: list aligned with `series`."""
-    model.eval()
-    out = []
-    for s in range(0, len(series), batch_size):
-        idx = list(range(s, min(s + batch_size, len(series))))
-        e, l_, _, mask, lengths = batchify(series, idx)
-        p = torch.sigmoid(model(e, l_, lengths))
-        if tta_reverse:
-            e2, l2, _, _, _ = batchify(series, idx, reverse_flags=[True] * len(idx))
-            p2 = torch.sigmoid(model(e2, l2, lengths))
-            for j, L in enumerate(lengths.tolist()):  # undo the reversal of the valid part only
-                p[j, :L] = (p[j, :L] + p2[j, :L].flip(0)) / 2
-        out += [p[j, :L].numpy() for j, L in enumerate(lengths.tolist())]
-    return out
-
-
-def standardise(tr, va, te):
-    """Scale embeddings with the training series' mean and std (stage-1 features have arbitrary scale)."""
-    allv = np.concatenate([s[1] for s in tr])
-    mu, sd = allv.mean(0), allv.std(0) + 1e-6
-    fix = lambda ss: [(i, (e - mu) / sd, l_, y) for i, e, l_, y in ss]  # noqa: E731
-    return fix(tr), fix(va), fix(te), (mu, sd)
+def seq_stamp(cfg: SeqConfig) -> runs.Stamp:
+    return runs.Stamp("sequence", result_settings(cfg), {"stage1": runs.Run(cfg.stage1).fingerprint()})
 
 
 def train_sequence(cfg: SeqConfig) -> Path:
-    stage1 = Path(cfg.stage1)
-    run_name = cfg.run_name or f"seq_{stage1.name}"
-    run_dir = stage1.parent / run_name / f"fold{cfg.fold}"
+    stage1 = runs.Run(cfg.stage1)
+    run = runs.Run(stage1.path.parent / (cfg.run_name or f"seq_{stage1.name}"))
+    run_dir = run.fold_dir(cfg.fold)
+    stamp = seq_stamp(cfg)
+    if runs.guard(stamp, run_dir / runs.STAMP, (run_dir / runs.OOF).exists(), cfg.overwrite,
+                  f"stage-2 fold {cfg.fold} ({run_dir})", clear=[run_dir], redo="add --overwrite to this command"):
+        runs.announce_skip(f"stage-2 fold {cfg.fold} of {run.name} ({run_dir / runs.OOF})")
+        return run_dir
+    use_emb = cfg.features != "logits"
+    oof, oof_emb, test, test_emb, folds, labels, order = stage1_inputs(stage1, cfg.fold, use_emb)
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = get_logger(f"seq.{run_name}.{cfg.fold}", run_dir / "train.log")
-    save_yaml(cfg, run_dir / "config.yaml")
-    tr, va, te, emb_dim, test_rows = assemble(cfg)
-    tr, va, te, (mu, sd) = standardise(tr, va, te)
-    log.info(f"stage 2 fold {cfg.fold}: {len(tr)} train / {len(va)} val / {len(te)} test series from {stage1}")
+    stamp.save(run_dir / runs.STAMP)
+    save_yaml(cfg, run_dir / runs.CONFIG)
+    log = get_logger(f"seq.{run.name}.{cfg.fold}", run_dir / runs.LOG)
+    device = pick_device(cfg.device)
+
+    in_val = (folds.reindex(oof.index) == cfg.fold).to_numpy()
+    pick = lambda mask: None if oof_emb is None else oof_emb[mask]  # noqa: E731
+    tr = SeriesSet.build(oof[~in_val], pick(~in_val), order, labels)
+    va = SeriesSet.build(oof[in_val], pick(in_val), order, labels)
+    te = SeriesSet.build(test, test_emb, order)
+    del oof_emb
+    mu, sd = embedding_stats(tr.emb) if use_emb else (None, None)
+    btr, bva, bte = (Batcher(s, device, mu, sd) for s in (tr, va, te))
+    log.info(f"stage 2 fold {cfg.fold}: {len(tr)} train / {len(va)} val / {len(te)} test series from {stage1.path}; "
+             f"device {device}")
+
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = SeqModel(emb_dim, cfg.hidden, cfg.layers, cfg.dropout, cfg.features)
+    emb_dim = tr.emb.shape[1] if use_emb else 0
+    model = SeqModel(max(emb_dim, 1), cfg.hidden, cfg.layers, cfg.dropout, cfg.features).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    y_val = np.concatenate([s[3] for s in va])
-    best, history = float("inf"), []
+    loss_fn = WeightedBCE(device)
+    best, best_state, bad, history = float("inf"), None, 0, []
     for epoch in range(cfg.epochs):
-        t0, model_loss, n = time.time(), 0.0, 0
+        t0, loss_sum, n = time.time(), torch.zeros((), device=device), 0
         model.train()
-        order = rng.permutation(len(tr))
-        for s in range(0, len(order), cfg.batch_size):
-            idx = order[s:s + cfg.batch_size]
-            e, l_, y, mask, lengths = batchify(tr, idx, reverse_flags=rng.random(len(idx)) < cfg.reverse)
-            out = model(e, l_, lengths)
-            loss = weighted_bce(out[mask], y[mask])
+        perm = rng.permutation(len(tr))
+        for b in range(0, len(perm), cfg.batch_size):
+            idx = perm[b:b + cfg.batch_size]
+            emb, lg, y, mask, lengths, _ = btr.batch(idx, rng.random(len(idx)) < cfg.reverse)
+            loss = loss_fn(model(emb, lg, lengths), y, mask)
             opt.zero_grad(set_to_none=True), loss.backward(), opt.step()
-            model_loss, n = model_loss + loss.item() * int(mask.sum()), n + int(mask.sum())
+            loss_sum += loss.detach() * int(lengths.sum())
+            n += int(lengths.sum())
         sched.step()
-        p_val = np.concatenate(predict_series(model, va, cfg.tta_reverse))
-        score = weighted_log_loss(y_val, p_val)
-        history.append({"epoch": epoch + 1, "train_loss": model_loss / n, "val_wll": score, "seconds": time.time() - t0})
-        if score < best:
-            best = score
-            save_checkpoint({"model": model.state_dict(), "config": dataclasses.asdict(cfg), "emb_dim": emb_dim,
-                             "emb_mean": torch.from_numpy(mu), "emb_std": torch.from_numpy(sd), "epoch": epoch + 1,
-                             "best_score": best}, run_dir / "best.pth")
-    write_csv(pd.DataFrame(history), run_dir / "epochs.csv", index=False, float_format="%.6g")
-    stage1_val = weighted_log_loss(y_val, 1 / (1 + np.exp(-np.concatenate([s[2] for s in va]))))
+        score = weighted_log_loss(va.labels, predict_series(model, bva, cfg.tta_reverse))
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum.item() / max(n, 1), "val_wll": score,
+                        "seconds": time.time() - t0})
+        if score < best - 1e-6:
+            best, best_state, bad = score, copy.deepcopy(model.state_dict()), 0
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                log.info(f"early stop after epoch {epoch + 1}: no improvement for {cfg.patience} epochs")
+                break
+    model.load_state_dict(best_state)
+    save_checkpoint({"model": {k: v.cpu() for k, v in best_state.items()}, "config": dataclasses.asdict(cfg),
+                     "emb_dim": emb_dim, "emb_mean": None if mu is None else torch.from_numpy(mu),
+                     "emb_std": None if sd is None else torch.from_numpy(sd), "epoch": int(np.argmin([h["val_wll"] for h in history])) + 1,
+                     "best_score": best, "stamp": stamp.id}, run_dir / runs.BEST)
+    write_csv(pd.DataFrame(history), run_dir / runs.EPOCHS, index=False, float_format="%.6g")
 
-    model.load_state_dict(load_checkpoint(run_dir / "best.pth")["model"])
-    ids_val = np.concatenate([s[0] for s in va])
-    oof = pd.DataFrame(np.concatenate(predict_series(model, va, cfg.tta_reverse)), columns=CLASSES, index=pd.Index(ids_val, name="ID"))
-    oof.insert(0, "fold", cfg.fold)
-    test = pd.DataFrame(np.concatenate(predict_series(model, te, cfg.tta_reverse)), columns=CLASSES,
-                        index=pd.Index(np.concatenate([s[0] for s in te]), name="ID"))
+    oof_out = pd.DataFrame(predict_series(model, bva, cfg.tta_reverse), columns=CLASSES, index=pd.Index(va.ids, name="ID"))
+    oof_out.insert(0, "fold", cfg.fold)
+    test_out = pd.DataFrame(predict_series(model, bte, cfg.tta_reverse), columns=CLASSES, index=pd.Index(te.ids, name="ID"))
     # test images outside any readable series keep their stage-1 prediction (the predict step's prior)
-    rest = test_rows.index.difference(test.index)
-    test = pd.concat([test, test_rows.loc[rest, CLASSES]])
-    write_csv(test, run_dir / "test.csv", float_format="%.6g")
-    write_csv(oof, run_dir / "oof.csv", float_format="%.6g")
-    log.info(f"stage 2 fold {cfg.fold}: val weighted log loss {weighted_log_loss(y_val, oof[CLASSES].to_numpy()):.5f} "
-             f"(stage 1 on the same slices: {stage1_val:.5f}) -> {run_dir / 'oof.csv'}")
+    rest = test.index.difference(test_out.index)
+    write_csv(pd.concat([test_out, test.loc[rest, CLASSES]]), run_dir / runs.TEST, float_format="%.6g")
+    write_csv(oof_out, run_dir / runs.OOF, float_format="%.6g")  # last: its presence means the fold is finished
+    stage1_val = weighted_log_loss(va.labels, 1 / (1 + np.exp(-va.logits)))
+    log.info(f"stage 2 fold {cfg.fold}: val weighted log loss {best:.5f} after {len(history)} epochs "
+             f"(stage 1 on the same slices: {stage1_val:.5f}) -> {run_dir / runs.OOF}")
     return run_dir
 
 
+@dataclass
+class SeqFold:
+    """One trained stage-2 fold, for prediction on new series (the demo, the Predictor)."""
+    name: str
+    model: SeqModel
+    mu: np.ndarray | None
+    sd: np.ndarray | None
+    config: dict
+    device: torch.device
+
+    @classmethod
+    def load(cls, fold_dir, device=torch.device("cpu")) -> SeqFold:
+        ck = load_checkpoint(Path(fold_dir) / runs.BEST)
+        c = ck["config"]
+        m = SeqModel(max(ck["emb_dim"], 1), c["hidden"], c["layers"], c["dropout"], c["features"])
+        m.load_state_dict(ck["model"])
+        as_np = lambda t: None if t is None else t.numpy()  # noqa: E731
+        return cls(Path(fold_dir).name, m.to(device).eval(), as_np(ck["emb_mean"]), as_np(ck["emb_std"]), c, device)
+
+    def predict(self, series: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """series: [(stage-1 embeddings (L, E), stage-1 probabilities (L, 6)) in z order] -> [(L, 6)]."""
+        lengths = np.array([len(p) for _, p in series])
+        starts = np.r_[0, np.cumsum(lengths)[:-1]]
+        use_emb = self.config["features"] != "logits"
+        s = SeriesSet(np.arange(lengths.sum()), np.concatenate([e for e, _ in series]).astype(np.float16) if use_emb else None,
+                      logit(np.concatenate([p for _, p in series])).astype(np.float32), None, starts, lengths)
+        p = predict_series(self.model, Batcher(s, self.device, self.mu, self.sd), self.config.get("tta_reverse", True))
+        return [p[a:a + n] for a, n in zip(starts, lengths)]
+
+
 def main():
-    cfg = config_from_args(SeqConfig, description=__doc__)
+    cfg = parse_config(SeqConfig, description=__doc__, prog="python -m src.sequence")
     if not cfg.stage1:
         raise PipelineError("--stage1 RUN_DIR is required (a stage-1 run with OOF and test outputs)")
     train_sequence(cfg)

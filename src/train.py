@@ -1,76 +1,63 @@
 """Train one fold of a stage-1 slice classifier; write its out-of-fold predictions and embeddings.
 
-    python -m src.train --fold 0 --data_dir input --model resnet18 --img_size 256 --epochs 5
-    python -m src.train --fold 0 --resume                          # continue a killed run
-    torchrun --nproc_per_node=4 -m src.train --fold 0 ...          # several GPUs (DistributedDataParallel)
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_endpoint=HOST:29500 -m src.train --fold 0 ...
+    python -m src.train --fold 0 --data-dir input --model resnet18 --img-size 256 --epochs 5
+    python -m src.train --fold 0 --config configs/seresnext50_256.yaml       # a model spec; run name from the file
+    python -m src.train --fold 0 --config configs/resnet10t_128.yaml --resume  # continue a killed run
+    torchrun --nproc_per_node=4 -m src.train --fold 0 ...                     # several GPUs (DistributedDataParallel)
 
-Outputs in OUT/runs/<run_name>/fold<K>/: config.yaml, preprocess.json (the cache's size and windows), train.log (starts with the command line),
-epochs.csv (train loss, validation weighted log loss, per-class log loss, seconds), last.pth and
-best.pth (one dict each: model, optimizer, scaler, scheduler, epoch, best score, config, RNG states),
-oof.csv (ID, fold, six probabilities of the best epoch's model on the validation fold) and
-oof_emb.npy (the pooled features before the head, rows in oof.csv order) for the sequence stage.
-oof.csv is written last: its presence means the fold is finished.
+Outputs in OUT/runs/<run_name>/fold<K>/ (see src/runs.py): fingerprint.json (the settings and inputs that
+made the fold), config.yaml, preprocess.json (the cache's size and windows), train.log (starts with the
+command line), epochs.csv, best.pth and last.pth (one dict each: model, optimizer, scaler, epoch, best
+score, history, config, RNG states), oof_emb.npy and, last, oof.csv: the validation fold's predictions by the
+best epoch's weights, with the run's test-time augmentation (the same as src.predict applies to the test set).
+
+A fold already trained with the same settings is skipped; one trained with other settings stops the
+command before anything is written, naming the differences (`--overwrite` redoes it). `--resume` continues
+from last.pth only when it was made with the same settings, also on another number of GPUs.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from .config import TrainConfig, config_from_args, save_yaml
+from . import runs
+from .config import TrainConfig, parse_config, result_settings, save_yaml
 from .data import Augment, EpochSampler, SliceDataset, collate, neighbour_rows
-from .folds import load_folds, run_folds_file
-from .infer import amp_settings, autocast, pick_device, predict_loader
-from .labels import read_labels
-from .metrics import per_class_log_loss, weighted_log_loss
+from .engine import adamw, amp_settings, configure_backend, pick_device, predict_loader, train_one_epoch, warmup_cosine
+from .folds import load_folds
+from .metrics import WeightedBCE, per_class_log_loss, weighted_log_loss
 from .model import create_model, load_checkpoint, save_checkpoint
-from .prepare import cache_settings, load_cache
-from .utils import CLASS_WEIGHTS, CLASSES, PipelineError, cli_main, get_logger, out_root, write_csv, write_json, write_npy
+from .prepare import cache_settings, cache_stamp, load_cache
+from .utils import CLASSES, PipelineError, cli_main, get_logger, write_csv, write_json, write_npy
 
 
-def run_dir_of(cfg: TrainConfig) -> Path:
-    return out_root(cfg.data_dir, cfg.out_dir) / "runs" / cfg.run_name / f"fold{cfg.fold}"
-
-
-class WarmupCosine:
-    """LR multiplier: linear warmup over `warmup` steps, then cosine decay to 0 at `total` steps."""
-
-    def __init__(self, warmup: int, total: int):
-        self.warmup, self.total = max(1, warmup), max(1, total)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return 0.5 * (1 + math.cos(math.pi * t))
-
-
-def weighted_bce(logits, y):
-    """BCE-with-logits weighted as the metric (any = 2): the training loss is the metric itself."""
-    w = torch.as_tensor(CLASS_WEIGHTS, dtype=torch.float32, device=logits.device)
-    return (F.binary_cross_entropy_with_logits(logits.float(), y, reduction="none") * w).sum(1).div(w.sum()).mean()
+def fold_stamp(cfg: TrainConfig) -> runs.Stamp:
+    """What a fold's result depends on: its settings, the cache, the folds file and the labels."""
+    folds_file = runs.run_folds_file(cfg.data_dir, cfg.k, cfg.fold_seed, cfg.folds_file)
+    if not folds_file.exists():
+        load_folds(folds_file)  # the standard message
+    return runs.Stamp("train", result_settings(cfg), {
+        "cache": cache_stamp(runs.cache_dir(cfg.data_dir, cfg.out_dir)).id,
+        "folds": runs.file_fingerprint(folds_file),
+        "labels": runs.labels(cfg.data_dir, cfg.out_dir)[1]})
 
 
 def load_fold_data(cfg: TrainConfig):
     """Cache, labels and the fold split -> (images, train table, val table); tables hold ID, row, neighbours, labels."""
-    images, meta = load_cache(out_root(cfg.data_dir, cfg.out_dir) / "cache")
-    folds = load_folds(run_folds_file(cfg.data_dir, cfg.k, cfg.fold_seed, cfg.folds_file))
+    images, meta = load_cache(runs.cache_dir(cfg.data_dir, cfg.out_dir))
+    folds = load_folds(runs.run_folds_file(cfg.data_dir, cfg.k, cfg.fold_seed, cfg.folds_file))
     if cfg.fold not in set(folds["fold"]):
         raise PipelineError(f"--fold {cfg.fold} is not in the folds file (folds {sorted(set(folds['fold']))})")
-    labels = read_labels(Path(cfg.data_dir) / "stage_2_train.csv")
+    labels, _ = runs.labels(cfg.data_dir, cfg.out_dir)
     prev_row, next_row = neighbour_rows(meta)
     meta = meta.assign(prev_row=prev_row, next_row=next_row).set_index("ID")
     ok = meta[meta.status == "ok"]
@@ -88,23 +75,31 @@ def make_dataset(images, table, cfg: TrainConfig, train: bool) -> SliceDataset:
                         cfg.input_mode, cfg.img_size, aug, cfg.crop_border, cfg.seed)
 
 
-def make_optimizer(model, cfg: TrainConfig, total_steps: int):
-    """AdamW (no weight decay on biases and norms) with linear warmup then cosine decay."""
+def make_optimizer(model, cfg: TrainConfig, device):
+    """AdamW without weight decay on biases and norms."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0}],
-                            lr=cfg.lr)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(int(cfg.warmup * total_steps), total_steps))
+    return adamw([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                 cfg.lr, device)
 
 
-def restore(path, model, opt, scaler, sched, device):
+def checkpoint(model, opt, scaler, epoch, best, best_epoch, history, cfg, stamp, device) -> dict:
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+            "best_score": best, "best_epoch": best_epoch, "history": history, "config": dataclasses.asdict(cfg),
+            "stamp": stamp.id, "rng": {"torch": torch.get_rng_state(),
+                                       "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
+
+
+def restore(path, model, opt, scaler, stamp, device):
     """Load a last.pth into the live objects and RNG; returns (epochs done, best score, best epoch, history)."""
     ck = load_checkpoint(path)
-    model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
-    scaler.load_state_dict(ck["scaler"]), sched.load_state_dict(ck["scheduler"])
+    if ck.get("stamp") != stamp.id:
+        raise PipelineError(f"{path} was made with other settings than this run's; --overwrite starts the fold again")
+    model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"]), scaler.load_state_dict(ck["scaler"])
     torch.set_rng_state(ck["rng"]["torch"])
-    if device.type == "cuda" and ck["rng"].get("cuda"):
-        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+    if device.type == "cuda":  # as many GPU generators as both runs have: resuming on another GPU count works
+        for i, state in enumerate(ck["rng"].get("cuda", [])[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, i)
     return ck["epoch"], ck["best_score"], ck["best_epoch"], ck["history"]
 
 
@@ -123,129 +118,147 @@ def setup_distributed(device_name: str):
     return rank, world, device
 
 
-def gather(obj, world):
+def validate(model, loader, device, amp_dtype, world, cfg, final=False, run_dir=None, rank=0):
+    """Predictions of the whole validation set in dataset order, from every rank.
+
+    Per epoch: probabilities only (a few MB, all-gathered). The final pass adds the run's TTA and the
+    embeddings, which are large (~600 MB at full scale): each rank writes its shard to a file and rank 0
+    joins them, instead of sending every rank everyone's embeddings."""
+    idx, probs, emb = predict_loader(model, loader, device, amp_dtype, hflip_tta=final and cfg.tta == "hflip",
+                                     channels_last=cfg.channels_last, progress=rank == 0,
+                                     desc="OOF" if final else "validate", embeddings=final)
     if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def evaluate(model, loader, device, amp_dtype, world, cfg, progress=True):
-    """Predictions for the whole validation set, gathered from every rank, in dataset order."""
-    idx, probs, emb = predict_loader(model, loader, device, amp_dtype, channels_last=cfg.channels_last,
-                                     progress=progress, desc="validate")
-    parts = gather((idx, probs, emb), world)
-    idx = np.concatenate([p[0] for p in parts])
+        return probs, emb
+    if not final:
+        parts = [None] * world
+        dist.all_gather_object(parts, (idx, probs))
+        idx, probs = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        return probs[np.argsort(idx, kind="stable")], None
+    np.savez(run_dir / f".final_rank{rank}.npz", idx=idx, probs=probs, emb=emb)
+    dist.barrier()
+    if rank != 0:
+        return None, None
+    parts = [np.load(run_dir / f".final_rank{r}.npz") for r in range(world)]
+    idx = np.concatenate([p["idx"] for p in parts])
     order = np.argsort(idx, kind="stable")
-    return np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
+    probs, emb = np.concatenate([p["probs"] for p in parts])[order], np.concatenate([p["emb"] for p in parts])[order]
+    for r in range(world):
+        (run_dir / f".final_rank{r}.npz").unlink()
+    return probs, emb
 
 
 def train(cfg: TrainConfig) -> Path:
     rank, world, device = setup_distributed(cfg.device)
-    main_proc = rank == 0
-    run_dir = run_dir_of(cfg)
-    log = get_logger(f"train.{cfg.run_name}.{cfg.fold}", run_dir / "train.log" if main_proc else None)
+    try:
+        return _train(cfg, rank, world, device)
+    finally:  # every exit path of a distributed run, errors included, ends the process group
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device) -> Path:
+    main_proc, run = rank == 0, runs.Run.of(cfg.data_dir, cfg.out_dir, cfg.run_name)
+    run_dir = run.fold_dir(cfg.fold)
+    # ---- before anything is written: same settings as what is there, or stop (or redo with --overwrite)
+    stamp = fold_stamp(cfg)
+    skip = runs.guard(stamp, run_dir / runs.STAMP, (run_dir / runs.OOF).exists(), cfg.overwrite,
+                      f"fold {cfg.fold} of run {cfg.run_name} ({run_dir})", clear=[run_dir],
+                      exists=any((run_dir / f).exists() for f in (runs.LAST, runs.OOF, runs.STAMP)),
+                      redo="add --overwrite to this command") if main_proc else False
+    if world > 1:
+        flag = [skip]
+        dist.broadcast_object_list(flag, 0)
+        skip = flag[0]
+    if skip:
+        if main_proc:
+            runs.announce_skip(f"fold {cfg.fold} of {cfg.run_name} ({run_dir / runs.OOF})")
+        return run_dir
+    log = get_logger(f"train.{cfg.run_name}.{cfg.fold}", run_dir / runs.LOG if main_proc else None)
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
         log.info("command: " + " ".join([Path(sys.executable).name, "-m", "src.train", *sys.argv[1:]]))
-        save_yaml(cfg, run_dir / "config.yaml")
+        stamp.save(run_dir / runs.STAMP)
+        save_yaml(cfg, run_dir / runs.CONFIG)
         # the cache's size and windows: predict and the demo repeat exactly this preprocessing on new files
-        write_json(cache_settings(out_root(cfg.data_dir, cfg.out_dir) / "cache"), run_dir / "preprocess.json")
+        write_json(cache_settings(runs.cache_dir(cfg.data_dir, cfg.out_dir)), run_dir / runs.PREPROCESS)
     images, tr, va = load_fold_data(cfg)
     amp_dtype, use_scaler = amp_settings(device, cfg.amp)
+    configure_backend(device)
     if main_proc:
         log.info(f"fold {cfg.fold}: {len(tr)} train / {len(va)} val slices; device {device} x{world}; "
                  f"amp {amp_dtype or 'off'}{' + GradScaler' if use_scaler else ''}; model {cfg.model} @ {cfg.img_size}px")
 
+    # ---- model, data, optimisation
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and in a resumed run
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = create_model(cfg.model, cfg.in_chans, cfg.pretrained, cfg.weights, cfg.drop_rate).to(device, memory_format=fmt)
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-
     tr_ds, va_ds = make_dataset(images, tr, cfg, True), make_dataset(images, va, cfg, False)
     sampler = EpochSampler(len(tr_ds), True, cfg.seed, rank, world, positives=tr["any"].to_numpy() > 0, balanced=cfg.balanced)
-    loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False, collate_fn=collate)
+    loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate,
+                     persistent_workers=cfg.workers > 0)
     tr_dl = DataLoader(tr_ds, cfg.batch_size, sampler=sampler, drop_last=len(tr_ds) > cfg.batch_size * world, **loader_kw)
     va_dl = DataLoader(va_ds, cfg.batch_size * 2, sampler=EpochSampler(len(va_ds), False, rank=rank, world=world, pad=False),
                        **loader_kw)
-
-    steps_per_epoch = min(len(tr_dl), cfg.max_steps_per_epoch or len(tr_dl))
-    opt, sched = make_optimizer(model, cfg, cfg.epochs * math.ceil(steps_per_epoch / cfg.accum_steps))
+    steps = min(len(tr_dl), cfg.max_steps_per_epoch or len(tr_dl))
+    opt, loss_fn = make_optimizer(model, cfg, device), WeightedBCE(device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    start_epoch, best, best_epoch, history = 0, float("inf"), -1, []
-    if cfg.resume and (run_dir / "last.pth").exists():
-        start_epoch, best, best_epoch, history = restore(run_dir / "last.pth", model, opt, scaler, sched, device)
+    start, best, best_epoch, history = 0, float("inf"), -1, []
+    if cfg.resume and (run_dir / runs.LAST).exists():
+        start, best, best_epoch, history = restore(run_dir / runs.LAST, model, opt, scaler, stamp, device)
         if main_proc:
-            log.info(f"resumed from {run_dir / 'last.pth'} after epoch {start_epoch} (best {best:.5f})")
+            log.info(f"resumed from {run_dir / runs.LAST} after epoch {start} (best {best:.5f})")
+    y_val = va[CLASSES].to_numpy()
 
-    for epoch in range(start_epoch, cfg.epochs):
-        if cfg.stop_after_epochs and epoch - start_epoch >= cfg.stop_after_epochs:
-            log.info(f"stopping after {cfg.stop_after_epochs} epoch(s) as asked; continue with --resume")
+    # ---- epochs: train, validate, checkpoint (best.pth before last.pth: a kill between the two redoes the epoch)
+    for epoch in range(start, cfg.epochs):
+        if cfg.stop_after_epochs and epoch - start >= cfg.stop_after_epochs:
+            if main_proc:
+                log.info(f"stopping after {cfg.stop_after_epochs} epoch(s) as asked; continue with --resume")
             return run_dir
-        t0, seen, loss_sum = time.time(), 0, 0.0
-        net.train(), sampler.set_epoch(epoch), tr_ds.set_epoch(epoch)
-        bar = tqdm(tr_dl, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not main_proc, mininterval=2.0)
-        for step, (x, y, _) in enumerate(bar):
-            if step >= steps_per_epoch:
-                break
-            x, y = x.to(device, non_blocking=True).contiguous(memory_format=fmt), y.to(device, non_blocking=True)
-            with autocast(device, amp_dtype):
-                loss = weighted_bce(net(x), y)
-            scaler.scale(loss / cfg.accum_steps).backward()
-            if (step + 1) % cfg.accum_steps == 0 or step + 1 == steps_per_epoch:
-                if cfg.grad_clip:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(opt), scaler.update(), opt.zero_grad(set_to_none=True), sched.step()
-            seen, loss_sum = seen + len(x), loss_sum + loss.item() * len(x)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen * world / (time.time() - t0):.0f}", refresh=False)
-        train_secs = time.time() - t0
-        probs, _ = evaluate(model, va_dl, device, amp_dtype, world, cfg, progress=main_proc)
-        y_val = va[CLASSES].to_numpy()
+        sampler.set_epoch(epoch), tr_ds.set_epoch(epoch)
+        res = train_one_epoch(net, tr_dl, opt, scaler, loss_fn, device, amp_dtype, steps=steps,
+                              accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, channels_last=cfg.channels_last,
+                              lr_at=lambda s, e=epoch: warmup_cosine((e * steps + s + 1) / (cfg.epochs * steps), cfg.warmup),
+                              log_every=cfg.log_every, progress=main_proc, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        probs, _ = validate(model, va_dl, device, amp_dtype, world, cfg, rank=rank)
         score = weighted_log_loss(y_val, probs)
         improved = score < best
         best, best_epoch = (score, epoch) if improved else (best, best_epoch)
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_wll": score,
-               **{f"val_ll_{c}": float(v) for c, v in zip(CLASSES, per_class_log_loss(y_val, probs))},
-               "lr": sched.get_last_lr()[0], "train_images_per_s": seen * world / train_secs, "seconds": time.time() - t0}
-        history.append(row)
+        history.append({"epoch": epoch + 1, "train_loss": res.loss, "val_wll": score,
+                        **{f"val_ll_{c}": float(v) for c, v in zip(CLASSES, per_class_log_loss(y_val, probs))},
+                        "lr": opt.param_groups[0]["lr"], "train_images_per_s": res.images_per_s * world,
+                        "seconds": res.seconds})
         if main_proc:
-            ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                  "scheduler": sched.state_dict(), "epoch": epoch + 1, "best_score": best, "best_epoch": best_epoch,
-                  "history": history,
-                  "config": dataclasses.asdict(cfg), "rng": {"torch": torch.get_rng_state(),
-                  "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
-            save_checkpoint(ck, run_dir / "last.pth")
+            ck = checkpoint(model, opt, scaler, epoch + 1, best, best_epoch, history, cfg, stamp, device)
             if improved:
-                save_checkpoint(ck, run_dir / "best.pth")
-            write_csv(pd.DataFrame(history), run_dir / "epochs.csv", index=False, float_format="%.6g")
-            log.info(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, val wll {score:.4f}{' (best)' if improved else ''}, "
-                     f"{row['train_images_per_s']:.0f} img/s, {row['seconds']:.0f}s")
+                save_checkpoint(ck, run_dir / runs.BEST)
+            save_checkpoint(ck, run_dir / runs.LAST)
+            write_csv(pd.DataFrame(history), run_dir / runs.EPOCHS, index=False, float_format="%.6g")
+            log.info(f"epoch {epoch + 1}: train loss {res.loss:.4f}, val wll {score:.4f}{' (best)' if improved else ''}, "
+                     f"{res.images_per_s * world:.0f} img/s, {res.seconds:.0f}s")
 
-    # out-of-fold predictions and embeddings from the best epoch's weights
+    # ---- out-of-fold predictions and embeddings of the best epoch's weights, with the run's TTA
     if main_proc:
-        model.load_state_dict(load_checkpoint(run_dir / "best.pth")["model"])
+        model.load_state_dict(load_checkpoint(run_dir / runs.BEST)["model"])
     if world > 1:  # every rank needs rank 0's best weights for the sharded final pass
         for t in model.state_dict().values():
             dist.broadcast(t, 0)
-    probs, emb = evaluate(model, va_dl, device, amp_dtype, world, cfg, progress=main_proc)
+    probs, emb = validate(model, va_dl, device, amp_dtype, world, cfg, final=True, run_dir=run_dir, rank=rank)
     if main_proc:
         oof = pd.DataFrame(probs, columns=CLASSES, index=va.index)
         oof.insert(0, "fold", cfg.fold)
-        write_npy(emb, run_dir / "oof_emb.npy")
-        write_csv(oof, run_dir / "oof.csv", float_format="%.6g")
+        write_npy(emb, run_dir / runs.OOF_EMB)
+        write_csv(oof, run_dir / runs.OOF, float_format="%.6g")  # last: its presence means the fold is finished
         log.info(f"fold {cfg.fold} done: best epoch {best_epoch + 1}, OOF weighted log loss "
-                 f"{weighted_log_loss(va[CLASSES].to_numpy(), probs):.5f} -> {run_dir / 'oof.csv'}")
+                 f"{weighted_log_loss(y_val, probs):.5f} (tta {cfg.tta}) -> {run_dir / runs.OOF}")
     if world > 1:
         dist.barrier()
-        dist.destroy_process_group()
     return run_dir
 
 
 def main():
-    cfg = config_from_args(TrainConfig, description=__doc__)
-    train(cfg)
+    train(parse_config(TrainConfig, description=__doc__, prog="python -m src.train"))
 
 
 if __name__ == "__main__":

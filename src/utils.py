@@ -97,16 +97,6 @@ def dataset_tag(data_dir) -> str:
     return Path(data_dir).resolve().name
 
 
-def default_out_dir(data_dir) -> Path:
-    """Where outputs of a data folder go unless the user says otherwise: outputs/<folder name>."""
-    return ROOT / "outputs" / dataset_tag(data_dir)
-
-
-def out_root(data_dir, out_dir=None) -> Path:
-    """The outputs folder of a run: `out_dir` when given, else outputs/<data folder name>."""
-    return Path(out_dir) if out_dir else default_out_dir(data_dir)
-
-
 def get_logger(name: str, log_file=None) -> logging.Logger:
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO)

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -78,13 +79,47 @@ def test_resume_after_kill_gives_identical_cache(demo_data, tmp_path, monkeypatc
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_rerun_is_a_no_op_and_settings_change_rebuilds(demo_data, tmp_path, monkeypatch):
+def test_rerun_is_a_no_op_and_settings_change_stops_unless_overwrite(demo_data, tmp_path, monkeypatch):
     P.prepare(demo_data, tmp_path, size=32, jobs=1, chunk=64, quiet=True)
+    before = (tmp_path / "images.npy").read_bytes()
     monkeypatch.setattr(P, "_process_chunk", lambda *a, **k: pytest.fail("should not decode again"))
     P.prepare(demo_data, tmp_path, size=32, jobs=1, chunk=64, quiet=True)
+    with pytest.raises(P.PipelineError, match=r"size: 32 -> 24"):  # another size: stop, nothing written
+        P.prepare(demo_data, tmp_path, size=24, jobs=1, chunk=64, quiet=True)
+    assert (tmp_path / "images.npy").read_bytes() == before
     monkeypatch.undo()
-    P.prepare(demo_data, tmp_path, size=24, jobs=1, chunk=64, quiet=True)
+    P.prepare(demo_data, tmp_path, size=24, jobs=1, chunk=64, quiet=True, overwrite=True)
     assert np.load(tmp_path / "images.npy", mmap_mode="r").shape[1] == 24
+
+
+def test_a_changed_file_is_caught(demo_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    P.prepare(data, tmp_path / "c", size=32, jobs=1, chunk=64, quiet=True)
+    f = next((data / "stage_2_test_images").glob("*.dcm"))
+    f.write_bytes(f.read_bytes() + b"\0\0")  # same name, other content (another size)
+    with pytest.raises(P.PipelineError, match="input files"):
+        P.prepare(data, tmp_path / "c", size=32, jobs=1, chunk=64, quiet=True)
+
+
+def test_disk_space_is_checked_before_anything_is_written(demo_data, tmp_path, monkeypatch):
+    files = len(P.list_files(demo_data))
+    need = files * 64 * 64 * 3
+    monkeypatch.setattr(P.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - need + 1, need - 1))
+    with pytest.raises(P.PipelineError) as e:
+        P.prepare(demo_data, tmp_path / "c", size=64, jobs=1, quiet=True)
+    assert f"{need / 1e9:,.1f} GB" in str(e.value) and f"{(need - 1) / 1e9:,.1f} GB free" in str(e.value)
+    assert not (tmp_path / "c" / "images.partial.npy").exists()
+
+
+def test_labelled_images_without_files_are_counted(demo_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    gone = sorted((data / "stage_2_train_images").glob("*.dcm"))[:2]
+    for f in gone:
+        f.unlink()
+    s = P.prepare(data, tmp_path / "c", size=32, jobs=1, chunk=64, quiet=True)
+    assert s["labelled_missing_files"] == 2 and s["labelled_missing_ids"] == sorted(f.stem for f in gone)
 
 
 def test_parallel_equals_serial(demo_data, demo_cache, tmp_path):

@@ -105,6 +105,18 @@ def test_ensemble_writes_valid_submission(tmp_path):
     c = fake_run(tmp_path / "out" / "runs", "c", data, 0.8, ["ID_a01"])
     with pytest.raises(PipelineError, match="other images"):
         ensemble([a, c], "x", data_dir=data, submissions_dir=tmp_path / "subs", quiet=True)
+    # the same members again: nothing is redone; a member whose predictions changed: stop, and --overwrite redoes
+    kw = dict(data_dir=data, submissions_dir=tmp_path / "subs", out_dir=tmp_path / "out", quiet=True)
+    mtime = (tmp_path / "subs" / "stage_2_t.csv").stat().st_mtime_ns
+    assert ensemble([a, b], "t", **kw)["blend_oof_wll"] == info["blend_oof_wll"]
+    assert (tmp_path / "subs" / "stage_2_t.csv").stat().st_mtime_ns == mtime
+    oof = pd.read_csv(b / "fold0" / "oof.csv", index_col=0)
+    oof[CLASSES] = oof[CLASSES] * 0.9
+    oof.to_csv(b / "fold0" / "oof.csv")
+    with pytest.raises(PipelineError, match=r"input b: .*changed"):
+        ensemble([a, b], "t", **kw)
+    assert (tmp_path / "subs" / "stage_2_t.csv").stat().st_mtime_ns == mtime
+    assert ensemble([a, b], "t", overwrite=True, **kw)["members"][1]["oof_wll"] != info["members"][1]["oof_wll"]
 
 
 def test_submit_dry_run_and_missing_credentials(tmp_path, monkeypatch, capsys):

@@ -25,8 +25,8 @@ def test_same_seed_same_bytes(tmp_path):
     # two processes with different string-hash seeds, as two runs of `python -m src.synth` are
     root = Path(__file__).resolve().parents[1]
     for name, hash_seed, seed in (("a", "1", "11"), ("b", "2", "11"), ("c", "1", "12")):
-        subprocess.run([sys.executable, "-m", "src.synth", "--out", str(tmp_path / name), "--patients", "3",
-                        "--test-series", "1", "--min-slices", "6", "--max-slices", "7", "--image-size", "64", "--seed", seed],
+        subprocess.run([sys.executable, "-m", "src.synth", "--data-dir", str(tmp_path / name), "--patients", "3",
+                        "--test-series", "1", "--min-slices", "6", "--max-slices", "7", "--image-size", "64", "--data-seed", seed],
                        cwd=root, env={**os.environ, "PYTHONHASHSEED": hash_seed}, check=True, capture_output=True)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
     with pytest.raises(PipelineError, match="not empty"):

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import subprocess
 import sys
@@ -9,13 +10,16 @@ import pandas as pd
 import pytest
 import torch
 
-from src.config import TrainConfig, config_from_args
+from src import runs
+from src.config import TrainConfig, build_parser, field_comments, parse_config
 from src.data import EpochSampler, SliceDataset, neighbour_rows
+from src.engine import train_one_epoch, warmup_cosine
 from src.folds import make_folds
 from src.labels import read_labels
+from src.metrics import WeightedBCE, weighted_log_loss
 from src.model import create_model, load_checkpoint, save_checkpoint
 from src.prepare import load_cache
-from src.train import WarmupCosine, train
+from src.train import train
 from src.utils import CLASSES, PipelineError, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,9 +61,9 @@ def test_one_epoch_writes_oof_embeddings_checkpoint(demo_data, demo_cache, folds
     emb = np.load(run / "oof_emb.npy")
     assert emb.shape == (len(oof), create_model("resnet10t").num_features)
     ck = load_checkpoint(run / "best.pth")
-    assert {"model", "optimizer", "scaler", "scheduler", "epoch", "best_score", "config", "rng"} <= set(ck)
+    assert {"model", "optimizer", "scaler", "epoch", "best_score", "config", "rng", "stamp"} <= set(ck)
     assert ck["config"]["model"] == "resnet10t" and ck["epoch"] == 1
-    assert (run / "config.yaml").exists()
+    assert (run / "config.yaml").exists() and ck["stamp"] == runs.Stamp.load(run / "fingerprint.json").id
     assert "command:" in (run / "train.log").read_text().splitlines()[0]
     e = pd.read_csv(run / "epochs.csv")
     assert {"train_loss", "val_wll", "seconds", *[f"val_ll_{c}" for c in CLASSES]} <= set(e.columns)
@@ -80,27 +84,133 @@ def test_resume_gives_same_weights(demo_data, demo_cache, folds_file, tmp_path):
     assert len(pd.read_csv(run_b / "epochs.csv")) == 3
 
 
-def test_ddp_two_processes_gloo(demo_data, demo_cache, folds_file, tmp_path):
+def torchrun(nproc, args, tmp_path):
     import socket
-    link_cache(demo_cache, tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "src.train",
-           "--data_dir", str(demo_data), "--out_dir", str(tmp_path), "--folds_file", str(folds_file), "--fold", "1",
-           "--run_name", "ddp", "--model", "resnet10t", "--img_size", "48", "--epochs", "1", "--batch_size", "8",
-           "--workers", "0", "--max_steps_per_epoch", "3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", "-m",
+           "src.train", *args]
+    return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_ddp_two_processes_then_resume_on_one(demo_data, demo_cache, folds_file, tmp_path):
+    """2 processes (gloo) train epoch 1 and stop; 1 process resumes: another process count continues the run."""
+    link_cache(demo_cache, tmp_path)
+    args = ["--data-dir", str(demo_data), "--out-dir", str(tmp_path), "--folds-file", str(folds_file), "--k", "2",
+            "--fold", "1", "--run-name", "ddp", "--model", "resnet10t", "--img-size", "48", "--epochs", "2",
+            "--batch-size", "8", "--workers", "0", "--max-steps-per-epoch", "3"]
+    r = torchrun(2, args + ["--stop-after-epochs", "1"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs/ddp/fold1"
-    folds = pd.read_csv(folds_file).set_index("ID")
-    oof = pd.read_csv(run / "oof.csv").set_index("ID")
-    # every validation image exactly once, gathered from both ranks (the sampler gave each half)
-    assert sorted(oof.index) == sorted(folds.index[folds.fold == 1])
-    assert np.load(run / "oof_emb.npy").shape[0] == len(oof)
+    assert load_checkpoint(run / "last.pth")["epoch"] == 1 and not (run / "oof.csv").exists()
     log = (run / "train.log").read_text()
     assert log.count("command:") == 1 and "x2" in log  # only rank 0 writes
+    r = subprocess.run([sys.executable, "-m", "src.train", *args, "--resume"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    folds = pd.read_csv(folds_file).set_index("ID")
+    oof = pd.read_csv(run / "oof.csv").set_index("ID")
+    assert sorted(oof.index) == sorted(folds.index[folds.fold == 1])  # every validation image exactly once
+    assert np.load(run / "oof_emb.npy").shape[0] == len(oof) and len(pd.read_csv(run / "epochs.csv")) == 2
+    assert "resumed from" in (run / "train.log").read_text()
+
+
+def test_ddp_error_ends_every_process_with_the_message(demo_data, demo_cache, folds_file, tmp_path):
+    link_cache(demo_cache, tmp_path)
+    r = torchrun(2, ["--data-dir", str(demo_data), "--out-dir", str(tmp_path), "--folds-file", str(folds_file),
+                     "--fold", "7", "--model", "resnet10t", "--workers", "0"], tmp_path)
+    assert r.returncode != 0 and "--fold 7 is not in the folds file" in r.stderr
+
+
+def test_finished_fold_is_skipped_and_other_settings_stop_before_writing(demo_data, demo_cache, folds_file, tmp_path):
+    link_cache(demo_cache, tmp_path)
+    run = train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, epochs=1))
+    files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir()}
+    train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, epochs=1))  # same settings: up to date
+    for other in (dict(lr=0.01), dict(model="resnet14t", resume=True)):  # another model under --resume too
+        with pytest.raises(PipelineError) as e:
+            train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, epochs=1, **other))
+        key = next(iter(other))
+        assert f"{key}: {getattr(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path), key)} -> {other[key]}" in str(e.value)
+        assert "--overwrite" in str(e.value)
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir()} == files  # nothing written
+    train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, epochs=1, lr=0.01, overwrite=True))
+    assert load_checkpoint(run / "best.pth")["config"]["lr"] == 0.01
+
+
+def test_oof_is_made_like_the_test_predictions(demo_data, demo_cache, folds_file, tmp_path):
+    """The OOF file comes from the same TTA as src.predict applies to the test set: predicting the validation
+    images through the Predictor gives the OOF values; without the flip it would not."""
+    from src.predictor import Predictor
+    link_cache(demo_cache, tmp_path)
+    run = train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, epochs=1, amp="off", tta="hflip"))
+    oof = pd.read_csv(run / "oof.csv").set_index("ID")
+    _, meta = load_cache(tmp_path / "cache")
+    meta = meta[meta.ID.isin(oof.index)].reset_index(drop=True)
+    images, _ = load_cache(tmp_path / "cache")
+    p = Predictor.load(run.parent)
+    out = p.fold_predictions(images, meta)["fold0"]
+    pred = pd.DataFrame(out.probs, index=out.ids, columns=CLASSES).loc[oof.index]
+    assert np.allclose(pred.to_numpy(), oof[CLASSES].to_numpy(), atol=2e-5)
+    p.folds[0].config["tta"] = "none"
+    plain = pd.DataFrame(p.fold_predictions(images, meta)["fold0"].probs, index=out.ids, columns=CLASSES).loc[oof.index]
+    assert not np.allclose(plain.to_numpy(), oof[CLASSES].to_numpy(), atol=2e-5)
+
+
+def test_best_checkpoint_is_written_before_last(demo_data, demo_cache, folds_file, tmp_path, monkeypatch):
+    import src.train as T
+    order = []
+    monkeypatch.setattr(T, "save_checkpoint", lambda ck, path: order.append(Path(path).name) or save_checkpoint(ck, path))
+    link_cache(demo_cache, tmp_path)
+    train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, epochs=2))
+    assert order[:2] == ["best.pth", "last.pth"]  # epoch 1 always improves on infinity
+
+
+def test_train_one_epoch_reads_the_loss_once_and_skips_allreduce_on_micro_steps(monkeypatch):
+    """No host sync per step: Tensor.item runs once per epoch (with logging off); with accumulation over 4
+    batches, a DistributedDataParallel model's no_sync covers the 3 micro-steps of every 4."""
+    import contextlib
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6))
+    entered = []
+
+    class FakeDDP(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+        def forward(self, x):
+            return self.module(x.float())
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            entered.append(1)
+            yield
+
+    batches = [(torch.rand(4, 3, 2, 2), torch.randint(0, 2, (4, 6)).float(), torch.arange(4)) for _ in range(8)]
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    calls = []
+    real_item = torch.Tensor.item
+    # only the engine's own reads count (AdamW reads its CPU step counters with .item(): no GPU wait)
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: (sys._getframe(1).f_code.co_filename.endswith("engine.py")
+                                                            and calls.append(1)) or real_item(self))
+    res = train_one_epoch(FakeDDP(model), batches, opt, torch.amp.GradScaler("cpu", enabled=False), WeightedBCE(),
+                          torch.device("cpu"), steps=8, accum_steps=4, channels_last=False, progress=False, log_every=0)
+    assert len(calls) == 1 and len(entered) == 6 and res.images == 32
+
+
+def test_weighted_bce_is_the_metric():
+    rng = np.random.default_rng(0)
+    logits, y = rng.normal(0, 2, (50, 6)), (rng.random((50, 6)) < 0.3).astype(float)
+    loss = WeightedBCE()(torch.tensor(logits), torch.tensor(y)).item()
+    assert loss == pytest.approx(weighted_log_loss(y, 1 / (1 + np.exp(-logits))), rel=1e-5)
+    mask = torch.tensor(rng.random(50) < 0.5)
+    masked = WeightedBCE()(torch.tensor(logits), torch.tensor(y), mask).item()
+    assert masked == pytest.approx(weighted_log_loss(y[mask.numpy()], 1 / (1 + np.exp(-logits[mask.numpy()]))), rel=1e-5)
 
 
 def test_neighbours_repeat_at_series_edges():
@@ -162,17 +272,44 @@ def test_local_weights_file(tmp_path):
 
 def test_config_flags_file_and_errors(tmp_path):
     f = tmp_path / "exp.yaml"
-    f.write_text("model: resnet34\nlr: 0.01\n")
-    cfg = config_from_args(TrainConfig, ["--config", str(f), "--lr", "0.5", "--resume", "--fold", "2"])
-    assert (cfg.model, cfg.lr, cfg.resume, cfg.fold) == ("resnet34", 0.5, True, 2)
+    f.write_text("model: resnet34\nlr: 2e-3\n")  # YAML reads 2e-3 as a string: coerced to the field's type
+    cfg = parse_config(TrainConfig, ["--config", str(f), "--lr", "0.5", "--resume", "--fold", "2", "--batch-size", "7"])
+    assert (cfg.model, cfg.lr, cfg.resume, cfg.fold, cfg.batch_size) == ("resnet34", 0.5, True, 2, 7)
+    assert cfg.run_name == "exp"                                    # a spec file names the run
+    assert parse_config(TrainConfig, ["--config", str(f)]).lr == 0.002
+    assert parse_config(TrainConfig, ["--batch_size", "9"]).batch_size == 9  # the underscore alias
+    assert parse_config(TrainConfig, ["--model", "resnet10t", "--img-size", "96"]).run_name == "resnet10t_96"
+    assert TrainConfig(model="densenet121", input_mode="slices").run_name == "densenet121_256_slices"
     f.write_text("modle: x\n")
     with pytest.raises(PipelineError, match="modle"):
-        config_from_args(TrainConfig, ["--config", str(f)])
+        parse_config(TrainConfig, ["--config", str(f)])
+    f.write_text("epochs: many\n")
+    with pytest.raises(PipelineError, match="epochs"):
+        parse_config(TrainConfig, ["--config", str(f)])
     with pytest.raises(PipelineError, match="input_mode"):
         TrainConfig(input_mode="3d")
 
 
+def test_every_step_help_shows_each_setting_with_its_comment():
+    import importlib
+    steps = {"train": "TrainConfig", "sequence": "SeqConfig", "prepare": "PrepareConfig", "folds": "FoldsConfig",
+             "predict": "PredictConfig", "evaluate": "EvalConfig", "ensemble": "EnsembleConfig", "synth": "SynthConfig",
+             "demo": "DemoConfig"}
+    for mod, cls_name in steps.items():
+        cls = getattr(importlib.import_module(f"src.{mod}"), cls_name)
+        comments = field_comments(cls)
+        help_text = " ".join(build_parser(cls).format_help().split())
+        for f in dataclasses.fields(cls):
+            assert comments.get(f.name), f"{mod}: {f.name} has no comment"
+            assert " ".join(comments[f.name].split())[:40] in help_text, (mod, f.name)
+            if "positional" not in f.metadata:
+                assert f"--{f.name.replace('_', '-')}" in help_text, (mod, f.name)
+    r = subprocess.run([sys.executable, "-m", "src.train", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--batch-size BATCH_SIZE, --batch_size BATCH_SIZE" in r.stdout
+    assert "brain window of slices s-1, s, s+1" in " ".join(r.stdout.split())
+
+
 def test_warmup_cosine():
-    s = WarmupCosine(10, 110)
-    assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0)
-    assert s(60) == pytest.approx(0.5) and s(110) == pytest.approx(0.0)
+    assert warmup_cosine(0.05, 0.1) == pytest.approx(0.5) and warmup_cosine(0.1, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(0.55, 0.1) == pytest.approx(0.5) and warmup_cosine(1.0, 0.1) == pytest.approx(0.0)
+    assert warmup_cosine(0.5, 0.0) == pytest.approx(0.5)
