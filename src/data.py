@@ -5,10 +5,15 @@ layout (the model normalises them on the device, which moves 4x fewer bytes than
 labels, and the sample's index.
 Augmentation draws from a generator seeded by (seed, epoch, index), so a sample's augmentation does
 not depend on worker count or process, and a resumed run sees exactly the batches it would have seen.
+The cache travels to loader workers as its path and is memory-mapped again in each (CacheImages). Samples
+are assembled, flipped and warped by cv2 one 3-channel slice at a time (bench/sample_cost.py measures it).
 """
 from __future__ import annotations
 
 import math
+import mmap
+import os
+import threading
 
 import cv2
 import numpy as np
@@ -31,6 +36,96 @@ def neighbour_rows(meta: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return prev, nxt
 
 
+class CacheImages:
+    """The cache's image array by its path, memory-mapped read-only on first use in each process.
+
+    Pickles as the path alone: DataLoader workers started by `spawn` or `forkserver` (macOS; Python 3.14's
+    Linux default) map the file themselves instead of each receiving a copy of the whole array. Indexes,
+    `shape`, `dtype` and `len` like the array."""
+
+    def __init__(self, path):
+        self.path, self._array = str(path), None
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return self._array
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+    def __getitem__(self, key):
+        return self.array[key]
+
+    def __len__(self):
+        return len(self.array)
+
+    shape = property(lambda self: self.array.shape)
+    dtype = property(lambda self: self.array.dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.array(self.array, dtype, copy=copy)
+
+
+def lazy_images(images):
+    """A path, or a read-only memory map of a whole .npy file (what load_cache returns) -> CacheImages of that
+    file; anything else (an in-memory array, a slice of a map) as it is."""
+    if isinstance(images, (str, os.PathLike)):
+        return CacheImages(images)
+    if isinstance(images, np.memmap) and images.mode == "r" and isinstance(images.base, mmap.mmap) and images.filename:
+        try:
+            lazy = CacheImages(images.filename)
+            a = lazy.array
+        except (OSError, ValueError):  # mapped, but not a .npy file
+            return images
+        if (a.shape, a.dtype, a.strides, a.offset) == (images.shape, images.dtype, images.strides, images.offset):
+            return lazy
+    return images
+
+
+def channels(img: np.ndarray) -> int:
+    return img.shape[2] if img.ndim == 3 else 1
+
+
+def join(parts: list[np.ndarray], keep: list[int] | None = None, copy=False) -> np.ndarray:
+    """The first keep[k] channels (default: all) of each HWC part in turn, as one fresh HWC array, in one cv2
+    pass (np.concatenate of HWC arrays is ~8x slower). A single part kept whole is returned as it is, unless copy."""
+    have = [channels(p) for p in parts]
+    keep = keep or have
+    if len(parts) == 1 and keep == have:
+        return np.array(parts[0]) if copy else parts[0]
+    out = np.empty((*parts[0].shape[:2], sum(keep)), parts[0].dtype)
+    if len(parts) == 1 and (have[0], keep[0]) == (4, 3):
+        return cv2.cvtColor(parts[0], cv2.COLOR_BGRA2BGR, dst=out)  # ~6x faster than mixChannels
+    src, dst = np.cumsum([0, *have]), np.cumsum([0, *keep])
+    pairs = [int(i) for k in range(len(parts)) for c in range(keep[k]) for i in (src[k] + c, dst[k] + c)]
+    cv2.mixChannels(parts, [out], pairs)
+    return out
+
+
+def channel_groups(img: np.ndarray) -> list[np.ndarray]:
+    """img as arrays of at most 4 channels: cv2 handles more only by a slow generic path (warpAffine's is also
+    inexact, coordinates rounded to 1/32 px; INTER_AREA resizing refuses non-integer scales)."""
+    c = channels(img)
+    return [img] if c <= 4 else [np.ascontiguousarray(img[..., k:k + 3]) for k in range(0, c, 3)]
+
+
+_scratch = threading.local()
+
+
+def scratch(key, shape, dtype=np.uint8) -> np.ndarray:
+    """A per-thread buffer reused for intermediate images: a fresh one of this size costs a page fault every
+    4 KB (glibc maps large allocations anew), as much CPU as the warp itself."""
+    bufs = _scratch.__dict__.setdefault("bufs", {})
+    if key not in bufs or bufs[key].shape != shape or bufs[key].dtype != dtype:
+        bufs[key] = np.empty(shape, dtype)
+    return bufs[key]
+
+
 class Augment:
     """Flips and a small shift/scale/rotate; optional crop of the empty border around the head."""
 
@@ -38,40 +133,60 @@ class Augment:
         self.hflip, self.vflip, self.affine = hflip, vflip, affine
         self.max_shift, self.max_scale, self.max_rotate = max_shift, max_scale, max_rotate
 
-    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        if rng.random() < self.hflip:
-            img = img[:, ::-1]
-        if rng.random() < self.vflip:
-            img = img[::-1]
+    def __call__(self, img, rng: np.random.Generator) -> np.ndarray:
+        """img: a uint8 HWC array, or the list of HWC parts whose channels, in order, make the image (views of
+        the cache are fine: nothing is written in place). Each part is flipped and warped on its own, so a
+        9-channel sample costs three 3-channel transforms and one merge, and its middle slice gets exactly the
+        pixels it gets as a 3-channel sample."""
+        parts = list(img) if isinstance(img, (list, tuple)) else channel_groups(img)
+        h, w = parts[0].shape[:2]
+        hflip, vflip = rng.random() < self.hflip, rng.random() < self.vflip
+        flip = -1 if hflip and vflip else 1 if hflip else 0 if vflip else None
+        m = None
         if rng.random() < self.affine:
-            h, w = img.shape[:2]
             angle = rng.uniform(-self.max_rotate, self.max_rotate)
             scale = 1 + rng.uniform(-self.max_scale, self.max_scale)
             m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
             m[:, 2] += rng.uniform(-self.max_shift, self.max_shift, 2) * (w, h)
-            out = cv2.warpAffine(np.ascontiguousarray(img), m, (w, h), flags=cv2.INTER_LINEAR,
+        if flip is None and m is None:
+            return join(parts) if isinstance(img, (list, tuple)) else np.ascontiguousarray(img)
+        # the transformed parts live in scratch buffers: copy them out, always
+        out = join([self.transform(k, p, flip, m) for k, p in enumerate(parts)], list(map(channels, parts)), copy=True)
+        return out if isinstance(img, (list, tuple)) else out.reshape(img.shape)
+
+    @staticmethod
+    def transform(k: int, img: np.ndarray, flip, m) -> np.ndarray:
+        """Part k flipped (cv2.flip code) and warped (2x3 matrix), either or both, into scratch buffers."""
+        if flip is not None:
+            img = cv2.flip(img, flip, dst=scratch((k, "flip"), img.shape, img.dtype))
+        if m is not None:
+            h, w = img.shape[:2]
+            if channels(img) == 3:  # cv2's 4-channel warp is ~2x faster than its 3-channel one, same pixels
+                img = cv2.cvtColor(img, cv2.COLOR_BGR2BGRA, dst=scratch((k, "pad"), (h, w, 4), img.dtype))
+            img = cv2.warpAffine(img, m, (w, h), dst=scratch((k, "warp"), img.shape, img.dtype), flags=cv2.INTER_LINEAR,
                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-            img = out.reshape(img.shape)
-        return np.ascontiguousarray(img)
-
-
-def crop_border(img: np.ndarray, margin: int = 4) -> np.ndarray:
-    """Crop to the bounding box of non-empty pixels (any channel > 0), keeping a small margin."""
-    mask = img.max(axis=-1) > 0
-    if not mask.any():
         return img
+
+
+def crop_border(parts: list[np.ndarray], margin: int = 4) -> list[np.ndarray]:
+    """Crop the parts of one image to the bounding box of its non-empty pixels (any channel of any part > 0),
+    keeping a small margin."""
+    mask = np.logical_or.reduce([p.max(axis=-1) > 0 for p in parts])
+    if not mask.any():
+        return parts
     ys, xs = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    y0, y1 = max(ys[0] - margin, 0), min(ys[-1] + margin + 1, img.shape[0])
-    x0, x1 = max(xs[0] - margin, 0), min(xs[-1] + margin + 1, img.shape[1])
-    return img[y0:y1, x0:x1]
+    y0, y1 = max(ys[0] - margin, 0), min(ys[-1] + margin + 1, mask.shape[0])
+    x0, x1 = max(xs[0] - margin, 0), min(xs[-1] + margin + 1, mask.shape[1])
+    return [p[y0:y1, x0:x1] for p in parts]
 
 
 class SliceDataset(Dataset):
-    """Samples from the cache. rows: cache rows of the samples; labels: (N, 6) or None."""
+    """Samples from the cache. images: the cache's path, its memory map (both are reopened lazily in each
+    process, see CacheImages) or an in-memory array; rows: cache rows of the samples; labels: (N, 6) or None."""
 
     def __init__(self, images, rows, labels=None, prev_rows=None, next_rows=None, mode="windows", size=None,
                  augment: Augment | None = None, crop=False, seed=0):
-        self.images, self.rows = images, np.asarray(rows, dtype=np.int64)
+        self.images, self.rows = lazy_images(images), np.asarray(rows, dtype=np.int64)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.float32)
         if mode != "windows" and (prev_rows is None or next_rows is None):
             raise PipelineError(f"input_mode {mode!r} needs the neighbour rows of every sample")
@@ -86,31 +201,38 @@ class SliceDataset(Dataset):
     def __len__(self):
         return len(self.rows)
 
+    def parts(self, i: int) -> list[np.ndarray]:
+        """Sample i before augmentation as 3-channel HWC parts whose channels, in order, make it: views of the
+        cache where no crop or resize is asked for (the 9-channel sample is assembled only once, at the end)."""
+        r, im = self.rows[i], self.images
+        if self.mode == "windows":
+            parts = [np.asarray(im[r])]
+        elif self.mode == "slices":
+            parts = [join([im[self.prev_rows[i]], im[r], im[self.next_rows[i]]], [1, 1, 1])]  # their brain windows
+        else:
+            parts = [np.asarray(im[self.prev_rows[i]]), np.asarray(im[r]), np.asarray(im[self.next_rows[i]])]
+        if self.crop:
+            parts = crop_border(parts)
+        if self.size and parts[0].shape[:2] != (self.size, self.size):
+            interp = cv2.INTER_AREA if parts[0].shape[0] > self.size else cv2.INTER_LINEAR
+            parts = [cv2.resize(p, (self.size, self.size), interpolation=interp).reshape(self.size, self.size, -1)
+                     for p in parts]
+        return parts
+
     def image(self, i: int) -> np.ndarray:
         """The uint8 HWC input of sample i before augmentation."""
-        r = self.rows[i]
-        if self.mode == "windows":
-            img = np.asarray(self.images[r])
-        elif self.mode == "slices":
-            img = np.stack([self.images[self.prev_rows[i], :, :, 0], self.images[r, :, :, 0],
-                            self.images[self.next_rows[i], :, :, 0]], axis=-1)
-        else:
-            img = np.concatenate([self.images[self.prev_rows[i]], self.images[r], self.images[self.next_rows[i]]], axis=-1)
-        if self.crop:
-            img = crop_border(img)
-        if self.size and img.shape[:2] != (self.size, self.size):
-            interp = cv2.INTER_AREA if img.shape[0] > self.size else cv2.INTER_LINEAR
-            img = cv2.resize(img, (self.size, self.size), interpolation=interp).reshape(self.size, self.size, -1)
-        return img
+        return join(self.parts(i))
 
     def __getitem__(self, i):
-        img = self.image(i)
+        parts = self.parts(i)
         if self.augment is not None:
-            img = self.augment(img, np.random.default_rng((self.seed, self.epoch, int(i))))
+            img = self.augment(parts, np.random.default_rng((self.seed, self.epoch, int(i))))
+        else:
+            img = join(parts)
         # a CHW view of the HWC bytes: channels_last layout, which the model runs in, so no transpose copy
         # here; `collate` keeps that layout for the batch
         if not img.flags.writeable or not img.flags.c_contiguous:
-            img = np.array(img, order="C")  # un-augmented samples are views of the read-only memmap: copy out
+            img = np.array(img, order="C")  # samples left untouched are views of the read-only memmap: copy out
         x = torch.from_numpy(img).permute(2, 0, 1)
         y = torch.from_numpy(self.labels[i]) if self.labels is not None else torch.zeros(len(CLASSES))
         return x, y, i
