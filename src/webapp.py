@@ -3,15 +3,19 @@
     python -m src.demo serve --model outputs/demo/runs/resnet10t_128      # http://127.0.0.1:7860
 
 FastAPI rather than Gradio: it runs fully offline, and the page is small enough to own. Bound to
-127.0.0.1 unless --host says otherwise. Uploads are limited in size and file count, zip entries are
-checked so none can escape the temporary folder (and zip bombs stop at the size limit), everything
-uploaded lives in a temporary folder removed when the request ends (results are sent inline, nothing
-is kept), and a bad file gives a message in the page, not a stack trace.
+127.0.0.1 unless --host says otherwise. The upload limits the page states (MAX_FILES, MAX_BYTES) are
+the ones enforced: the body is read as it streams, each file part written straight into a temporary
+folder, and the upload is refused as soon as it passes a limit, so nothing beyond MAX_BYTES reaches the
+disk (a chunked body without Content-Length included). Zip entries are checked so none can escape the
+folder, and count uncompressed (zip bombs stop at the size limit). The folder is removed when the answer
+is sent, refusals included (results are sent inline, nothing is kept); every refusal and every bad file
+gives the page with a message, never JSON or a stack trace.
 """
 from __future__ import annotations
 
 import base64
 import html
+import json
 import shutil
 import tempfile
 import threading
@@ -19,13 +23,18 @@ import zipfile
 from pathlib import Path
 
 import cv2
-from fastapi import FastAPI, File, Request, UploadFile
+from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .demo import THRESHOLD, analyse, load_models, overlay, zplot
 from .utils import PipelineError
 
-MAX_BYTES = 512 * 1024 * 1024      # whole upload, zips counted uncompressed
+MAX_BYTES = 512 * 1024 * 1024      # request body, then zips counted again uncompressed as they are unpacked
 MAX_FILES = 2000
 MAX_VIEWER_SLICES = 300            # Grad-CAM for every slice of the viewer up to this many per series
 CHUNK = 1 << 20
@@ -41,7 +50,9 @@ form{border:1px solid #ddd;padding:1rem;border-radius:6px} input[type=submit]{fo
 
 
 class UploadError(Exception):
-    pass
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.status = status
 
 
 def _b64png(rgb) -> str:
@@ -49,51 +60,119 @@ def _b64png(rgb) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode()
 
 
-def save_uploads(files: list[UploadFile], folder: Path) -> list[Path]:
-    """Write uploads into folder, unpacking zips safely; enforce the limits."""
-    total, saved = 0, []
-    for i, up in enumerate(files):
-        name = Path(up.filename or f"file{i}").name or f"file{i}"  # the base name only: no path from the client
-        (folder / f"{i:05d}").mkdir(exist_ok=True)
-        dest = folder / f"{i:05d}" / name
-        with open(dest, "wb") as f:
-            while chunk := up.file.read(CHUNK):
-                total += len(chunk)
-                if total > MAX_BYTES:
-                    raise UploadError(f"upload larger than {MAX_BYTES // 2**20} MB")
-                f.write(chunk)
-        if zipfile.is_zipfile(dest):
-            out = folder / f"{i:05d}" / "unzipped"
-            out.mkdir()
-            with zipfile.ZipFile(dest) as z:
-                for info in z.infolist():
-                    if info.is_dir():
-                        continue
-                    target = (out / info.filename).resolve()
-                    if not target.is_relative_to(out.resolve()):
-                        raise UploadError(f"zip entry {info.filename!r} points outside the archive's folder: refused")
-                    total += info.file_size
-                    if total > MAX_BYTES:
-                        raise UploadError(f"upload larger than {MAX_BYTES // 2**20} MB once unpacked")
-                    if len(saved) >= MAX_FILES:
-                        raise UploadError(f"more than {MAX_FILES} files")
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with z.open(info) as src, open(target, "wb") as dst:
-                        written = 0
-                        while chunk := src.read(CHUNK):  # the header's size may lie: count what comes out
-                            written += len(chunk)
-                            if written > info.file_size + CHUNK or total - info.file_size + written > MAX_BYTES:
-                                raise UploadError("zip entry larger than it declares: refused")
-                            dst.write(chunk)
-                    saved.append(target)
-            dest.unlink()
-        else:
+def limits() -> str:
+    return f"up to {MAX_FILES} files, {MAX_BYTES / 2**20:g} MB"
+
+
+def too_large(how="") -> UploadError:
+    return UploadError(f"upload larger than {MAX_BYTES / 2**20:g} MB{how} (the page takes {limits()})", 413)
+
+
+async def receive_uploads(request: Request, folder: Path) -> tuple[list[Path], int]:
+    """Stream a multipart body into folder, each file part straight into its own file, refusing as soon as the
+    body passes MAX_BYTES or the file parts pass MAX_FILES: (saved paths, body bytes)."""
+    ctype, params = parse_options_header(request.headers.get("content-type"))
+    if ctype != b"multipart/form-data" or not params.get(b"boundary"):
+        raise UploadError("not a file upload (expected multipart/form-data, as the page's form sends)", 415)
+    saved, headers, name, value = [], {}, bytearray(), bytearray()
+    out, ended = None, False
+
+    def header_end():
+        headers[bytes(name).lower()] = bytes(value)
+        name.clear(), value.clear()
+
+    def headers_finished():
+        nonlocal out
+        _, opts = parse_options_header(headers.pop(b"content-disposition", b""))
+        headers.clear()
+        filename = Path(opts.get(b"filename", b"").decode("utf-8", "replace")).name  # base name only: no path from the client
+        if not filename:  # a plain field, or the browser's empty part when no file was chosen
+            return
+        if len(saved) >= MAX_FILES:
+            raise UploadError(f"more than {MAX_FILES} files (the page takes {limits()})")
+        dest = folder / f"{len(saved):05d}" / (filename if filename != ".." else "file")
+        dest.parent.mkdir()
+        saved.append(dest)
+        out = open(dest, "wb")
+
+    def part_data(data, start, end):
+        if out:
+            out.write(data[start:end])
+
+    def part_end():
+        nonlocal out
+        if out:
+            out.close()
+        out = None
+
+    def end():
+        nonlocal ended
+        ended = True
+
+    parser = MultipartParser(params[b"boundary"], {
+        "on_header_field": lambda d, a, b: name.extend(d[a:b]), "on_header_value": lambda d, a, b: value.extend(d[a:b]),
+        "on_header_end": header_end, "on_headers_finished": headers_finished,
+        "on_part_data": part_data, "on_part_end": part_end, "on_end": end})
+    total = 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > MAX_BYTES:  # checked before the chunk is parsed: nothing past the limit is written
+                raise too_large()
+            parser.write(chunk)  # synchronous writes of one received chunk at most: short enough for the event loop
+    except FormParserError:
+        raise UploadError("malformed multipart upload") from None
+    except ClientDisconnect:
+        raise UploadError("the upload was interrupted") from None
+    finally:
+        part_end()
+    if not ended:
+        raise UploadError("malformed multipart upload (it ends before its closing boundary)")
+    return saved, total
+
+
+def unpack_zips(paths: list[Path], total: int) -> list[Path]:
+    """Replace each zip among the uploads by its entries, unpacked safely beside it; entries count uncompressed
+    towards MAX_BYTES, on top of the body's bytes (total), and towards MAX_FILES."""
+    saved = []
+    for dest in paths:
+        if not zipfile.is_zipfile(dest):
             saved.append(dest)
-        if len(saved) > MAX_FILES:
-            raise UploadError(f"more than {MAX_FILES} files")
+            continue
+        out = dest.parent.with_name(dest.parent.name + "-unzipped")
+        out.mkdir()
+        with zipfile.ZipFile(dest) as z:
+            for info in z.infolist():
+                if info.is_dir():
+                    continue
+                target = (out / info.filename).resolve()
+                if not target.is_relative_to(out.resolve()):
+                    raise UploadError(f"zip entry {info.filename!r} points outside the archive's folder: refused")
+                total += info.file_size
+                if total > MAX_BYTES:
+                    raise too_large(" once unpacked")
+                if len(saved) >= MAX_FILES:
+                    raise UploadError(f"more than {MAX_FILES} files once unpacked (the page takes {limits()})")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with z.open(info) as src, open(target, "wb") as dst:
+                    written = 0
+                    while chunk := src.read(CHUNK):  # the header's size may lie: count what comes out
+                        written += len(chunk)
+                        if written > info.file_size + CHUNK or total - info.file_size + written > MAX_BYTES:
+                            raise UploadError("zip entry larger than it declares: refused")
+                        dst.write(chunk)
+                saved.append(target)
+        dest.unlink()
+    if len(saved) > MAX_FILES:
+        raise UploadError(f"more than {MAX_FILES} files once unpacked (the page takes {limits()})")
     if not saved:
         raise UploadError("no files were uploaded")
     return saved
+
+
+def script_json(obj) -> str:
+    """JSON to embed in a <script>: with <, > and & escaped no string in it can close the element or open a comment."""
+    return json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def page(body: str, title="ICH demo") -> str:
@@ -101,11 +180,16 @@ def page(body: str, title="ICH demo") -> str:
             f"<body><h1>Intracranial hemorrhage detection: try the model on your head CT</h1>{body}</body></html>")
 
 
+def refusal(message: str, status: int) -> HTMLResponse:
+    return HTMLResponse(page(f"<div class='err' id='error'>{html.escape(message)}</div><p><a href='/'>Back</a></p>"),
+                        status_code=status)
+
+
 def upload_form(models) -> str:
     return f"""
 <p class="note">Model: {html.escape(models.description)}. Research demo, not a medical device.</p>
 <form id="upload" action="/analyse" method="post" enctype="multipart/form-data">
-  <p>DICOM files of one or more head CT series, or a zip of them (up to {MAX_FILES} files, {MAX_BYTES // 2**20} MB).
+  <p>DICOM files of one or more head CT series, or a zip of them ({limits()}).
   Files may be in any order; compressed DICOM (JPEG Lossless, JPEG 2000, RLE) is fine.</p>
   <input id="files" type="file" name="files" multiple>
   <input id="submit" type="submit" value="Analyse">
@@ -125,11 +209,10 @@ def result_html(results, skipped, models) -> str:
         for pos in range(len(r.table)):
             cls, cam = r.cams.get(pos, (None, None))
             p = r.table.iloc[pos]
-            caption = (f"slice {pos + 1}/{len(r.table)} ({html.escape(str(p['file']))}): any {p['any']:.2f}"
+            caption = (f"slice {pos + 1}/{len(r.table)} ({p['file']}): any {p['any']:.2f}"  # shown as textContent
                        + (f"; heat map for {cls}" if cls else ""))
             frames.append({"src": _b64png(overlay(r.brain[pos], cam)), "caption": caption})
         start = int(r.table["any"].to_numpy().argmax())
-        import json
         parts.append(f"""
 <section class="series" id="series{si}">
 <h2>Series {html.escape(r.series)}</h2>
@@ -139,7 +222,7 @@ def result_html(results, skipped, models) -> str:
 <div class="viewer"><div><img id="slice{si}" alt="slice"><br>
 <input type="range" id="range{si}" min="1" max="{len(frames)}" value="{start + 1}" style="width:384px"></div>
 <p id="caption{si}"></p></div>
-<script>(function(){{const f={json.dumps(frames)};const img=document.getElementById('slice{si}'),
+<script>(function(){{const f={script_json(frames)};const img=document.getElementById('slice{si}'),
 cap=document.getElementById('caption{si}'),rng=document.getElementById('range{si}');
 function show(i){{img.src=f[i].src;cap.textContent=f[i].caption;}} rng.oninput=()=>show(rng.value-1); show(rng.value-1);}})();</script>
 </section>""")
@@ -160,30 +243,32 @@ def create_app(run_dir) -> FastAPI:
     def index():
         return page(upload_form(models))
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):  # the framework's own refusals (404, 405) as the page too, not JSON
+        return refusal(str(exc.detail), exc.status_code)
+
+    def analyse_page(paths, total):
+        paths = unpack_zips(paths, total)
+        with lock:
+            results, skipped = analyse(models, paths, cam_slices=MAX_VIEWER_SLICES)
+        return page(result_html(results, skipped, models))
+
     @app.post("/analyse", response_class=HTMLResponse)
-    def analyse_upload(request: Request, files: list[UploadFile] = File(default=[])):
-        length = int(request.headers.get("content-length", 0) or 0)
-        if length > MAX_BYTES + CHUNK:
-            return HTMLResponse(page(f"<div class='err' id='error'>Upload larger than {MAX_BYTES // 2**20} MB.</div>"
-                                     "<p><a href='/'>Back</a></p>"), status_code=413)
+    async def analyse_upload(request: Request):  # no File(...) parameter: the body is read here, as it streams
         tmp = Path(tempfile.mkdtemp(prefix="ich-demo-"))
         try:
-            paths = save_uploads(files, tmp)
-            with lock:
-                results, skipped = analyse(models, paths, cam_slices=MAX_VIEWER_SLICES)
-            return page(result_html(results, skipped, models))
+            if int(request.headers.get("content-length") or 0) > MAX_BYTES:  # refused before a byte is read
+                raise too_large()
+            paths, total = await receive_uploads(request, tmp)
+            return HTMLResponse(await run_in_threadpool(analyse_page, paths, total))
         except (UploadError, PipelineError) as e:
-            return HTMLResponse(page(f"<div class='err' id='error'>{html.escape(str(e))}</div><p><a href='/'>Back</a></p>"),
-                                status_code=400)
+            return refusal(str(e), getattr(e, "status", 400))
         except Exception as e:  # never a stack trace in the page; the server log has it
             import traceback
             traceback.print_exc()
-            return HTMLResponse(page(f"<div class='err' id='error'>Could not analyse these files ({html.escape(type(e).__name__)}). "
-                                     "Are they DICOM images of a head CT?</div><p><a href='/'>Back</a></p>"), status_code=400)
+            return refusal(f"Could not analyse these files ({type(e).__name__}). Are they DICOM images of a head CT?", 400)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            for f in files:
-                f.file.close()
 
     return app
 

@@ -1,22 +1,37 @@
-"""The demo as a person uses it: the command line on real series, and the web page driven by headless Chromium."""
+"""The demo as a person uses it: the command line on real series, and the web page driven by headless Chromium;
+and the web page's upload handling against the app in-process: the limits the page states are the ones enforced,
+while the body streams; every refusal is the page with a message; nothing is left in the temp dir; captions and the
+JSON in the page's scripts are escaped once and safely.
+
+    .venv/bin/python -m pytest -q tests/test_demo.py
+"""
+import asyncio
+import contextlib
+import html
 import io
+import json
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import warnings
 import zipfile
 from pathlib import Path
 
+import httpx2
 import numpy as np
 import pandas as pd
 import pydicom
 import pytest
 import requests
+from starlette.testclient import TestClient
 
+import src.webapp as W
 from src.demo import analyse, grad_cam, list_inputs, load_models
 from src.folds import make_folds
 from src.labels import read_labels
@@ -26,7 +41,7 @@ from src.sequence import SeqConfig, train_sequence
 from src.train import train
 from src.config import TrainConfig
 from src.utils import CLASSES, write_csv
-from src.webapp import UploadError, save_uploads
+from src.webapp import create_app
 
 from .conftest import CQ500, RSNA_SAMPLE
 
@@ -137,42 +152,149 @@ def test_grad_cam_points_at_the_evidence():
     assert cam[4:12, 4:12].min() > 0.99 and cam[16:, 16:].max() == 0.0
 
 
-def _upload(name, data):
-    class U:  # the two attributes save_uploads uses of starlette's UploadFile
-        filename = name
-        file = io.BytesIO(data)
-    return U()
+@pytest.fixture(scope="module")
+def app(run_dir):
+    return create_app(run_dir)
 
 
-def test_zip_entries_cannot_escape(tmp_path):
+@pytest.fixture
+def client(app):
+    return TestClient(app)
+
+
+@pytest.fixture
+def tmp(tmp_path, monkeypatch):
+    """The temp dir the app makes its upload folders in, to see what is written there and what is left."""
+    d = tmp_path / "uploads"
+    d.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
+
+
+def refused(r, status, message, tmp):
+    assert r.status_code == status and r.headers["content-type"].startswith("text/html")
+    error = re.search(r"<div class='err' id='error'>(.*?)</div>", r.text)
+    assert error and message in html.unescape(error.group(1)), r.text[:500]
+    assert "<a href='/'>Back</a>" in r.text and "Traceback" not in r.text
+    assert not list(tmp.iterdir())  # the upload's folder is gone
+
+
+def post_streamed(app, body, headers):
+    """POST through httpx's ASGI transport, which hands the app one chunk of the body per receive()."""
+    async def go():
+        async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://demo") as c:
+            return await c.post("/analyse", content=body, headers=headers)
+    return asyncio.run(go())
+
+
+def on_disk(folder):
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+PART = b'--XyZ\r\nContent-Disposition: form-data; name="files"; filename="big.dcm"\r\n\r\n'
+MULTIPART = {"content-type": "multipart/form-data; boundary=XyZ"}
+
+
+def test_too_large_by_content_length_is_refused_before_reading(app, tmp, monkeypatch):
+    monkeypatch.setattr(W, "MAX_BYTES", 50_000)
+    pulled = []
+
+    async def body():
+        for _ in range(10):
+            pulled.append(1)
+            yield b"\0" * 10_000
+    r = post_streamed(app, body(), {**MULTIPART, "content-length": "100000"})
+    refused(r, 413, "larger than", tmp)
+    assert not pulled
+
+
+def test_chunked_body_is_capped_while_it_streams(app, tmp, monkeypatch):
+    monkeypatch.setattr(W, "MAX_BYTES", 100_000)
+    chunk, sent, peak = 8192, 0, 0
+
+    async def body():  # 1.6 MB in all, declared nowhere: chunked, no Content-Length
+        nonlocal sent, peak
+        yield PART
+        for _ in range(200):
+            peak = max(peak, on_disk(tmp))  # the app has handled every earlier chunk when it asks for the next
+            sent += chunk
+            yield b"\0" * chunk
+        yield b"\r\n--XyZ--\r\n"
+    r = post_streamed(app, body(), MULTIPART)
+    assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
+    refused(r, 413, "larger than", tmp)
+    assert sent <= W.MAX_BYTES + chunk               # stopped reading at the limit
+    assert 0 < peak <= W.MAX_BYTES + chunk          # written as it came, never past the limit
+
+
+def test_the_page_file_limit_is_the_one_enforced(client, tmp):
+    n = int(re.search(r"up to (\d+) files", client.get("/").text).group(1))
+    files = [("files", (f"{i}.dcm", b"x")) for i in range(n)]
+    r = client.post("/analyse", files=files)
+    assert r.status_code == 200 and "Too many files" not in r.text
+    assert "No readable CT slice" in r.text and f"Skipped files ({n})" in r.text
+    assert not list(tmp.iterdir())
+    refused(client.post("/analyse", files=files + [("files", ("one-more.dcm", b"x"))]), 400, f"more than {n} files", tmp)
+
+
+@pytest.mark.parametrize("content_type, body, status, message", [
+    ("multipart/form-data; boundary=XyZ", b"not multipart at all", 400, "malformed multipart"),
+    ("multipart/form-data; boundary=XyZ", PART + b"cut short", 400, "malformed multipart"),
+    ("multipart/form-data", PART + b"x\r\n--XyZ--\r\n", 415, "not a file upload"),
+    ("application/json", b"{}", 415, "not a file upload"),
+], ids=["not multipart", "cut short", "no boundary", "not a form"])
+def test_bad_requests_are_refused_with_the_page(client, tmp, content_type, body, status, message):
+    refused(client.post("/analyse", content=body, headers={"content-type": content_type}), status, message, tmp)
+
+
+def test_framework_refusals_are_the_page_too(client, tmp):
+    refused(client.get("/analyse"), 405, "Method Not Allowed", tmp)
+    refused(client.get("/nowhere"), 404, "Not Found", tmp)
+
+
+def test_zip_entries_cannot_escape(client, tmp):
+    def zipped(entries):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for name, data in entries.items():
+                z.writestr(name, data)
+        return buf.getvalue()
+    refused(client.post("/analyse", files=[("files", ("s.zip", zipped({"a.dcm": b"x", "../../evil.txt": b"owned"})))]),
+            400, "outside", tmp)
+    r = client.post("/analyse", files=[("files", ("s.zip", zipped({"series/a.dcm": b"x", "b.dcm": b"y"}))),
+                                       ("files", ("../../c.dcm", b"z"))])
+    assert r.status_code == 200 and all(f"<li>{n}: unreadable DICOM" in r.text for n in ("a.dcm", "b.dcm", "c.dcm"))
+    assert not list(tmp.iterdir())  # nothing written outside the upload's folder, and that is gone
+
+
+def test_zips_count_uncompressed(client, tmp, monkeypatch):
+    monkeypatch.setattr(W, "MAX_BYTES", 100_000)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("a.dcm", b"\0" * 1_000_000)
+    assert len(buf.getvalue()) < 10_000
+    refused(client.post("/analyse", files=[("files", ("bomb.zip", buf.getvalue()))]), 413, "once unpacked", tmp)
+    monkeypatch.setattr(W, "MAX_FILES", 2)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("series/a.dcm", b"x")
-        z.writestr("../../evil.txt", b"owned")
-    with pytest.raises(UploadError, match="outside"):
-        save_uploads([_upload("s.zip", buf.getvalue())], tmp_path)
-    assert not (tmp_path.parent / "evil.txt").exists() and not (tmp_path.parent.parent / "evil.txt").exists()
-    ok = io.BytesIO()
-    with zipfile.ZipFile(ok, "w") as z:
-        z.writestr("series/a.dcm", b"x")
-        z.writestr("b.dcm", b"y")
-    dest = tmp_path / "ok"
-    dest.mkdir()
-    paths = save_uploads([_upload("s.zip", ok.getvalue()), _upload("../../c.dcm", b"z")], dest)
-    assert sorted(p.name for p in paths) == ["a.dcm", "b.dcm", "c.dcm"]
-    assert all(p.resolve().is_relative_to(dest.resolve()) for p in paths)
+        for i in range(3):
+            z.writestr(f"{i}.dcm", b"x")
+    refused(client.post("/analyse", files=[("files", ("three.zip", buf.getvalue()))]), 400, "more than 2 files", tmp)
 
 
-def test_upload_limits(tmp_path, monkeypatch):
-    import src.webapp as W
-    monkeypatch.setattr(W, "MAX_BYTES", 10)
-    with pytest.raises(UploadError, match="larger than"):
-        save_uploads([_upload("a.dcm", b"0123456789ab")], tmp_path)
-    monkeypatch.setattr(W, "MAX_FILES", 2)
-    with pytest.raises(UploadError, match="more than 2 files"):
-        save_uploads([_upload(f"{i}.dcm", b"1") for i in range(3)], tmp_path)
-    with pytest.raises(UploadError, match="no files"):
-        save_uploads([], tmp_path)
+def test_captions_are_escaped_once_and_cannot_close_the_script(client, demo_data):
+    files = sorted((demo_data / "stage_2_test_images").glob("*.dcm"))
+    series = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    two = [f for f in files if pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID == series][:2]
+    names = ["a&b.dcm", "x</script><img src=x onerror=alert(1)>.dcm"]
+    r = client.post("/analyse", files=[("files", (n, f.read_bytes())) for n, f in zip(names, two)])
+    assert r.status_code == 200 and r.text.count("<script>") == r.text.count("</script>") == 1
+    script = re.search(r"<script>(.*?)</script>", r.text, re.S).group(1)
+    data = re.search(r"const f=(\[.*?\]);", script).group(1)
+    assert not set("<>&") & set(data)
+    captions = " ".join(f["caption"] for f in json.loads(data))  # what the page sets as the caption's textContent
+    assert "(a&b.dcm)" in captions and "(script><img src=x onerror=alert(1)>.dcm)" in captions  # the base name
+    assert "<img src=x" not in r.text
 
 
 def free_port():
@@ -202,16 +324,34 @@ def server(run_dir):
     p.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def served(app):
+    """app served by uvicorn in a thread of this process, where a test's monkeypatching reaches it."""
+    import uvicorn
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    deadline = time.time() + 60
+    while not srv.started:
+        assert t.is_alive() and time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{srv.config.port}"
+    finally:
+        srv.should_exit = True
+        t.join(timeout=10)
+
+
 def test_bad_upload_gives_a_message_not_a_trace(server):
     r = requests.post(server + "/analyse", files=[("files", ("junk.dcm", b"\x00" * 100))], timeout=60)
     assert r.status_code == 200 and "No readable CT slice" in r.text and "Traceback" not in r.text
     assert "junk.dcm: unreadable DICOM" in r.text
     r = requests.post(server + "/analyse", files=[], timeout=60)
-    assert r.status_code in (400, 422) and "Traceback" not in r.text
+    assert 400 <= r.status_code < 500 and "id='error'" in r.text and "Traceback" not in r.text
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs Debian's chromium)")
-def test_browser_upload_shows_summary(server, demo_data, tmp_path):
+def test_browser_upload_shows_summary_and_a_refusal(server, app, demo_data, tmp_path, tmp, monkeypatch):
     from playwright.sync_api import sync_playwright
     folder = real_series_dirs(demo_data)[0]
     files = sorted(str(p) for p in folder.glob("*.dcm"))
@@ -237,5 +377,20 @@ def test_browser_upload_shows_summary(server, demo_data, tmp_path):
         page.dispatch_event("#range0", "input")
         assert page.inner_text("#caption0").startswith(f"slice 1/{counts[0]}")
         page.screenshot(path=str(shot), full_page=True)
+
+        # a refusal shown in the page: the app served in-process, its size limit small enough for one file to pass
+        monkeypatch.setattr(W, "MAX_BYTES", 100_000)
+        big = tmp_path / "big.dcm"
+        big.write_bytes(b"\0" * 1_000_000)
+        with served(app) as url:
+            page.goto(url)
+            page.set_input_files("#files", [str(big)])
+            with page.expect_response(url + "/analyse") as response:
+                page.click("#submit")
+            assert response.value.status == 413
+            assert "larger than" in page.inner_text("#error")
+            page.click("text=Back")
+            page.wait_for_selector("#files")
         browser.close()
     assert shot.stat().st_size > 10_000
+    assert not list(tmp.iterdir())
