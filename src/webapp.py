@@ -1,6 +1,10 @@
 """The demo's local web page: upload DICOM files or a zip, see the summary, the z-plot and a slice viewer.
 
-    python -m src.demo serve --model outputs/demo/runs/resnet10t_128      # http://127.0.0.1:7860
+    python -m src.webapp --run outputs/demo/runs/resnet10t_128      # http://127.0.0.1:7860
+
+Every page says what the model was trained on (data folder, images and patients, out-of-fold weighted log
+loss and AUC of `any`), warns in red when that was the generated demo data, and says it is a research demo,
+not a medical device.
 
 FastAPI rather than Gradio: it runs fully offline, and the page is small enough to own. Bound to
 127.0.0.1 unless --host says otherwise. The upload limits the page states (MAX_FILES, MAX_BYTES) are
@@ -20,6 +24,7 @@ import shutil
 import tempfile
 import threading
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -31,8 +36,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from .demo import THRESHOLD, analyse, load_models, overlay, zplot
-from .utils import PipelineError
+from .config import parse_config
+from .demo import SYNTHETIC_WARNING, THRESHOLD, analyse, model_notes, overlay, zplot
+from .predictor import Predictor
+from .utils import PipelineError, cli_main
 
 MAX_BYTES = 512 * 1024 * 1024      # request body, then zips counted again uncompressed as they are unpacked
 MAX_FILES = 2000
@@ -42,6 +49,8 @@ CHUNK = 1 << 20
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#222}
 h1{font-size:1.5rem} .note{color:#666;font-size:.9rem} .err{background:#fde8e8;border:1px solid #e99;padding:1rem}
+.warn{background:#b00020;color:#fff;font-weight:600;padding:1rem;border-radius:6px;font-size:1.05rem}
+.card{background:#f4f6fb;border:1px solid #cdd5e5;padding:.6rem 1rem;border-radius:6px}
 table{border-collapse:collapse;margin:1rem 0} td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}
 th{background:#f3f3f3} td:first-child,th:first-child{text-align:left} .pos{background:#fff0c2;font-weight:600}
 .viewer{display:flex;gap:1.5rem;align-items:flex-start} .viewer img{width:384px;height:384px;image-rendering:auto}
@@ -185,9 +194,18 @@ def refusal(message: str, status: int) -> HTMLResponse:
                         status_code=status)
 
 
-def upload_form(models) -> str:
-    return f"""
-<p class="note">Model: {html.escape(models.description)}. Research demo, not a medical device.</p>
+def model_box(p: Predictor) -> str:
+    """What the model knows, before anything it says: the synthetic-data warning, its training data and
+    out-of-fold scores, and the disclaimer."""
+    notes = model_notes(p.card)
+    warn = (f"<div class='warn' id='synthetic-warning'>WARNING: {html.escape(SYNTHETIC_WARNING)}</div>"
+            if SYNTHETIC_WARNING in notes else "")
+    info = " ".join(html.escape(n) for n in notes if n != SYNTHETIC_WARNING)
+    return f"{warn}<p class='card' id='model-card'>Model {html.escape(p.description)}. {info}</p>"
+
+
+def upload_form(p: Predictor) -> str:
+    return f"""{model_box(p)}
 <form id="upload" action="/analyse" method="post" enctype="multipart/form-data">
   <p>DICOM files of one or more head CT series, or a zip of them ({limits()}).
   Files may be in any order; compressed DICOM (JPEG Lossless, JPEG 2000, RLE) is fine.</p>
@@ -197,8 +215,8 @@ def upload_form(models) -> str:
 <p class="note">Nothing you upload is kept: files are deleted when the result is sent.</p>"""
 
 
-def result_html(results, skipped, models) -> str:
-    parts = [f"<p class='note'>Model: {html.escape(models.description)}. <a href='/'>Analyse other files</a></p>"]
+def result_html(results, skipped, p: Predictor) -> str:
+    parts = [model_box(p), "<p class='note'><a href='/'>Analyse other files</a></p>"]
     for si, r in enumerate(results):
         s = r.summary
         rows = "".join(
@@ -208,8 +226,8 @@ def result_html(results, skipped, models) -> str:
         frames = []
         for pos in range(len(r.table)):
             cls, cam = r.cams.get(pos, (None, None))
-            p = r.table.iloc[pos]
-            caption = (f"slice {pos + 1}/{len(r.table)} ({p['file']}): any {p['any']:.2f}"  # shown as textContent
+            row = r.table.iloc[pos]
+            caption = (f"slice {pos + 1}/{len(r.table)} ({row['file']}): any {row['any']:.2f}"  # shown as textContent
                        + (f"; heat map for {cls}" if cls else ""))
             frames.append({"src": _b64png(overlay(r.brain[pos], cam)), "caption": caption})
         start = int(r.table["any"].to_numpy().argmax())
@@ -230,12 +248,12 @@ function show(i){{img.src=f[i].src;cap.textContent=f[i].caption;}} rng.oninput=(
         items = "".join(f"<li>{html.escape(Path(p).name)}: {html.escape(str(why))}</li>" for p, why in skipped.values[:50])
         parts.append(f"<h2>Skipped files ({len(skipped)})</h2><ul>{items}</ul>")
     if not results:
-        parts.insert(0, "<div class='err' id='error'>No readable CT slice in the upload.</div>")
+        parts.insert(1, "<div class='err' id='error'>No readable CT slice in the upload.</div>")
     return "".join(parts)
 
 
-def create_app(run_dir) -> FastAPI:
-    models = load_models(run_dir)
+def create_app(run_dir=None, predictor: Predictor | None = None) -> FastAPI:
+    models = predictor or Predictor.load(run_dir)
     app = FastAPI(title="ICH demo", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()  # one analysis at a time: the models are shared and the CPU is small
 
@@ -273,8 +291,26 @@ def create_app(run_dir) -> FastAPI:
     return app
 
 
+@dataclass
+class ServeConfig:
+    run: str = ""                     # stage-1 run folder (fold*/best.pth); seq_<run> beside it is used too
+    host: str = "127.0.0.1"           # address to bind (default: this machine only)
+    port: int = 7860                  # port of the page
+
+
 def serve(run_dir, host="127.0.0.1", port=7860):
     import uvicorn
     app = create_app(run_dir)
     print(f"ICH demo on http://{host}:{port}/  (Ctrl-C to stop)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def main():
+    a = parse_config(ServeConfig, description=__doc__, prog="python -m src.webapp")
+    if not a.run:
+        raise PipelineError("--run RUN_FOLDER is required (e.g. outputs/demo/runs/resnet10t_128)")
+    serve(a.run, a.host, a.port)
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -32,10 +32,11 @@ import requests
 from starlette.testclient import TestClient
 
 import src.webapp as W
-from src.demo import analyse, grad_cam, list_inputs, load_models
+from src.demo import analyse
 from src.folds import make_folds
 from src.labels import read_labels
 from src.predict import predict_run
+from src.predictor import Predictor, grad_cam, list_inputs
 from src.prepare import load_cache
 from src.sequence import SeqConfig, train_sequence
 from src.train import train
@@ -77,8 +78,8 @@ def real_series_dirs(demo_data):
 
 
 def test_cli_on_real_series(run_dir, demo_data, tmp_path):
-    models = load_models(run_dir)
-    assert len(models.stage1) == 2 and len(models.sequence) == 2
+    p = Predictor.load(run_dir)
+    assert len(p.folds) == 2 and len(p.sequence) == 2
     extra = tmp_path / "extra"
     extra.mkdir()
     (extra / "notes.txt").write_text("not a dicom")
@@ -88,31 +89,51 @@ def test_cli_on_real_series(run_dir, demo_data, tmp_path):
     ds.save_as(extra / "mr.dcm")
     inputs = real_series_dirs(demo_data) + [extra]
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "src.demo", "--model", str(run_dir), *map(str, inputs), "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "src.demo", "--run", str(run_dir), *map(str, inputs), "--results-dir", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    # the model was trained on generated data: the command says so, before any result
+    assert "WARNING: This model was trained on generated demo data" in r.stdout
     files = list_inputs(inputs[:-1])
     n_series = len({pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in files})
     series_dirs = [d for d in out.iterdir() if d.is_dir()]
     assert len(series_dirs) == n_series
     total = 0
     for d in series_dirs:
-        p = pd.read_csv(d / "predictions.csv")
-        total += len(p)
-        assert (np.diff(p["z"]) > 0).all()                       # slices in z order, whatever the file order
-        assert ((p[CLASSES] >= 0) & (p[CLASSES] <= 1)).all().all()
-        assert (d / "zplot.png").stat().st_size > 1000 and len(list(d.glob("gradcam_*.png"))) == min(4, len(p))
-        assert "highest probability" in (d / "summary.md").read_text()
+        pr = pd.read_csv(d / "predictions.csv")
+        total += len(pr)
+        assert (np.diff(pr["z"]) > 0).all()                       # slices in z order, whatever the file order
+        assert ((pr[CLASSES] >= 0) & (pr[CLASSES] <= 1)).all().all()
+        assert (d / "zplot.png").stat().st_size > 1000 and len(list(d.glob("gradcam_*.png"))) == min(4, len(pr))
+        md = (d / "summary.md").read_text()
+        assert "highest probability" in md and "never seen a real head" in md and "not a medical device" in md
+        assert f"Trained on '{demo_data.name}'" in md
     assert total == len(files)
     skipped = pd.read_csv(out / "skipped.csv")
     reasons = dict(zip(skipped.path.map(lambda s: Path(s).name), skipped.reason))
     assert "unreadable DICOM" in reasons["notes.txt"] and "not a CT image (Modality MR)" == reasons["mr.dcm"]
 
 
+def test_predictor_api_applies_stage_2_like_the_test_set(run_dir, demo_data):
+    """Predictor.predict on the test images gives what the pipeline wrote for them: the mean of the stage-2 folds'
+    test.csv (each stage-2 fold reading its own stage-1 fold's outputs, by the sequence stage's own code)."""
+    p = Predictor.load(run_dir)
+    df = p.predict([demo_data / "stage_2_test_images"])
+    assert list(df.columns) == ["ID", "file", "series", "slice", "z", *CLASSES]
+    for _, g in df.groupby("series"):
+        assert (np.diff(g["z"]) > 0).all() and g["slice"].tolist() == list(range(1, len(g) + 1))
+    seq = run_dir.parent / f"seq_{run_dir.name}"
+    want = sum(pd.read_csv(seq / f"fold{k}" / "test.csv", index_col="ID")[CLASSES] for k in (0, 1)) / 2
+    got = df.set_index("ID")[CLASSES]
+    assert np.allclose(got.to_numpy(), want.loc[got.index].to_numpy(), atol=1e-4)
+    s1 = Predictor.load(run_dir, stage2=False).predict([demo_data / "stage_2_test_images"]).set_index("ID")[CLASSES]
+    assert not np.allclose(s1.loc[got.index].to_numpy(), got.to_numpy(), atol=1e-4)  # stage 2 did change something
+    assert p.card["images"] > 0 and p.card["patients"] > 0 and p.card["synthetic"] is True
+
+
 @pytest.mark.skipif(not CQ500.exists(), reason="../shared/ct_other not present")
 def test_jpeg_lossless_series_matches_training_preprocessing(run_dir):
-    models = load_models(run_dir)
-    results, skipped = analyse(models, list_inputs([CQ500]), cam_slices=1)
+    results, skipped = analyse(Predictor.load(run_dir), [CQ500], cam_slices=1)
     assert len(results) == 1 and results[0].summary["slices"] == 23 and skipped.empty
     cam = next(iter(results[0].cams.values()))[1]
     assert cam.shape == (64, 64) and 0 <= cam.min() and cam.max() <= 1
@@ -306,7 +327,7 @@ def free_port():
 @pytest.fixture(scope="module")
 def server(run_dir):
     port = free_port()
-    p = subprocess.Popen([sys.executable, "-m", "src.demo", "serve", "--model", str(run_dir), "--port", str(port)],
+    p = subprocess.Popen([sys.executable, "-m", "src.webapp", "--run", str(run_dir), "--port", str(port)],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -362,6 +383,10 @@ def test_browser_upload_shows_summary_and_a_refusal(server, app, demo_data, tmp_
             "--disable-component-update", "--disable-sync"])
         page = browser.new_page(viewport={"width": 1200, "height": 1000})
         page.goto(server)
+        # what the model knows comes first: it was trained on generated data, and it is no medical device
+        assert page.locator("#synthetic-warning").is_visible()
+        assert "never seen a real head" in page.inner_text("#synthetic-warning")
+        assert "not a medical device" in page.inner_text("#model-card")
         page.set_input_files("#files", files)
         page.click("#submit")
         page.wait_for_selector(".summary", timeout=300_000)
@@ -376,6 +401,7 @@ def test_browser_upload_shows_summary_and_a_refusal(server, app, demo_data, tmp_
         page.fill("#range0", "1")
         page.dispatch_event("#range0", "input")
         assert page.inner_text("#caption0").startswith(f"slice 1/{counts[0]}")
+        assert page.locator("#synthetic-warning").is_visible() and "AUC(any)" in page.inner_text("#model-card")
         page.screenshot(path=str(shot), full_page=True)
 
         # a refusal shown in the page: the app served in-process, its size limit small enough for one file to pass

@@ -1,4 +1,5 @@
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,7 @@ from src.folds import make_folds
 from src.labels import read_labels
 from src.metrics import weighted_log_loss
 from src.prepare import load_cache
-from src.sequence import SeqConfig, SeqModel, batchify, check_no_leak, predict_series, train_sequence
+from src.sequence import Batcher, SeqConfig, SeqFold, SeqModel, SeriesSet, check_no_leak, predict_series, train_sequence
 from src.utils import CLASSES, PipelineError, write_csv
 
 K = 2
@@ -88,27 +89,72 @@ def test_leak_is_refused(stage1, tmp_path):
         train_sequence(SeqConfig(stage1=str(bad), fold=0, epochs=1))
 
 
+def series_set(lengths, emb_dim=4, seed=0):
+    rng = np.random.default_rng(seed)
+    n = sum(lengths)
+    return SeriesSet(np.arange(n), rng.normal(size=(n, emb_dim)).astype(np.float16), rng.normal(size=(n, 6)).astype(np.float32),
+                     None, np.r_[0, np.cumsum(lengths)[:-1]], np.array(lengths))
+
+
 def test_padding_and_reverse_tta_are_exact():
     torch.manual_seed(0)
     m = SeqModel(4, hidden=8, layers=2, dropout=0.0)
     torch.nn.init.normal_(m.head.weight)  # not the zero init, so the GRU matters
-    rng = np.random.default_rng(0)
-    series = [(np.arange(L), rng.normal(size=(L, 4)).astype(np.float32), rng.normal(size=(L, 6)).astype(np.float32), None)
-              for L in (3, 7, 5)]
-    together = predict_series(m, series, tta_reverse=False)
-    alone = [predict_series(m, [s], tta_reverse=False)[0] for s in series]
-    for a, b in zip(together, alone):
-        assert np.allclose(a, b, atol=1e-6)  # padding does not leak into shorter series
-    rev = [(s[0], s[1][::-1].copy(), s[2][::-1].copy(), None) for s in series]
-    fwd_rev = predict_series(m, rev, tta_reverse=False)
-    tta = predict_series(m, series, tta_reverse=True)
-    for t, f, r in zip(tta, together, fwd_rev):
-        assert np.allclose(t, (f + r[::-1]) / 2, atol=1e-6)
-    e, l_, y, mask, lengths = batchify(series, [0, 1])
-    assert e.shape == (2, 7, 4) and mask.sum().item() == 10 and lengths.tolist() == [3, 7]
+    s = series_set([3, 7, 5])
+    together = predict_series(m, Batcher(s, "cpu"), tta_reverse=False)
+    for a, L in zip(s.starts, s.lengths):  # padding does not leak into shorter series
+        alone = SeriesSet(s.ids[a:a + L], s.emb[a:a + L], s.logits[a:a + L], None, np.array([0]), np.array([L]))
+        assert np.allclose(predict_series(m, Batcher(alone, "cpu"), tta_reverse=False), together[a:a + L], atol=1e-6)
+    rev = SeriesSet(s.ids, np.concatenate([s.emb[a:a + L][::-1] for a, L in zip(s.starts, s.lengths)]),
+                    np.concatenate([s.logits[a:a + L][::-1] for a, L in zip(s.starts, s.lengths)]), None, s.starts, s.lengths)
+    fwd_rev = predict_series(m, Batcher(rev, "cpu"), tta_reverse=False)
+    tta = predict_series(m, Batcher(s, "cpu"), tta_reverse=True)
+    for a, L in zip(s.starts, s.lengths):
+        assert np.allclose(tta[a:a + L], (together[a:a + L] + fwd_rev[a:a + L][::-1]) / 2, atol=1e-6)
+    emb, lg, y, mask, lengths, rows = Batcher(s, "cpu").batch(np.array([0, 1]), np.array([False, True]))
+    assert emb.shape == (2, 7, 4) and int(mask.sum()) == 10 and lengths.tolist() == [3, 7]
+    assert rows[1].tolist() == list(range(9, 2, -1)) and rows[0].tolist()[3:] == [15] * 4  # reversed; padding -> N
+
+
+def test_series_are_built_in_z_order_from_any_row_order():
+    order = pd.DataFrame({"SeriesInstanceUID": ["b", "a", "b", "a", "b"], "slice_index": [2, 1, 0, 0, 1]},
+                         index=pd.Index(["i0", "i1", "i2", "i3", "i4"], name="ID"))
+    preds = pd.DataFrame(0.5, index=order.index[::-1], columns=CLASSES)
+    emb = np.arange(5)[::-1, None].astype(np.float16)  # emb row i belongs to preds row i
+    s = SeriesSet.build(preds, emb, order)
+    assert s.ids.tolist() == ["i3", "i1", "i2", "i4", "i0"] and s.lengths.tolist() == [2, 3]
+    assert s.emb[:, 0].tolist() == [3, 1, 2, 4, 0]
 
 
 def test_zero_init_head_starts_at_stage1():
     m = SeqModel(4, hidden=8)
-    s = [(np.arange(4), np.zeros((4, 4), np.float32), np.full((4, 6), 0.3, np.float32), None)]
-    assert np.allclose(predict_series(m, s)[0], 1 / (1 + np.exp(-0.3)))
+    s = SeriesSet(np.arange(4), np.zeros((4, 4), np.float16), np.full((4, 6), 0.3, np.float32), None, np.array([0]), np.array([4]))
+    assert np.allclose(predict_series(m, Batcher(s, "cpu")), 1 / (1 + np.exp(-0.3)))
+
+
+def test_early_stopping_and_rerun(stage1):
+    run, labels, folds = stage1
+    d = train_sequence(SeqConfig(stage1=str(run), fold=0, epochs=30, patience=2, lr=0.05, hidden=16, run_name="es"))
+    e = pd.read_csv(d / "epochs.csv")
+    best = int(e["val_wll"].idxmin())
+    assert len(e) <= 30 and (len(e) == 30 or len(e) == best + 1 + 2)  # stopped 2 epochs after the best
+    ck = torch.load(d / "best.pth", weights_only=True)
+    assert ck["epoch"] == best + 1
+    mtime = (d / "oof.csv").stat().st_mtime_ns
+    train_sequence(SeqConfig(stage1=str(run), fold=0, epochs=30, patience=2, lr=0.05, hidden=16, run_name="es"))
+    assert (d / "oof.csv").stat().st_mtime_ns == mtime  # same settings and inputs: up to date
+    with pytest.raises(PipelineError, match="hidden: 16 -> 24"):
+        train_sequence(SeqConfig(stage1=str(run), fold=0, epochs=30, patience=2, lr=0.05, hidden=24, run_name="es"))
+    # the saved fold predicts new series like the pipeline did: SeqFold on fold 0's validation series
+    sf = SeqFold.load(d)
+    oof = pd.read_csv(d / "oof.csv", index_col="ID")
+    s1 = pd.read_csv(run / "fold0" / "oof.csv", index_col="ID")
+    emb = np.load(run / "fold0" / "oof_emb.npy")
+    _, meta = load_cache(Path(yaml.safe_load((run / "fold0" / "config.yaml").read_text())["out_dir"]) / "cache")
+    ok = meta[meta.status == "ok"].set_index("ID")
+    g = ok.loc[oof.index].sort_values(["SeriesInstanceUID", "slice_index"]).groupby("SeriesInstanceUID")
+    series = [g_.index for _, g_ in g]
+    pos = [s1.index.get_indexer(ids) for ids in series]
+    got = sf.predict([(emb[p], s1[CLASSES].to_numpy()[p]) for p in pos])
+    for ids, p in zip(series, got):
+        assert np.allclose(p, oof.loc[ids, CLASSES].to_numpy(), atol=1e-5)
