@@ -79,6 +79,9 @@ class TrainConfig:
     weight_decay: float = 1e-4         # AdamW weight decay (not on biases and norms)
     warmup: float = 0.1                # share of training spent in linear warmup; then cosine to 0
     grad_clip: float = 1.0             # max gradient norm (0: off)
+    ema: float = 0.0                   # decay of an exponential moving average of the weights (0: off); the
+                                       # average is what the run validates and predicts with, its decay warming up
+                                       # from 0 over the first steps (timm ModelEmaV3); the raw weights are scored too
     amp: str = "auto"                  # auto (CUDA: bf16 if supported else fp16+GradScaler; CPU: bf16), fp16, bf16, off
     channels_last: bool = True         # NHWC memory layout (faster convolutions with AMP)
     seed: int = 0                      # model init, shuffling and augmentation all follow from it

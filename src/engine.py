@@ -91,18 +91,19 @@ class EpochResult:
 
 
 def train_one_epoch(net, loader, opt, scaler, loss_fn, device, amp_dtype=None, *, steps: int, accum_steps: int = 1,
-                    grad_clip: float = 0.0, lr_at=None, channels_last: bool = True, ema=None, log_every: int = 50,
-                    progress: bool = True, desc: str = "train") -> EpochResult:
+                    grad_clip: float = 0.0, lr_at=None, channels_last: bool = True, ema=None, ema_step0: int = 0,
+                    log_every: int = 50, progress: bool = True, desc: str = "train") -> EpochResult:
     """One pass of `steps` batches: forward under autocast, scaled backward, an optimizer step every
     `accum_steps` batches (gradient clipping, the lr of `lr_at(step)` x each group's base_lr, EMA update).
 
     net may be wrapped in DistributedDataParallel; `ema` (a timm ModelEmaV3 or None) follows the unwrapped
-    model after each optimizer step."""
+    model after each optimizer step, told the run's optimizer step count (ema_step0 before this epoch) for
+    its decay warmup."""
     net.train()
     model = net.module if hasattr(net, "module") else net
     params = [p for g in opt.param_groups for p in g["params"]]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    loss_sum, seen, t0 = torch.zeros((), device=device), 0, time.perf_counter()
+    loss_sum, seen, opt_steps, t0 = torch.zeros((), device=device), 0, 0, time.perf_counter()
     # islice: exactly `steps` batches are drawn, and an iterator the caller passes stays usable afterwards
     bar = tqdm(itertools.islice(loader, steps), total=steps, desc=desc, disable=not progress, leave=False, mininterval=2.0)
     for step, (x, y, _) in enumerate(bar):
@@ -126,8 +127,9 @@ def train_one_epoch(net, loader, opt, scaler, loss_fn, device, amp_dtype=None, *
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
+            opt_steps += 1
             if ema is not None:
-                ema.update(model)
+                ema.update(model, step=ema_step0 + opt_steps)
         loss_sum += loss.detach().float() * len(x)
         seen += len(x)
         if progress and log_every and (step + 1) % log_every == 0:  # the only host sync inside the loop

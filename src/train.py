@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from . import runs
@@ -83,19 +84,24 @@ def make_optimizer(model, cfg: TrainConfig, device):
                  cfg.lr, device)
 
 
-def checkpoint(model, opt, scaler, epoch, best, best_epoch, history, cfg, stamp, device) -> dict:
-    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+def checkpoint(model, ema, opt, scaler, epoch, best, best_epoch, history, cfg, stamp, device) -> dict:
+    """One dict: `model` is the weights the run predicts with (the average when EMA is on), `raw` the trained ones."""
+    return {"model": (ema.module if ema else model).state_dict(), "raw": model.state_dict() if ema else None,
+            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
             "best_score": best, "best_epoch": best_epoch, "history": history, "config": dataclasses.asdict(cfg),
             "stamp": stamp.id, "rng": {"torch": torch.get_rng_state(),
                                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
 
 
-def restore(path, model, opt, scaler, stamp, device):
+def restore(path, model, ema, opt, scaler, stamp, device):
     """Load a last.pth into the live objects and RNG; returns (epochs done, best score, best epoch, history)."""
     ck = load_checkpoint(path)
     if ck.get("stamp") != stamp.id:
         raise PipelineError(f"{path} was made with other settings than this run's; --overwrite starts the fold again")
-    model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"]), scaler.load_state_dict(ck["scaler"])
+    model.load_state_dict(ck["raw"] if ema else ck["model"])
+    if ema:
+        ema.module.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"]), scaler.load_state_dict(ck["scaler"])
     torch.set_rng_state(ck["rng"]["torch"])
     if device.type == "cuda":  # as many GPU generators as both runs have: resuming on another GPU count works
         for i, state in enumerate(ck["rng"].get("cuda", [])[:torch.cuda.device_count()]):
@@ -203,9 +209,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> Path:
     steps = min(len(tr_dl), cfg.max_steps_per_epoch or len(tr_dl))
     opt, loss_fn = make_optimizer(model, cfg, device), WeightedBCE(device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True) if cfg.ema else None
+    predictor = ema.module if ema else model  # the weights that are validated, kept and used for the OOF pass
     start, best, best_epoch, history = 0, float("inf"), -1, []
     if cfg.resume and (run_dir / runs.LAST).exists():
-        start, best, best_epoch, history = restore(run_dir / runs.LAST, model, opt, scaler, stamp, device)
+        start, best, best_epoch, history = restore(run_dir / runs.LAST, model, ema, opt, scaler, stamp, device)
         if main_proc:
             log.info(f"resumed from {run_dir / runs.LAST} after epoch {start} (best {best:.5f})")
     y_val = va[CLASSES].to_numpy()
@@ -220,31 +228,35 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> Path:
         res = train_one_epoch(net, tr_dl, opt, scaler, loss_fn, device, amp_dtype, steps=steps,
                               accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, channels_last=cfg.channels_last,
                               lr_at=lambda s, e=epoch: warmup_cosine((e * steps + s + 1) / (cfg.epochs * steps), cfg.warmup),
+                              ema=ema, ema_step0=epoch * -(-steps // cfg.accum_steps),
                               log_every=cfg.log_every, progress=main_proc, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        probs, _ = validate(model, va_dl, device, amp_dtype, world, cfg, rank=rank)
+        probs, _ = validate(predictor, va_dl, device, amp_dtype, world, cfg, rank=rank)
         score = weighted_log_loss(y_val, probs)
+        raw = {"val_wll_raw": weighted_log_loss(y_val, validate(model, va_dl, device, amp_dtype, world, cfg, rank=rank)[0])
+               } if ema else {}
         improved = score < best
         best, best_epoch = (score, epoch) if improved else (best, best_epoch)
         history.append({"epoch": epoch + 1, "train_loss": res.loss, "val_wll": score,
                         **{f"val_ll_{c}": float(v) for c, v in zip(CLASSES, per_class_log_loss(y_val, probs))},
-                        "lr": opt.param_groups[0]["lr"], "train_images_per_s": res.images_per_s * world,
+                        **raw, "lr": opt.param_groups[0]["lr"], "train_images_per_s": res.images_per_s * world,
                         "seconds": res.seconds})
         if main_proc:
-            ck = checkpoint(model, opt, scaler, epoch + 1, best, best_epoch, history, cfg, stamp, device)
+            ck = checkpoint(model, ema, opt, scaler, epoch + 1, best, best_epoch, history, cfg, stamp, device)
             if improved:
                 save_checkpoint(ck, run_dir / runs.BEST)
             save_checkpoint(ck, run_dir / runs.LAST)
             write_csv(pd.DataFrame(history), run_dir / runs.EPOCHS, index=False, float_format="%.6g")
-            log.info(f"epoch {epoch + 1}: train loss {res.loss:.4f}, val wll {score:.4f}{' (best)' if improved else ''}, "
+            log.info(f"epoch {epoch + 1}: train loss {res.loss:.4f}, val wll {score:.4f}{' (best)' if improved else ''}"
+                     + (f" (raw weights {raw['val_wll_raw']:.4f})" if raw else "") + ", "
                      f"{res.images_per_s * world:.0f} img/s, {res.seconds:.0f}s")
 
     # ---- out-of-fold predictions and embeddings of the best epoch's weights, with the run's TTA
     if main_proc:
-        model.load_state_dict(load_checkpoint(run_dir / runs.BEST)["model"])
+        predictor.load_state_dict(load_checkpoint(run_dir / runs.BEST)["model"])
     if world > 1:  # every rank needs rank 0's best weights for the sharded final pass
-        for t in model.state_dict().values():
+        for t in predictor.state_dict().values():
             dist.broadcast(t, 0)
-    probs, emb = validate(model, va_dl, device, amp_dtype, world, cfg, final=True, run_dir=run_dir, rank=rank)
+    probs, emb = validate(predictor, va_dl, device, amp_dtype, world, cfg, final=True, run_dir=run_dir, rank=rank)
     if main_proc:
         oof = pd.DataFrame(probs, columns=CLASSES, index=va.index)
         oof.insert(0, "fold", cfg.fold)

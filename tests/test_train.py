@@ -72,14 +72,18 @@ def test_one_epoch_writes_oof_embeddings_checkpoint(demo_data, demo_cache, folds
 def test_resume_gives_same_weights(demo_data, demo_cache, folds_file, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     link_cache(demo_cache, a), link_cache(demo_cache, b)
-    kw = dict(epochs=3, max_steps_per_epoch=3, hflip=0.5, affine=0.8, drop_rate=0.2, balanced=0.3)
+    kw = dict(epochs=3, max_steps_per_epoch=3, hflip=0.5, affine=0.8, drop_rate=0.2, balanced=0.3, ema=0.9)
     train(tiny_cfg(demo_data, demo_cache, folds_file, a, **kw))
     run_b = train(tiny_cfg(demo_data, demo_cache, folds_file, b, stop_after_epochs=1, **kw))
     assert load_checkpoint(run_b / "last.pth")["epoch"] == 1 and not (run_b / "oof.csv").exists()
     train(tiny_cfg(demo_data, demo_cache, folds_file, b, resume=True, **kw))
-    wa = load_checkpoint(a / "runs/t/fold0/last.pth")["model"]
-    wb = load_checkpoint(run_b / "last.pth")["model"]
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for key in ("model", "raw"):  # the weight average and the trained weights alike
+        wa = load_checkpoint(a / "runs/t/fold0/last.pth")[key]
+        wb = load_checkpoint(run_b / "last.pth")[key]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ck = load_checkpoint(run_b / "last.pth")
+    assert not all(torch.equal(ck["model"][k], ck["raw"][k]) for k in ck["raw"])  # the average is not the raw weights
+    assert "val_wll_raw" in pd.read_csv(run_b / "epochs.csv").columns
     pd.testing.assert_frame_equal(pd.read_csv(a / "runs/t/fold0/oof.csv"), pd.read_csv(run_b / "oof.csv"))
     assert len(pd.read_csv(run_b / "epochs.csv")) == 3
 
