@@ -4,6 +4,9 @@
 
 The real `stage_2_train.csv` repeats some rows. Exact repeats are dropped; a repeat that disagrees
 stops the run and names the IDs, because no rule can tell which of the two labels is right.
+Every CSV the pipeline reads from the user goes through `read_user_csv`: an empty, non-UTF-8 or ragged file
+is a PipelineError naming the file, and errors give the row's line number in the file (blank lines
+included).
 """
 from __future__ import annotations
 
@@ -20,18 +23,43 @@ from .utils import CLASSES, PipelineError, cli_main
 _ID_RE = re.compile(r"^ID_([0-9a-fA-F]+)_([a-z]+)$")
 
 
+def read_user_csv(path, what: str, **kw) -> pd.DataFrame:
+    """pd.read_csv of a user's file, indexed by each row's line number in the file (header: line 1).
+
+    The ways a file can fail to be a CSV (empty, not UTF-8, rows longer than the header, unparsable)
+    raise PipelineError naming the file and `what` it should be. pandas would skip blank lines and so
+    shift positional line numbers: they are read as empty rows, numbered, then dropped."""
+    path = Path(path)
+    try:  # only empty fields are missing: 'NA' or 'null' stay text and fail validation where they stand
+        df = pd.read_csv(path, skip_blank_lines=False, keep_default_na=False, na_values=[""], **kw)
+    except pd.errors.EmptyDataError:
+        raise PipelineError(f"{path}: {'empty file (0 bytes)' if path.stat().st_size == 0 else 'no header on line 1'}; "
+                            f"expected {what}") from None
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start:e.start + 1].hex()}); "
+                            f"expected {what}, saved as UTF-8 CSV") from None
+    except (pd.errors.ParserError, OSError) as e:
+        raise PipelineError(f"{path}: cannot be read as CSV ({str(e).strip().splitlines()[0][:160]}); "
+                            f"expected {what}") from None
+    if not isinstance(df.index, pd.RangeIndex):  # pandas made the first column the index: rows outgrow the header
+        raise PipelineError(f"{path}: rows have more fields than the header {list(df.columns)}; expected {what}")
+    df.index = pd.RangeIndex(2, len(df) + 2, name="line")
+    return df.dropna(how="all")
+
+
 def split_long_ids(ids: pd.Series, source="labels") -> pd.DataFrame:
-    """`ID_<hex>_<subtype>` -> columns image_id (`ID_<hex>`) and subtype; bad IDs raise with line numbers."""
+    """`ID_<hex>_<subtype>` -> columns image_id (`ID_<hex>`) and subtype; bad IDs raise with their line
+    numbers, which are the index of `ids` (as `read_user_csv` gives them)."""
     parts = ids.astype(str).str.extract(_ID_RE)
     bad = parts[0].isna()
     if bad.any():
-        lines = (np.flatnonzero(bad.to_numpy()) + 2)[:5]  # +2: 1-based and the header line
+        lines = ids.index[bad][:5]
         raise PipelineError(
             f"{source}: {int(bad.sum())} malformed ID(s), expected ID_<hex>_<subtype>; "
             f"first at line(s) {lines.tolist()}: {ids[bad].head(5).tolist()}")
     unknown = ~parts[1].isin(CLASSES)
     if unknown.any():
-        lines = (np.flatnonzero(unknown.to_numpy()) + 2)[:5]
+        lines = ids.index[unknown][:5]
         raise PipelineError(
             f"{source}: unknown subtype(s) {sorted(set(parts[1][unknown]))[:5]} at line(s) {lines.tolist()}; "
             f"known: {CLASSES}")
@@ -43,13 +71,15 @@ def read_labels(path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"label file not found: {path} (expected Kaggle's stage_2_train.csv)")
-    raw = pd.read_csv(path, dtype={"ID": str, "Label": str})
+    raw = read_user_csv(path, "Kaggle's stage_2_train.csv (header ID,Label)", dtype={"ID": str, "Label": str})
     if list(raw.columns) != ["ID", "Label"]:
         raise PipelineError(f"{path}: header must be 'ID,Label', found {list(raw.columns)}")
+    if raw.empty:
+        raise PipelineError(f"{path}: no label rows under the header; expected Kaggle's stage_2_train.csv")
     labels = pd.to_numeric(raw["Label"], errors="coerce")
     bad = labels.isna() | ~labels.isin([0, 1])
     if bad.any():
-        lines = (np.flatnonzero(bad.to_numpy()) + 2)[:5]
+        lines = raw.index[bad][:5]
         raise PipelineError(f"{path}: labels must be 0 or 1; bad value(s) at line(s) {lines.tolist()}: "
                             f"{raw['Label'][bad].head(5).tolist()}")
     raw["Label"] = labels.astype(np.uint8)
@@ -99,11 +129,13 @@ def read_sample_submission(path) -> tuple[pd.Series, list[str]]:
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"sample submission not found: {path}")
-    df = pd.read_csv(path, dtype={"ID": str})
+    df = read_user_csv(path, "Kaggle's stage_2_sample_submission.csv (header ID,Label)", dtype={"ID": str})
     if "ID" not in df.columns:
         raise PipelineError(f"{path}: no 'ID' column")
+    if df.empty:
+        raise PipelineError(f"{path}: no rows under the header; expected Kaggle's stage_2_sample_submission.csv")
     parts = split_long_ids(df["ID"], source=str(path))
-    return df["ID"], list(dict.fromkeys(parts["image_id"]))
+    return df["ID"].reset_index(drop=True), list(dict.fromkeys(parts["image_id"]))
 
 
 def main():

@@ -5,7 +5,9 @@ or a local `.pth`/`.safetensors` file, which timm loads through `pretrained_cfg_
 it drops a classifier of another size and adapts the first convolution to 9 input channels.
 
 Checkpoints load with `torch.load(weights_only=True)`: a file that would run code when unpickled is
-refused instead of executed.
+refused instead of executed. A `--weights` file that timm cannot use (garbage, carries code, not a state
+dict) or of which no tensor fits the model (timm would silently keep random weights) is a PipelineError
+naming the file.
 """
 from __future__ import annotations
 
@@ -54,7 +56,23 @@ def create_model(name: str, in_chans: int = 3, pretrained: bool = False, weights
     if weights:
         if not Path(weights).exists():
             raise PipelineError(f"weights file not found: {weights}")
-        backbone = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), **kw)
+        fix = "pass a state dict of tensors of this architecture (torch.save(model.state_dict(), PATH), .safetensors)"
+        # Read here with timm's own loader (weights_only torch.load, or safetensors) to see what the file holds,
+        # then again by timm to adapt it; the errors of either come in many types.
+        try:
+            sd = timm.models.load_state_dict(str(weights))
+            if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+                raise ValueError("not a state dict of tensors")
+            backbone = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), **kw)
+        except Exception as e:
+            if "Unknown model" in str(e):
+                raise PipelineError(f"unknown timm model {name!r}") from e
+            why = (str(e).strip().splitlines() or ["empty or truncated file"])[0][:200]
+            raise PipelineError(f"weights file {weights} refused ({type(e).__name__}: {why}); {fix}") from e
+        # timm loads non-strictly once the classifier is replaced: a file of another model would load nothing
+        if not set(sd) & set(backbone.state_dict()):
+            raise PipelineError(f"weights file {weights}: none of its {len(sd)} tensors "
+                                f"({', '.join(list(sd)[:3])}, ...) belong to {name!r}; {fix}")
     else:
         try:
             backbone = timm.create_model(name, pretrained=pretrained, **kw)

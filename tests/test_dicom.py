@@ -72,8 +72,8 @@ def test_hu_intercept_bug(tmp_path):
 
 
 def test_no_fix_when_intercept_normal(tmp_path):
-    raw = np.array([[3096]], np.uint16)
-    assert hu_of(write_ds(tmp_path / "a.dcm", raw, bits=12, rep=0, intercept=-1024)).item() == 2072
+    raw = np.array([[3096, 0]], np.uint16)  # two pixels: a one-pixel image is flat, and refused as such
+    assert hu_of(write_ds(tmp_path / "a.dcm", raw, bits=12, rep=0, intercept=-1024)).tolist() == [[2072, -1024]]
 
 
 def test_window_scaling_hand_values():
@@ -109,7 +109,8 @@ def test_file_window_multivalued(tmp_path):
 
 
 def test_kaggle_uid_warning_silenced_but_others_not(tmp_path):
-    p = write_ds(tmp_path / "a.dcm", np.zeros((4, 4), np.uint16), bits=12, rep=0, intercept=-1024, uid="ID_44cfc8e964")
+    p = write_ds(tmp_path / "a.dcm", np.arange(16).reshape(4, 4) * 100, bits=12, rep=0, intercept=-1024,
+                 uid="ID_44cfc8e964")
     q = write_ds(tmp_path / "b.dcm", np.zeros((4, 4), np.uint16), bits=12, rep=0, intercept=-1024, uid="not a uid!")
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -190,3 +191,59 @@ def test_z_fallbacks(tmp_path):
     del ds.SliceLocation
     ds.InstanceNumber = 3
     assert D.slice_z(ds) == (3.0, "InstanceNumber")
+
+
+def phantom(n, signed=True):
+    """Stored values (intercept -1024) of a head-like slice: brain at 40 HU in a 1000 HU skull, air, and
+    outside the scan circle -3024 HU padding (signed files) or raw 0 = -1024 HU (12-bit unsigned files)."""
+    yy, xx = np.mgrid[:n, :n]
+    r = np.hypot(yy - (n - 1) / 2, xx - (n - 1) / 2) / (n / 2)
+    return np.select([r < 0.7, r < 0.8, r <= 1], [40, 1000, -1000], -3024 if signed else -1024) + 1024
+
+
+def write_phantom(path, n, signed=True):
+    return write_ds(path, phantom(n, signed), bits=16 if signed else 12, rep=int(signed), intercept=-1024,
+                    implicit=not signed)
+
+
+@pytest.mark.parametrize("n", [64, 1024])
+@pytest.mark.parametrize("signed", [True, False])
+def test_consistent_small_and_large_images_decode(tmp_path, n, signed):
+    ds = D.read_dicom(write_phantom(tmp_path / "a.dcm", n, signed))
+    img = D.dicom_to_image(ds, size=256)
+    assert img.shape == (256, 256, 3)
+    # 40 HU: (40-0)*255/80 = 127.5, (40+20)*255/200 = 76.5, (40+800)*255/2800 = 76.5, rounded half to even
+    assert img[128, 128].tolist() == [128, 76, 76]
+    ref = D.hu_to_image(D.to_hu(D.pixels(ds), D.rescale_params(ds)), size=256)
+    assert np.abs(img.astype(int) - ref).max() <= 2
+
+
+def test_odd_length_pixel_data_may_carry_one_padding_byte(tmp_path):
+    ds = D.read_dicom(write_ds(tmp_path / "a.dcm", np.zeros((5, 5)), bits=16, rep=0, intercept=-1024))
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = (np.arange(25, dtype=np.uint8) * 10).tobytes()  # 25 bytes: written with one padding byte
+    ds.save_as(tmp_path / "b.dcm")
+    ds = D.read_dicom(tmp_path / "b.dcm")
+    assert len(ds.PixelData) == 26
+    assert D.pixels(ds).ravel().tolist() == list(range(0, 250, 10))
+    ds.PixelData = bytes(28)
+    with pytest.raises(D.DicomError, match="too long: 28 bytes.*= 25"):
+        D.pixels(ds)
+
+
+def test_first_value_accepts_numbers_strings_and_multivalues_only_finite():
+    assert D.first_value(pydicom.multival.MultiValue(float, ["2.5", "7"]), "X") == 2.5
+    assert D.first_value(" -1024 ", "X") == -1024.0
+    for v, msg in [("abc", "X is 'abc', not a finite"), (float("nan"), "X is 'nan', not a finite"),
+                   (["inf", "1"], "X is 'inf', not a finite"), ([], "X is an empty")]:
+        with pytest.raises(D.DicomError, match=msg):
+            D.first_value(v, "X")
+
+
+def test_z_skips_fields_that_are_not_numbers(tmp_path):
+    ds = D.read_dicom(write_ds(tmp_path / "a.dcm", np.zeros((4, 4), np.uint16), bits=12, rep=0, intercept=-1024))
+    ds["ImagePositionPatient"] = pydicom.DataElement(0x00200032, "LO", "a\\b\\c")
+    ds.SliceLocation = "7.5"
+    assert D.slice_z(ds) == (7.5, "SliceLocation")
+    del ds.SliceLocation
+    assert D.slice_z(ds)[1] == "missing"

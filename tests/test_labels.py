@@ -1,3 +1,4 @@
+import re
 import warnings
 
 import numpy as np
@@ -84,3 +85,44 @@ def test_long_round_trip(tmp_path):
         warnings.simplefilter("ignore")
         back = read_labels(p)
     pd.testing.assert_frame_equal(back, wide.rename_axis("ID"), check_dtype=False)
+
+
+def _write_lines(tmp_path, lines):
+    p = tmp_path / "train.csv"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+@pytest.mark.parametrize("bad_row, message", [
+    ("0a1_epidural,0", "malformed ID"),
+    ("ID_0b2_epidurall,0", "unknown subtype"),
+    ("ID_0b2_epidural,7", "0 or 1"),
+])
+def test_line_numbers_count_blank_lines(tmp_path, bad_row, message):
+    lines = ["ID,Label", ""] + [f"{i},{v}" for i, v in _image_rows("ID_0a1", [0] * 6)] + ["", "", bad_row, ""]
+    line = lines.index(bad_row) + 1  # the line an editor shows
+    with pytest.raises(PipelineError, match=rf"{message}.*line\(s\) \[{line}\]"):
+        read_labels(_write_lines(tmp_path, lines))
+
+
+def test_blank_lines_do_not_change_the_table(tmp_path):
+    rows = [f"{i},{v}" for i, v in _image_rows("ID_0a1", [1, 0, 0, 0, 0, 1]) + _image_rows("ID_0b2", [0] * 6)]
+    plain = read_labels(_write_lines(tmp_path, ["ID,Label"] + rows))
+    spaced = read_labels(_write_lines(tmp_path, ["ID,Label", ""] + rows[:7] + ["", ""] + rows[7:] + ["", ""]))
+    pd.testing.assert_frame_equal(spaced, plain)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"empty file \(0 bytes\)"),
+    (b"ID,Label\n", "no label rows"),
+    (b"ID,Label\n\n\n", "no label rows"),
+    ("ID,Label\nID_0a1_\u00e9pidural,0\n".encode("latin-1"), "not UTF-8"),
+    (b"ID,Label\nID_0a1_any,0,1\n", "more fields than the header"),
+    (b"ID,Label\nID_0a1_any,0\nID_0a1_epidural,0,1\n", r"cannot be read as CSV \(.*line 3"),
+    (b"ID,Label\nNA,NA\n", r"labels must be 0 or 1.*line\(s\) \[2\]"),  # 'NA' is text, not a missing row
+])
+def test_unreadable_label_files_name_the_file(tmp_path, content, message):
+    p = tmp_path / "train.csv"
+    p.write_bytes(content)
+    with pytest.raises(PipelineError, match=re.escape(str(p)) + f".*{message}"):
+        read_labels(p)

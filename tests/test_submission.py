@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -135,3 +137,30 @@ def test_submit_dry_run_and_missing_credentials(tmp_path, monkeypatch, capsys):
     pd.read_csv(f).iloc[:-1].to_csv(f, index=False)
     with pytest.raises(PipelineError, match="missing IDs"):
         submit(f, "msg", sample, dry_run=True)
+
+
+def test_validate_file_reads_blank_lines_and_reports_file_lines(tmp_path):
+    sample = sample_file(tmp_path, IMAGES)
+    lines = valid_long(IMAGES).to_csv(index=False).splitlines()
+    f = tmp_path / "sub.csv"
+    f.write_text("\n".join(lines[:3] + [""] + lines[3:] + ["", ""]) + "\n")
+    assert len(submission.validate_file(f, sample)) == 18
+    lines[5], lines[6] = lines[6], lines[5]  # rows 5 and 6 swapped: after the blank line, the first is on line 7
+    f.write_text("\n".join(lines[:3] + [""] + lines[3:]) + "\n")
+    with pytest.raises(PipelineError, match="first difference at line 7"):
+        submission.validate_file(f, sample)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"empty file \(0 bytes\)"),
+    ("ID,Label\nID_00a_\u00e9,0.5\n".encode("latin-1"), "not UTF-8"),
+    (b"\n\nID,Label\n", "no header on line 1"),
+])
+def test_unreadable_submission_names_the_file(tmp_path, content, message):
+    sample = sample_file(tmp_path, IMAGES)
+    f = tmp_path / "sub.csv"
+    f.write_bytes(content)
+    with pytest.raises(PipelineError, match=re.escape(str(f)) + f".*{message}"):
+        submission.validate_file(f, sample)
+    with pytest.raises(PipelineError, match=re.escape(str(f)) + f".*{message}"):
+        submission.validate_file(sample, f)  # the same file given as the sample submission
