@@ -10,14 +10,15 @@ included).
 """
 from __future__ import annotations
 
-import argparse
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .config import parse_config, positional
 from .utils import CLASSES, PipelineError, cli_main
 
 _ID_RE = re.compile(r"^ID_([0-9a-fA-F]+)_([a-z]+)$")
@@ -138,11 +139,14 @@ def read_sample_submission(path) -> tuple[pd.Series, list[str]]:
     return df["ID"].reset_index(drop=True), list(dict.fromkeys(parts["image_id"]))
 
 
+@dataclass
+class LabelsConfig:
+    csv: str = positional("input/stage_2_train.csv")  # a label file in Kaggle's long format (stage_2_train.csv)
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("csv", help="stage_2_train.csv")
-    args = ap.parse_args()
-    wide = read_labels(args.csv)
+    a = parse_config(LabelsConfig, description=__doc__, prog="python -m src.labels")
+    wide = read_labels(a.csv)
     print(f"{len(wide)} images")
     print((wide.mean() * 100).round(2).to_string())
 

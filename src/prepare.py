@@ -54,9 +54,14 @@ def parse_windows(text: str):
     for tok in text.split():
         if tok == "file":
             out.append(None)
-        else:
-            c, w = tok.split(",")
-            out.append((float(c), float(w)))
+            continue
+        try:
+            c, w = (float(v) for v in tok.split(","))
+        except ValueError:
+            raise PipelineError(f"--windows: {tok!r} is not 'center,width' in HU (e.g. 40,80) or 'file'") from None
+        if not (np.isfinite(c) and np.isfinite(w) and w > 0):
+            raise PipelineError(f"--windows: {tok!r} needs a finite center and a width > 0")
+        out.append((c, w))
     if len(out) != 3:
         raise PipelineError(f"--windows needs three windows (one per channel), got {text!r}")
     return tuple(out)

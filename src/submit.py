@@ -11,15 +11,16 @@ command without running it.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import submission
+from .config import parse_config, positional, short
 from .utils import ROOT, PipelineError, cli_main
 
 COMPETITION = "rsna-intracranial-hemorrhage-detection"
@@ -64,14 +65,18 @@ def submit(path, message, sample, dry_run=False) -> int:
     return 0
 
 
+@dataclass
+class SubmitConfig:
+    file: str = positional(None)      # the submission CSV (submissions/stage_2_<name>.csv)
+    message: str = short("", "-m")    # the submission's description on Kaggle (required)
+    sample: str = str(ROOT / "input" / "stage_2_sample_submission.csv")  # the data's sample submission
+    dry_run: bool = False             # validate and print the upload command without running it
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("file")
-    ap.add_argument("-m", "--message", required=True)
-    ap.add_argument("--sample", default=str(ROOT / "input" / "stage_2_sample_submission.csv"),
-                    help="the data's stage_2_sample_submission.csv (default input/)")
-    ap.add_argument("--dry-run", action="store_true")
-    a = ap.parse_args()
+    a = parse_config(SubmitConfig, description=__doc__, prog="python -m src.submit")
+    if not a.file or not a.message:
+        raise PipelineError("give the submission file and a message: python -m src.submit FILE -m \"message\"")
     sys.exit(submit(a.file, a.message, a.sample, a.dry_run))
 
 
