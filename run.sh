@@ -3,6 +3,7 @@
 #
 #   bash run.sh                                   # input/ (or generated demo data when input/ has no competition data)
 #   INPUT_DIR=../shared/rsna_sample K=3 bash run.sh
+#   SUBSET=100000 bash run.sh                     # about 100k labelled slices of whole patients, as data of their own
 #   INPUT_DIR=/data/rsna OUT_DIR=/scratch/rsna bash run.sh
 #   OVERWRITE=1 bash run.sh                       # redo every step whose settings or inputs changed
 #   bash run.sh test                              # the test suite
@@ -10,7 +11,8 @@
 # Settings (environment): INPUT_DIR (Kaggle-layout data), OUT_DIR (default outputs/<data folder name>),
 # K and SEED (folds), DEVICE_CONFIG=gpu|cpu (default: gpu when CUDA is available), TRAIN_FLAGS and
 # SEQ_FLAGS (appended to every stage-1 / stage-2 command, e.g. TRAIN_FLAGS="--epochs 1" for a smoke run),
-# CACHE_SIZE (cached image size: 256 on GPU, 128 on CPU), FOLDS_FILE, SUBMISSIONS_DIR, OVERWRITE.
+# CACHE_SIZE (cached image size: 256 on GPU, 128 on CPU), FOLDS_FILE, SUBMISSIONS_DIR, OVERWRITE,
+# SUBSET and SUBSET_SEED (a label-stratified subset of whole patients, src/subset.py: its own data tag <data>_sub<N>).
 # Every step records what made its output (src/runs.py): a step whose settings and inputs are unchanged is
 # skipped; one whose settings changed stops the run and says what differs, unless OVERWRITE=1.
 # Outputs of two data folders never mix: each has its own OUT_DIR, folds/<name>_k<K>_seed<SEED>.csv and
@@ -68,6 +70,14 @@ if [ ! -f "$INPUT_DIR/stage_2_train.csv" ]; then
   echo "no competition data in $INPUT_DIR/ (stage_2_train.csv): using generated demo data in input/demo"
   INPUT_DIR=input/demo
   [ -f "$INPUT_DIR/stage_2_sample_submission.csv" ] || $PY -m src.synth --data-dir "$INPUT_DIR" --overwrite
+fi
+# SUBSET=N: about N labelled training slices of whole patients, stratified on label presence, made (or reused) as a
+# data folder of symlinks in outputs/subsets/<data>_sub<N>/; its name is the data tag, so nothing mixes with the full
+# run's outputs (an explicit OUT_DIR gets a sibling of the subset's name). The test set stays whole.
+if [ -n "${SUBSET:-}" ]; then
+  FULL_OUT=${OUT_DIR:-}
+  INPUT_DIR=$($PY -m src.subset "$INPUT_DIR" --n "$SUBSET" --subset-seed "${SUBSET_SEED:-0}" ${FULL_OUT:+--out-dir "$FULL_OUT"} $OW | tail -1)
+  [ -z "$FULL_OUT" ] || OUT_DIR="$(dirname "$FULL_OUT")/$(basename "$INPUT_DIR")"
 fi
 TAG=$(basename "$(cd "$INPUT_DIR" && pwd)")
 OUT_DIR=${OUT_DIR:-outputs/$TAG}

@@ -21,6 +21,7 @@ import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
 from . import runs
+from .runs import load_folds  # noqa: F401  (the folds file's reader lives with the layout)
 from .config import parse_config, positional
 from .prepare import load_cache
 from .utils import CLASSES, PipelineError, cli_main, write_csv
@@ -45,13 +46,6 @@ def make_folds(labels: pd.DataFrame, patients: pd.Series, k: int = 5, seed: int 
     out = df[["PatientID", "fold"]].sort_index()
     out.index.name = "ID"
     return out
-
-
-def load_folds(path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.exists():
-        raise PipelineError(f"folds file not found: {path} (run `python -m src.folds DATA_DIR --k K --fold-seed S`)")
-    return pd.read_csv(path, dtype={"ID": str, "PatientID": str}).set_index("ID")
 
 
 @dataclass

@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 
 from .utils import CLASS_WEIGHTS, CLASSES, PipelineError
 
@@ -48,6 +47,7 @@ def weighted_log_loss(y, p, weights=CLASS_WEIGHTS) -> float:
 
 def per_class_auc(y, p) -> np.ndarray:
     """ROC AUC per class; NaN for a class with only one label value present."""
+    from sklearn.metrics import roc_auc_score  # here: sklearn costs a second or two at the start of every step
     y, p = _check(y, p)
     return np.array([roc_auc_score(y[:, c], p[:, c]) if 0 < y[:, c].sum() < len(y) else np.nan
                      for c in range(y.shape[1])])

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 
@@ -52,6 +51,7 @@ class Net(nn.Module):
 
 
 def create_model(name: str, in_chans: int = 3, pretrained: bool = False, weights: str = "", drop_rate: float = 0.0) -> Net:
+    import timm  # here, not at the top: steps that only read checkpoints (stage 2, reports) start 1-2 s sooner
     kw = dict(num_classes=len(CLASSES), in_chans=in_chans)
     if weights:
         if not Path(weights).exists():

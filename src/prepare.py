@@ -40,9 +40,9 @@ from tqdm import tqdm
 from . import runs
 from .config import parse_config, positional
 from .dicom import DEFAULT_WINDOWS, DicomError, dicom_to_image, header_fields, image_id_from_path, read_dicom
+from .synth import SYNTHETIC_MARKER  # src.synth leaves it in the data folders it writes
 from .utils import PipelineError, cli_main, write_csv, write_json
 
-from .synth import SYNTHETIC_MARKER  # noqa: E402  (src.synth leaves it in the data folders it writes)
 SPLITS = {"train": "stage_2_train_images", "test": "stage_2_test_images"}
 META_COLUMNS = ["ID", "split", "row", "status", "reason", "path", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
                 "Modality", "z", "z_source", "rows", "cols"]

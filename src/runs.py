@@ -61,6 +61,14 @@ def run_folds_file(data_dir, k: int, seed: int, folds_file=None) -> Path:
     return Path(folds_file) if folds_file else folds_path(data_dir, k, seed)
 
 
+def load_folds(path) -> pd.DataFrame:
+    """A folds file: index ID, columns PatientID and fold."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"folds file not found: {path} (run `python -m src.folds DATA_DIR --k K --fold-seed S`)")
+    return pd.read_csv(path, dtype={"ID": str, "PatientID": str}).set_index("ID")
+
+
 def ensemble_json(out: Path, name: str) -> Path:
     return Path(out) / "ensemble" / f"{name}.json"
 

@@ -40,7 +40,6 @@ from torch import nn
 from . import runs
 from .config import parse_config, result_settings, save_yaml
 from .engine import pick_device
-from .folds import load_folds
 from .metrics import WeightedBCE, weighted_log_loss
 from .model import load_checkpoint, save_checkpoint
 from .prepare import load_cache
@@ -220,7 +219,7 @@ def stage1_inputs(stage1: runs.Run, fold: int, with_emb=True):
     s1 = stage1.config()
     _, meta = load_cache(runs.cache_dir(s1["data_dir"], s1.get("out_dir")))
     order = meta[meta.status == "ok"].set_index("ID")[["SeriesInstanceUID", "slice_index"]]
-    folds = load_folds(runs.run_folds_file(s1["data_dir"], s1["k"], s1["fold_seed"], s1.get("folds_file")))["fold"]
+    folds = runs.load_folds(runs.run_folds_file(s1["data_dir"], s1["k"], s1["fold_seed"], s1.get("folds_file")))["fold"]
     labels, _ = runs.labels(s1["data_dir"], s1.get("out_dir"))
     parts, embs = [], []
     for k in stage1.folds():

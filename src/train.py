@@ -34,7 +34,6 @@ from . import runs
 from .config import TrainConfig, parse_config, result_settings, save_yaml
 from .data import Augment, EpochSampler, SliceDataset, collate, neighbour_rows
 from .engine import adamw, amp_settings, configure_backend, pick_device, predict_loader, train_one_epoch, warmup_cosine
-from .folds import load_folds
 from .metrics import WeightedBCE, per_class_log_loss, weighted_log_loss
 from .model import create_model, load_checkpoint, save_checkpoint
 from .prepare import cache_settings, cache_stamp, load_cache
@@ -45,7 +44,7 @@ def fold_stamp(cfg: TrainConfig) -> runs.Stamp:
     """What a fold's result depends on: its settings, the cache, the folds file and the labels."""
     folds_file = runs.run_folds_file(cfg.data_dir, cfg.k, cfg.fold_seed, cfg.folds_file)
     if not folds_file.exists():
-        load_folds(folds_file)  # the standard message
+        runs.load_folds(folds_file)  # the standard message
     return runs.Stamp("train", result_settings(cfg), {
         "cache": cache_stamp(runs.cache_dir(cfg.data_dir, cfg.out_dir)).id,
         "folds": runs.file_fingerprint(folds_file),
@@ -55,7 +54,7 @@ def fold_stamp(cfg: TrainConfig) -> runs.Stamp:
 def load_fold_data(cfg: TrainConfig):
     """Cache, labels and the fold split -> (images, train table, val table); tables hold ID, row, neighbours, labels."""
     images, meta = load_cache(runs.cache_dir(cfg.data_dir, cfg.out_dir))
-    folds = load_folds(runs.run_folds_file(cfg.data_dir, cfg.k, cfg.fold_seed, cfg.folds_file))
+    folds = runs.load_folds(runs.run_folds_file(cfg.data_dir, cfg.k, cfg.fold_seed, cfg.folds_file))
     if cfg.fold not in set(folds["fold"]):
         raise PipelineError(f"--fold {cfg.fold} is not in the folds file (folds {sorted(set(folds['fold']))})")
     labels, _ = runs.labels(cfg.data_dir, cfg.out_dir)
