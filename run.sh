@@ -9,8 +9,8 @@
 #   bash run.sh test                              # the test suite
 #
 # Settings (environment): INPUT_DIR (Kaggle-layout data), OUT_DIR (default outputs/<data folder name>),
-# K and SEED (folds), DEVICE_CONFIG=gpu|cpu (default: gpu when CUDA is available), TRAIN_FLAGS and
-# SEQ_FLAGS (appended to every stage-1 / stage-2 command, e.g. TRAIN_FLAGS="--epochs 1" for a smoke run),
+# K and SEED (folds), DEVICE_CONFIG=gpu|cpu (default: gpu when CUDA is available), TRAIN_FLAGS, SEQ_FLAGS and
+# BOOST_FLAGS (appended to every stage-1 / GRU / LightGBM command, e.g. TRAIN_FLAGS="--epochs 1" for a smoke run),
 # CACHE_SIZE (cached image size: 256 on GPU, 128 on CPU), FOLDS_FILE, SUBMISSIONS_DIR, OVERWRITE,
 # SUBSET and SUBSET_SEED (a label-stratified subset of whole patients, src/subset.py: its own data tag <data>_sub<N>).
 # Every step records what made its output (src/runs.py): a step whose settings and inputs are unchanged is
@@ -31,6 +31,7 @@ K=${K:-5}
 SEED=${SEED:-42}
 TRAIN_FLAGS=${TRAIN_FLAGS:-}
 SEQ_FLAGS=${SEQ_FLAGS:-}
+BOOST_FLAGS=${BOOST_FLAGS:-}
 SUBMISSIONS_DIR=${SUBMISSIONS_DIR:-submissions}
 OW=""; [ "${OVERWRITE:-0}" = 1 ] && OW="--overwrite"
 
@@ -99,6 +100,7 @@ for CFG in "${CONFIGS[@]}"; do
   NAME=$(basename "$CFG" .yaml)
   RUN="$OUT_DIR/runs/$NAME"
   SEQ="$OUT_DIR/runs/seq_$NAME"
+  BOOST="$OUT_DIR/runs/boost_$NAME"
   # ---- 4. stage 1: one command per fold (--resume continues a killed fold) ----
   for ((k = 0; k < K; k++)); do
     # shellcheck disable=SC2086
@@ -108,14 +110,19 @@ for CFG in "${CONFIGS[@]}"; do
   step "evaluate $NAME" "$RUN/report/summary.json" $PY -m src.evaluate "$RUN"
   # ---- 5. test predictions and embeddings of every fold ----
   step "predict $NAME" "$RUN/predict.json" $PY -m src.predict "$RUN" $OW
-  # ---- 6. stage 2: sequence model over each series, per fold ----
+  # ---- 6. stage 2: a GRU over each series, and boosted trees on each slice and its neighbours, per fold ----
   for ((k = 0; k < K; k++)); do
     # shellcheck disable=SC2086
     step "sequence $NAME fold $k" "$SEQ/fold$k/oof.csv" $PY -m src.sequence --stage1 "$RUN" --fold "$k" $SEQ_FLAGS $OW
   done
+  for ((k = 0; k < K; k++)); do
+    # shellcheck disable=SC2086
+    step "boost $NAME fold $k" "$BOOST/fold$k/oof.csv" $PY -m src.boost --stage1 "$RUN" --fold "$k" $BOOST_FLAGS $OW
+  done
+  # the report compares the members and their OOF-fitted blend (whose weights the demo's Predictor applies)
   step "evaluate stage 1 vs stage 2 ($NAME)" "$OUT_DIR/report/$NAME/summary.json" \
-    $PY -m src.evaluate "$RUN" "$SEQ" --report-dir "$OUT_DIR/report/$NAME"
-  MEMBERS+=("$RUN" "$SEQ")
+    $PY -m src.evaluate "$RUN" "$SEQ" "$BOOST" --report-dir "$OUT_DIR/report/$NAME"
+  MEMBERS+=("$RUN" "$SEQ" "$BOOST")
 done
 
 # ---- 7. blend and write the submission ----

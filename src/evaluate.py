@@ -2,10 +2,11 @@
 
     python -m src.evaluate outputs/demo/runs/resnet10t_128                       # report in RUN/report/
     python -m src.evaluate outputs/demo/runs/resnet10t_128 outputs/demo/runs/seq_resnet10t_128 \
-        --report-dir outputs/demo/report/resnet10t_128
+        outputs/demo/runs/boost_resnet10t_128 --report-dir outputs/demo/report/resnet10t_128
 
-Joins every fold's oof.csv of each run and writes: summary.json (for scripts), report.md (a table for
-people), roc.png (ROC per class), calibration.png (reliability per class) and loss_curves.png (train
+Joins every fold's oof.csv of each run and, given several runs, their blend (weights fitted on the OOF
+predictions, as src.ensemble fits them), and writes: summary.json (for scripts), report.md (a table for
+people, every member and the blend side by side), roc.png (ROC per class), calibration.png (reliability per class) and loss_curves.png (train
 and validation loss per fold, from each fold's epochs.csv). The prior baseline gives every image the
 label frequencies of its training folds: a model must beat it to have learnt anything (its AUC is
 undefined, "-": it is constant within a fold). The report's summary.json records the fingerprints of the
@@ -28,6 +29,7 @@ from sklearn.metrics import roc_curve  # noqa: E402
 
 from . import runs  # noqa: E402
 from .config import parse_config, positional  # noqa: E402
+from .ensemble import fit_weights  # noqa: E402
 from .labels import read_labels  # noqa: E402
 from .metrics import report  # noqa: E402
 from .utils import CLASSES, PipelineError, atomic_path, atomic_write, cli_main, write_json  # noqa: E402
@@ -64,6 +66,16 @@ def evaluate_runs(run_dirs, out_dir, labels_path=None, quiet=False) -> dict:
         results[r.name] = report(y, oof[CLASSES].to_numpy())
         results[r.name]["folds"] = sorted(int(f) for f in oof["fold"].unique())
         oofs[r.name] = oof
+    if len(run_list) > 1:  # the members' blend, with the ensembler's OOF-fitted weights, as one more column
+        common = oofs[run_list[0].name].index
+        for o in oofs.values():
+            common = common.intersection(o.index)
+        y = labels.loc[common, CLASSES].to_numpy()
+        preds = [o.loc[common, CLASSES].to_numpy() for o in oofs.values()]
+        w = fit_weights(y, preds)
+        results["blend"] = {**report(y, np.tensordot(w, np.stack(preds), axes=1)),
+                            "weights": {n: float(x) for n, x in zip(oofs, w)}}
+        oofs["blend"] = pd.DataFrame(np.tensordot(w, np.stack(preds), axes=1), index=common, columns=CLASSES)
     first = oofs[run_list[0].name]
     y0 = labels.loc[first.index, CLASSES].to_numpy()
     prior = report(y0, prior_predictions(labels, first["fold"]))
@@ -80,6 +92,10 @@ def evaluate_runs(run_dirs, out_dir, labels_path=None, quiet=False) -> dict:
     plot_roc(oofs, labels, out_dir / "roc.png")
     plot_calibration(oofs, labels, out_dir / "calibration.png")
     plot_loss_curves(run_list, out_dir / "loss_curves.png")
+    if "blend" in results:
+        lines = ", ".join(f"{n} {x:.2f}" for n, x in results["blend"]["weights"].items())
+        summary["blend_weights"] = results["blend"]["weights"]
+        print(f"blend weights (fitted on the OOF predictions): {lines}")
     write_markdown(summary, out_dir / "report.md")
     write_json(summary, out_dir / "summary.json")
     for r in run_list:  # a stage-1 run carries what it was trained on and how well it did
@@ -98,6 +114,8 @@ def write_markdown(summary: dict, path):
              "| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols),
              "| **weighted log loss** | " + " | ".join(f"**{get(n)['weighted_log_loss']:.4f}**" for n in cols) + " |",
              "| ratio to prior | " + " | ".join(f"{summary['ratio_to_prior'].get(n, 1.0):.3f}" for n in cols) + " |"]
+    if "blend_weights" in summary:
+        lines.append("| weight in the blend | " + " | ".join(f"{summary['blend_weights'][n]:.3f}" for n in names[:-1]) + " | | |")
     if "ratio_to_first" in summary:
         lines.append("| ratio to first run | " + " | ".join(f"{summary['ratio_to_first'].get(n, float('nan')):.3f}" for n in names) + " | |")
     lines.append("| mean AUC | " + " | ".join(_num(get(n)["mean_auc"], "{:.4f}") for n in cols) + " |")

@@ -8,9 +8,11 @@
 
 `predict` reads any head CT DICOMs (uncompressed or JPEG Lossless / JPEG 2000 / RLE, any file order,
 several series) with exactly the run's preprocessing (its cache size and windows, input mode, 2.5D
-neighbours, test-time augmentation), averages the stage-1 fold models, and applies the sequence stage
-(seq_<run>) by its own code when the run has one: each stage-2 fold reads its own stage-1 fold's outputs,
-as it did on the test set. `analyse` returns the decoded images and skipped files too, and `grad_cam` the
+neighbours, test-time augmentation), averages the stage-1 fold models, and applies the run's stage-2 models
+(the GRU, seq_<run>, and the boosted trees, boost_<run>) by their own code: each stage-2 fold reads its own
+stage-1 fold's outputs, as it did on the test set. Stage 1 and the stage-2 models are combined with the
+blend weights the run's report fitted on their out-of-fold predictions (`card["blend_weights"]`); without a
+report, the stage-2 models present are averaged. `analyse` returns the decoded images and skipped files too, and `grad_cam` the
 heat maps of the stage-1 models. src.predict (the test set), the demo's command line and its page all use
 this class.
 """
@@ -32,6 +34,7 @@ from .data import EpochSampler, SliceDataset, collate, neighbour_rows
 from .engine import amp_settings, configure_backend, pick_device, predict_loader
 from .model import Net, model_from_checkpoint
 from .prepare import decode_files, windows_from_settings
+from .boost import BoostFold
 from .sequence import SeqFold
 from .utils import CLASSES, PipelineError
 
@@ -111,6 +114,7 @@ class Predictor:
     folds: list[FoldModel]
     settings: dict                    # the cache's size and windows the run was trained on
     sequence: list[SeqFold] = field(default_factory=list)
+    boost: list[BoostFold] = field(default_factory=list)
     device: torch.device = torch.device("cpu")
     card: dict = field(default_factory=dict)
     batch_size: int = 64
@@ -134,19 +138,30 @@ class Predictor:
             model, cfg = model_from_checkpoint(run.fold_dir(k) / runs.BEST)
             folds.append(FoldModel(f"fold{k}", model.to(device).to(memory_format=torch.channels_last), cfg))
         settings = json.loads((run.fold_dir(ks[0]) / runs.PREPROCESS).read_text())
-        seq = []
+        seq, boost = [], []
         if stage2:
-            s2 = run.stage2("seq")
-            seq = [SeqFold.load(s2.fold_dir(k), device) for k in ks if (s2.fold_dir(k) / runs.BEST).exists()
-                   and (s2.fold_dir(k) / runs.OOF).exists()]
-        return cls(run, folds, settings, seq, device, runs.run_card(run), batch_size, workers)
+            s2, b2 = run.stage2("seq"), run.stage2("boost")
+            seq = [SeqFold.load(s2.fold_dir(k), device) for k in ks if (s2.fold_dir(k) / runs.OOF).exists()]
+            boost = [BoostFold.load(b2.fold_dir(k)) for k in ks if (b2.fold_dir(k) / runs.OOF).exists()]
+        return cls(run, folds, settings, seq, boost, device, runs.run_card(run), batch_size, workers)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """How stage 1 and the stage-2 models are combined: the report's OOF-fitted blend, else the stage-2
+        models' mean, else stage 1 alone (renormalised over the parts this Predictor has)."""
+        have = {"stage1": True, "seq": bool(self.sequence), "boost": bool(self.boost)}
+        w = {k: v for k, v in (self.card.get("blend_weights") or {}).items() if have.get(k)}
+        if not w or sum(w.values()) <= 0:
+            w = {k: 1.0 for k in ("seq", "boost") if have[k]} or {"stage1": 1.0}
+        total = sum(w.values())
+        return {k: v / total for k, v in w.items()}
 
     @property
     def description(self) -> str:
         cfg = self.folds[0].config
-        seq = f" + sequence stage ({len(self.sequence)} folds)" if self.sequence else ""
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in self.weights.items())
         return (f"{self.run.name}: {cfg['model']} @ {cfg['img_size']}px, {cfg['input_mode']}, "
-                f"{len(self.folds)} fold(s){seq}")
+                f"{len(self.folds)} fold(s); stage 1 and stage 2 combined as {parts}")
 
     # ---- stage 1
     def fold_predictions(self, images, meta: pd.DataFrame, progress=False) -> dict[str, FoldOutput]:
@@ -178,16 +193,28 @@ class Predictor:
         order = ok.sort_values(["SeriesInstanceUID", "slice_index"])
         ids = order.index.to_numpy()
         stage1 = {n: pd.DataFrame(o.probs, index=o.ids, columns=CLASSES) for n, o in per_fold.items()}
-        probs = sum(s.loc[ids].to_numpy() for s in stage1.values()) / len(stage1)
-        if self.sequence:
+        parts = {"stage1": sum(s.loc[ids].to_numpy() for s in stage1.values()) / len(stage1)}
+        if self.sequence or self.boost:
             groups = [g.index.to_numpy() for _, g in order.groupby("SeriesInstanceUID", sort=False)]
-            outs = []
-            for sf in self.sequence:
-                o = per_fold[sf.name]
-                pos = pd.Index(o.ids).get_indexer(np.concatenate(groups))
-                s2 = sf.predict([(o.emb[p], o.probs[p]) for p in np.split(pos, np.cumsum([len(g) for g in groups])[:-1])])
-                outs.append(np.concatenate(s2))
-            probs = np.mean(outs, axis=0)
+            cuts = np.cumsum([len(g) for g in groups])[:-1]
+
+            def per_series(fold_name):  # a stage-1 fold's outputs split by series, in the table's order
+                o = per_fold[fold_name]
+                return np.split(pd.Index(o.ids).get_indexer(np.concatenate(groups)), cuts), o
+
+            if self.sequence:
+                outs = []
+                for sf in self.sequence:
+                    pos, o = per_series(sf.name)
+                    outs.append(np.concatenate(sf.predict([(o.emb[p], o.probs[p]) for p in pos])))
+                parts["seq"] = np.mean(outs, axis=0)
+            if self.boost:
+                outs = []
+                for bf in self.boost:
+                    pos, o = per_series(bf.name)
+                    outs.append(np.concatenate(bf.predict([o.probs[p] for p in pos])))
+                parts["boost"] = np.mean(outs, axis=0)
+        probs = sum(w * parts[k] for k, w in self.weights.items())
         table = pd.DataFrame(probs, columns=CLASSES)
         table.insert(0, "z", order["z"].to_numpy())
         table.insert(0, "slice", order["slice_index"].to_numpy() + 1)

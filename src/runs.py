@@ -364,16 +364,21 @@ def make_card(run: Run) -> dict:
     elif data_dir:
         from .prepare import SYNTHETIC_MARKER
         card["synthetic"] = (Path(data_dir) / SYNTHETIC_MARKER).exists() or None
-    for rep, key in ((out_root(data_dir, out_dir) / "report" / run.name / "summary.json", f"seq_{run.name}"),
-                     (run.path / "report" / "summary.json", run.name)):
-        if rep.exists():
-            res = json.loads(rep.read_text()).get("runs", {})
-            best = res.get(key) or res.get(run.name)
-            if best:
-                card.update(oof_weighted_log_loss=best["weighted_log_loss"],
-                            oof_auc_any=best["per_class"]["any"]["auc"],
-                            stage="stage 2 (sequence)" if key in res else "stage 1")
-                break
+    family = {run.name: "stage1", f"seq_{run.name}": "seq", f"boost_{run.name}": "boost"}
+    for rep in (out_root(data_dir, out_dir) / "report" / run.name / "summary.json", run.path / "report" / "summary.json"):
+        if not rep.exists():
+            continue
+        s = json.loads(rep.read_text())
+        res, w = s.get("runs", {}), s.get("blend_weights", {})
+        if w and set(w) <= set(family):  # a blend of this run's own stages: what the Predictor applies
+            card["blend_weights"] = {family[n]: x for n, x in w.items()}
+            best, card["stage"] = res["blend"], "blend of " + ", ".join(f"{family[n]} {x:.2f}" for n, x in w.items())
+        elif run.name in res:
+            best, card["stage"] = res[run.name], "stage 1"
+        else:
+            continue
+        card.update(oof_weighted_log_loss=best["weighted_log_loss"], oof_auc_any=best["per_class"]["any"]["auc"])
+        break
     return card
 
 

@@ -32,6 +32,7 @@ import requests
 from starlette.testclient import TestClient
 
 import src.webapp as W
+from src.boost import BoostConfig, train_boost
 from src.demo import analyse
 from src.folds import make_folds
 from src.labels import read_labels
@@ -69,6 +70,7 @@ def run_dir(demo_data, demo_cache, tmp_path_factory):
     predict_run(run, quiet=True)
     for k in (0, 1):
         train_sequence(SeqConfig(stage1=str(run), fold=k, epochs=2))
+        train_boost(BoostConfig(stage1=str(run), fold=k, threads=1))
     return run
 
 
@@ -115,15 +117,18 @@ def test_cli_on_real_series(run_dir, demo_data, tmp_path):
 
 
 def test_predictor_api_applies_stage_2_like_the_test_set(run_dir, demo_data):
-    """Predictor.predict on the test images gives what the pipeline wrote for them: the mean of the stage-2 folds'
-    test.csv (each stage-2 fold reading its own stage-1 fold's outputs, by the sequence stage's own code)."""
+    """Predictor.predict on the test images gives what the pipeline wrote for them: its stage-2 models' test.csv
+    (each stage-2 fold reading its own stage-1 fold's outputs, by the stage's own code), combined with the run's
+    blend weights (here, without a report: the GRU and the booster averaged)."""
     p = Predictor.load(run_dir)
+    assert len(p.sequence) == len(p.boost) == 2 and p.weights == {"seq": 0.5, "boost": 0.5}
     df = p.predict([demo_data / "stage_2_test_images"])
     assert list(df.columns) == ["ID", "file", "series", "slice", "z", *CLASSES]
     for _, g in df.groupby("series"):
         assert (np.diff(g["z"]) > 0).all() and g["slice"].tolist() == list(range(1, len(g) + 1))
-    seq = run_dir.parent / f"seq_{run_dir.name}"
-    want = sum(pd.read_csv(seq / f"fold{k}" / "test.csv", index_col="ID")[CLASSES] for k in (0, 1)) / 2
+    mean = lambda kind: sum(pd.read_csv(run_dir.parent / f"{kind}_{run_dir.name}" / f"fold{k}" / "test.csv",  # noqa: E731
+                                        index_col="ID")[CLASSES] for k in (0, 1)) / 2
+    want = (mean("seq") + mean("boost")) / 2
     got = df.set_index("ID")[CLASSES]
     assert np.allclose(got.to_numpy(), want.loc[got.index].to_numpy(), atol=1e-4)
     s1 = Predictor.load(run_dir, stage2=False).predict([demo_data / "stage_2_test_images"]).set_index("ID")[CLASSES]
@@ -420,3 +425,33 @@ def test_browser_upload_shows_summary_and_a_refusal(server, app, demo_data, tmp_
         browser.close()
     assert shot.stat().st_size > 10_000
     assert not list(tmp.iterdir())
+
+
+def test_report_blends_the_members_and_the_predictor_applies_that_blend(run_dir, tmp_path):
+    """src.evaluate on a run's three members adds their OOF-fitted blend (weights as src.ensemble fits them) and the
+    prior without an AUC; the stage-1 run's card carries the weights, and the Predictor combines its stages so."""
+    from src.ensemble import fit_weights
+    from src.evaluate import evaluate_runs
+    from src.metrics import weighted_log_loss
+    runs_dir = run_dir.parent
+    for kind in ("", "seq_", "boost_"):  # a copy of the run, so the other tests' run keeps no report
+        shutil.copytree(runs_dir / f"{kind}m", runs_dir / f"{kind}m2")
+    members = [runs_dir / "m2", runs_dir / "seq_m2", runs_dir / "boost_m2"]
+    report_dir = runs_dir.parent / "report" / "m2"
+    s = evaluate_runs(members, report_dir)
+    labels = pd.read_csv(runs_dir.parent / "cache" / "labels.csv", index_col="ID")
+    oofs = [pd.concat(pd.read_csv(m / f"fold{k}" / "oof.csv", index_col="ID") for k in (0, 1)) for m in members]
+    ids = oofs[0].index
+    y = labels.loc[ids, CLASSES].to_numpy()
+    w = fit_weights(y, [o.loc[ids, CLASSES].to_numpy() for o in oofs])
+    assert np.allclose(list(s["blend_weights"].values()), w, atol=1e-6)
+    blend = weighted_log_loss(y, sum(wi * o.loc[ids, CLASSES].to_numpy() for wi, o in zip(w, oofs)))
+    assert s["runs"]["blend"]["weighted_log_loss"] == pytest.approx(blend, rel=1e-9)
+    assert blend <= min(s["runs"][m.name]["weighted_log_loss"] for m in members) + 1e-12
+    md = (report_dir / "report.md").read_text()
+    assert "| | m2 | seq_m2 | boost_m2 | blend | prior |" in md and "| weight in the blend |" in md
+    assert md.count(" / - / ") == len(CLASSES)  # the prior's AUC is undefined: shown as "-"
+    p = Predictor.load(runs_dir / "m2")
+    parts = dict(zip(("stage1", "seq", "boost"), w))
+    assert p.weights == pytest.approx(parts)
+    assert p.card["oof_weighted_log_loss"] == pytest.approx(blend) and "blend of" in p.card["stage"]

@@ -298,7 +298,7 @@ def test_every_step_help_shows_each_setting_with_its_comment():
     import importlib
     steps = {"train": "TrainConfig", "sequence": "SeqConfig", "prepare": "PrepareConfig", "folds": "FoldsConfig",
              "predict": "PredictConfig", "evaluate": "EvalConfig", "ensemble": "EnsembleConfig", "synth": "SynthConfig",
-             "demo": "DemoConfig", "labels": "LabelsConfig", "submit": "SubmitConfig", "webapp": "ServeConfig"}
+             "demo": "DemoConfig", "labels": "LabelsConfig", "submit": "SubmitConfig", "webapp": "ServeConfig", "boost": "BoostConfig", "subset": "SubsetConfig"}
     for mod, cls_name in steps.items():
         cls = getattr(importlib.import_module(f"src.{mod}"), cls_name)
         comments = field_comments(cls)
