@@ -12,7 +12,9 @@
 # K and SEED (folds), DEVICE_CONFIG=gpu|cpu (default: gpu when CUDA is available), TRAIN_FLAGS, SEQ_FLAGS and
 # BOOST_FLAGS (appended to every stage-1 / GRU / LightGBM command, e.g. TRAIN_FLAGS="--epochs 1" for a smoke run),
 # CACHE_SIZE (cached image size: 256 on GPU, 128 on CPU), FOLDS_FILE, SUBMISSIONS_DIR, OVERWRITE,
-# SUBSET and SUBSET_SEED (a label-stratified subset of whole patients, src/subset.py: its own data tag <data>_sub<N>).
+# SUBSET and SUBSET_SEED (a label-stratified subset of whole patients, src/subset.py: its own data tag <data>_sub<N>),
+# LAUNCH (how stage 1 is started; several GPUs: LAUNCH=".venv/bin/torchrun --nproc_per_node=4"; batch sizes are
+# per process, and a fold resumes on another GPU count).
 # Every step records what made its output (src/runs.py): a step whose settings and inputs are unchanged is
 # skipped; one whose settings changed stops the run and says what differs, unless OVERWRITE=1.
 # Outputs of two data folders never mix: each has its own OUT_DIR, folds/<name>_k<K>_seed<SEED>.csv and
@@ -59,6 +61,7 @@ else
   echo "[skip] setup (.venv matches requirements.txt)"
 fi
 PY=.venv/bin/python
+LAUNCH=${LAUNCH:-$PY}
 
 if [ "${1:-}" = "test" ]; then
   shift
@@ -104,7 +107,7 @@ for CFG in "${CONFIGS[@]}"; do
   # ---- 4. stage 1: one command per fold (--resume continues a killed fold) ----
   for ((k = 0; k < K; k++)); do
     # shellcheck disable=SC2086
-    step "train $NAME fold $k" "$RUN/fold$k/oof.csv" $PY -m src.train --config "$CFG" --data-dir "$INPUT_DIR" \
+    step "train $NAME fold $k" "$RUN/fold$k/oof.csv" $LAUNCH -m src.train --config "$CFG" --data-dir "$INPUT_DIR" \
       --out-dir "$OUT_DIR" --k "$K" --folds-file "$FOLDS_FILE" --fold "$k" $TRAIN_FLAGS --resume $OW
   done
   step "evaluate $NAME" "$RUN/report/summary.json" $PY -m src.evaluate "$RUN"

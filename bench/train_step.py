@@ -6,6 +6,8 @@
 
 (a) images/s of `src.engine.train_one_epoch` fed by the real loader (cache memmap, augmentation, workers,
 collate); (b) the same function on one batch kept on the device. (a)/(b) near 1 means the loader keeps up.
+Also the loader's CPU cost per augmented sample for 3 and 9 channels (bench/sample_cost.py): N workers feed
+about N x 1000 / ms samples per second.
 Both use the trainer's loss, optimizer (fused AdamW on CUDA), AMP policy and channels-last layout. Data: an
 existing cache (--out-dir OUT with OUT/cache) or a generated dataset at --size.
 """
@@ -21,7 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from src.data import Augment, EpochSampler, SliceDataset, collate, neighbour_rows  # noqa: E402
+from bench.sample_cost import per_sample_ms  # noqa: E402
+from src.data import Augment, EpochSampler, SliceDataset, collate, neighbour_rows, worker_init  # noqa: E402
 from src.engine import adamw, amp_settings, configure_backend, pick_device, train_one_epoch  # noqa: E402
 from src.metrics import WeightedBCE  # noqa: E402
 from src.model import create_model  # noqa: E402
@@ -64,9 +67,9 @@ def main():
         ok = (meta.status == "ok").to_numpy()
         ds = SliceDataset(images, meta["row"][ok], np.zeros((ok.sum(), 6), np.float32), prev[ok], nxt[ok], a.mode,
                           a.size, Augment())
-        sampler = EpochSampler(len(ds), seed=0)
+        sampler = EpochSampler(len(ds), seed=0, with_epoch=True)
         dl = DataLoader(ds, a.batch, sampler=sampler, num_workers=a.workers, collate_fn=collate, drop_last=True,
-                        pin_memory=device.type == "cuda", persistent_workers=a.workers > 0)
+                        pin_memory=device.type == "cuda", persistent_workers=a.workers > 0, worker_init_fn=worker_init)
         in_chans = 9 if a.mode == "slices_windows" else 3
 
         def rate(batches) -> float:
@@ -78,6 +81,8 @@ def main():
             return train_one_epoch(model, batches, opt, scaler, WeightedBCE(device), device, amp_dtype, steps=a.steps,
                                    **kw).images_per_s
 
+        cost = {m: per_sample_ms(SliceDataset(images, meta["row"][ok], None, prev[ok], nxt[ok], m, a.size, Augment()))
+                for m in ("windows", "slices_windows")}
         x0, y0, i0 = next(iter(dl))
         batch = (x0.to(device), y0.to(device), i0)
         mem = rate(iter(lambda: batch, None))
@@ -88,6 +93,9 @@ def main():
           f"loader workers {a.workers}")
     print(f"(b) batch in memory:   {mem:8.1f} images/s  1.00")
     print(f"(a) real data loader:  {real:8.1f} images/s  {real / mem:.2f}")
+    print(f"loader CPU per augmented sample at {a.size} px: 3 channels {cost['windows']:.3f} ms, "
+          f"9 channels {cost['slices_windows']:.3f} ms (one worker feeds ~{1000 / cost['slices_windows']:.0f} 9-channel "
+          f"samples/s)")
 
 
 if __name__ == "__main__":

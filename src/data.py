@@ -223,10 +223,13 @@ class SliceDataset(Dataset):
         """The uint8 HWC input of sample i before augmentation."""
         return join(self.parts(i))
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        # key: an index, or (epoch, index) from EpochSampler(with_epoch=True). The epoch must travel with the
+        # index: persistent loader workers keep their own copy of the dataset, which set_epoch never reaches
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         parts = self.parts(i)
         if self.augment is not None:
-            img = self.augment(parts, np.random.default_rng((self.seed, self.epoch, int(i))))
+            img = self.augment(parts, np.random.default_rng((self.seed, int(epoch), int(i))))
         else:
             img = join(parts)
         # a CHW view of the HWC bytes: channels_last layout, which the model runs in, so no transpose copy
@@ -236,6 +239,11 @@ class SliceDataset(Dataset):
         x = torch.from_numpy(img).permute(2, 0, 1)
         y = torch.from_numpy(self.labels[i]) if self.labels is not None else torch.zeros(len(CLASSES))
         return x, y, i
+
+
+def worker_init(_):
+    """Loader workers decode with one OpenCV thread each: N workers x all-cores OpenCV pools oversubscribe the CPU."""
+    cv2.setNumThreads(1)
 
 
 def collate(batch):
@@ -251,12 +259,15 @@ class EpochSampler(Sampler):
 
     shuffle=False keeps the given order (evaluation); `balanced` > 0 draws that share of each epoch from
     the positive samples (with replacement) and the rest from the negatives. Every rank gets the same
-    number of samples (the order is padded by wrapping around), as DistributedDataParallel needs."""
+    number of samples (the order is padded by wrapping around), as DistributedDataParallel needs.
+    with_epoch=True yields (epoch, index) pairs, so the dataset's augmentation follows the epoch in every
+    loader worker, persistent ones included."""
 
-    def __init__(self, n, shuffle=True, seed=0, rank=0, world=1, positives=None, balanced=0.0, pad=True):
+    def __init__(self, n, shuffle=True, seed=0, rank=0, world=1, positives=None, balanced=0.0, pad=True,
+                 with_epoch=False):
         self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
         self.positives = None if positives is None else np.asarray(positives, dtype=bool)
-        self.balanced, self.pad, self.epoch = balanced, pad, 0
+        self.balanced, self.pad, self.epoch, self.with_epoch = balanced, pad, 0, with_epoch
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -279,7 +290,7 @@ class EpochSampler(Sampler):
             if self.pad:
                 idx = np.resize(idx, per * self.world)  # wraps around
             idx = idx[self.rank::self.world]
-        return iter(idx.tolist())
+        return iter([(self.epoch, i) for i in idx.tolist()] if self.with_epoch else idx.tolist())
 
     def __len__(self):
         if self.world == 1:

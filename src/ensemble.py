@@ -44,7 +44,7 @@ def fit_weights(y: np.ndarray, preds: list[np.ndarray]) -> np.ndarray:
 
 def blend_oof(members: list[runs.Run], labels, weights="fit"):
     """(common OOF IDs, labels, member OOF predictions, weights) of a set of runs."""
-    oofs = [r.load_oof(quiet=True) for r in members]
+    oofs = [r.load_oof() for r in members]  # says which folds are unfinished, if any
     common = oofs[0].index
     for o in oofs[1:]:
         common = common.intersection(o.index)
@@ -85,6 +85,7 @@ def ensemble(run_dirs, name, weights="fit", data_dir=None, submissions_dir=None,
             raise PipelineError(f"{m.path}: test predictions cover other images than {members[0].path}")
     blend = sum(wi * t.loc[ids, CLASSES] for wi, t in zip(w, tests))
     long = submission.build(blend, data_dir / "stage_2_sample_submission.csv")
+    write_json({"stamp": stamp.to_dict(), "status": "writing the submission"}, info_path)  # the stamp first
     submission.write(long, path)
     info = {"name": name, "submission": str(path), "weights_mode": weights, "oof_images": len(common),
             "members": [{"run": str(m.path), "weight": float(wi), "oof_wll": member_scores[m.name]} for m, wi in zip(members, w)],

@@ -8,8 +8,11 @@ splitting them would leak). Patients are stratified on per-patient label presenc
 have any slice of each subtype, and any bleed at all) with iterative stratification, which keeps the
 rare subtypes (epidural) spread evenly. Only labelled slices that the cache could read are assigned;
 labelled images without a file or with an unreadable one are counted and named, and left out.
-Same inputs, same file: patients are sorted before the seeded split. A folds file that no longer matches
-its data is rewritten, and the runs trained on the old one then stop (their fingerprint names the folds file).
+Same inputs, same file: patients are sorted before the seeded split. The standard file
+(folds/<data>_k<K>_seed<S>.csv) that no longer matches its data is rewritten, and the runs trained on the
+old one then stop (their fingerprint names the folds file). A file of your own (`--folds-file` elsewhere)
+that exists is never rewritten: it is checked (known, readable, labelled images; each patient in one fold;
+folds 0..K-1) and used as it is.
 """
 from __future__ import annotations
 
@@ -57,6 +60,20 @@ class FoldsConfig:
     folds_file: str = ""                 # where to write (default folds/<data folder name>_k<K>_seed<SEED>.csv)
 
 
+def check_folds(folds: pd.DataFrame, ok: pd.DataFrame, labels: pd.DataFrame, k: int, path) -> None:
+    """A folds file made elsewhere must fit this data: its images readable and labelled, patients whole."""
+    unknown = folds.index.difference(ok.index.intersection(labels.index))
+    if len(unknown):
+        raise PipelineError(f"{path}: {len(unknown)} image(s) are not readable labelled train images of this data, "
+                            f"e.g. {list(unknown[:5])}: is it the folds file of another data folder?")
+    if not set(folds["fold"]) <= set(range(k)):
+        raise PipelineError(f"{path}: folds {sorted(set(folds['fold']))}, but --k {k} asks for 0..{k - 1}")
+    split = folds.assign(p=ok.loc[folds.index, "PatientID"]).groupby("p")["fold"].nunique()
+    if (split > 1).any():
+        raise PipelineError(f"{path}: {int((split > 1).sum())} patient(s) have slices in two folds "
+                            f"(e.g. {list(split.index[split > 1][:3])}): their slices would leak across folds")
+
+
 def main():
     a = parse_config(FoldsConfig, description=__doc__, prog="python -m src.folds")
     _, meta = load_cache(runs.cache_dir(a.data_dir, a.out_dir))
@@ -71,8 +88,15 @@ def main():
     for what, ids in (("have no file", no_file), ("have an unreadable file (see the cache's summary.json)", unreadable)):
         if len(ids):
             print(f"note: {len(ids)} labelled image(s) {what} and are left out of the folds: {list(ids[:10])}")
-    folds = make_folds(labels, ok["PatientID"], a.k, a.fold_seed)
     path = runs.run_folds_file(a.data_dir, a.k, a.fold_seed, a.folds_file)
+    if path.exists() and path.resolve() != runs.folds_path(a.data_dir, a.k, a.fold_seed).resolve():
+        check_folds(load_folds(path), ok, labels, a.k, path)  # the user's own file: checked, never rewritten
+        missing = ok.index.intersection(labels.index).difference(load_folds(path).index)
+        if len(missing):
+            print(f"note: {path} leaves out {len(missing)} labelled image(s) of this data, e.g. {list(missing[:5])}")
+        runs.announce_skip(f"folds {path} (your own file, kept as it is)")
+        return
+    folds = make_folds(labels, ok["PatientID"], a.k, a.fold_seed)
     if path.exists() and load_folds(path).equals(folds):
         runs.announce_skip(f"folds {path}")
         return

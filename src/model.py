@@ -12,6 +12,7 @@ naming the file.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -88,12 +89,22 @@ def create_model(name: str, in_chans: int = 3, pretrained: bool = False, weights
     return Net(backbone, in_chans, drop_rate)
 
 
-def save_checkpoint(state: dict, path) -> None:
-    """Atomic: a killed save never leaves a truncated checkpoint behind."""
+def save_checkpoint(state: dict, path, keep_previous: bool = False) -> None:
+    """Atomic and on disk before it replaces the old file (fsync): neither a kill nor a machine crash leaves a
+    truncated checkpoint under the real name. keep_previous: the old file stays as <name>.prev, a fallback."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if keep_previous and path.exists():
+        os.replace(path, previous(path))
     os.replace(tmp, path)
+
+
+def previous(path) -> Path:
+    return Path(path).with_name(Path(path).name + ".prev")
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -102,9 +113,12 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise PipelineError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError for files that carry code
+    except pickle.UnpicklingError as e:  # weights_only refuses anything that would run code when unpickled
         raise PipelineError(f"{path} is not a plain-tensor checkpoint and was not loaded (it may contain code): "
                             f"{str(e).splitlines()[0][:200]}") from e
+    except Exception as e:  # a zip archive cut short, zero bytes, a stray file under the name
+        raise PipelineError(f"{path} is truncated or corrupt and was not loaded ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160] if str(e) else 'no detail'})") from e
 
 
 def model_from_checkpoint(path, map_location="cpu") -> tuple[Net, dict]:

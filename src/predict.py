@@ -24,7 +24,7 @@ import pandas as pd
 from . import runs
 from .config import parse_config, positional
 from .predictor import Predictor, list_inputs
-from .prepare import cache_stamp, decode_files, load_cache, windows_from_settings
+from .prepare import cache_fingerprint, decode_files, load_cache, windows_from_settings
 from .utils import CLASSES, PipelineError, cli_main, write_csv, write_json, write_npy
 
 
@@ -62,7 +62,7 @@ def predict_run(run_dir, dicom_dir=None, out=None, device="auto", batch_size=64,
         cache = runs.cache_dir(data_dir, out_dir)
         ks = run.finished_folds()
         stamp = runs.Stamp("predict", {"tta": run.config().get("tta", "hflip")},
-                           {"run": run.fingerprint(with_test=False), "cache": cache_stamp(cache).id})
+                           {"run": run.fingerprint(with_test=False), "cache": cache_fingerprint(cache, "test")})
         done = bool(ks) and all((run.fold_dir(k) / runs.TEST).exists() for k in ks)
         if runs.guard(stamp, run.path / runs.PREDICT, done, overwrite, f"the test predictions of {run.path}",
                       clear=[run.fold_dir(k) / f for k in ks for f in (runs.TEST, runs.TEST_EMB)] + [run.path / runs.PREDICT],
@@ -79,6 +79,8 @@ def predict_run(run_dir, dicom_dir=None, out=None, device="auto", batch_size=64,
         labels, _ = runs.labels(data_dir, out_dir)
         prior = labels[CLASSES].mean().to_numpy()
     missing = meta[meta.status != "ok"]
+    if stamp:  # the stamp first: a kill before the last test.csv leaves a stamped, unfinished step that reruns
+        write_json({"stamp": stamp.to_dict(), "status": "running"}, out / runs.PREDICT)
     for name, o in p.fold_predictions(images, meta, progress=not quiet).items():
         write_fold_outputs(out / name, o.ids, o.probs, o.emb, missing["ID"].tolist(), prior)
     report = {"images": len(meta), "predicted": int((meta.status == "ok").sum()), "folds": [f.name for f in p.folds],

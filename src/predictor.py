@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import runs
-from .data import EpochSampler, SliceDataset, collate, neighbour_rows
+from .data import EpochSampler, SliceDataset, collate, neighbour_rows, worker_init
 from .engine import amp_settings, configure_backend, pick_device, predict_loader
 from .model import Net, model_from_checkpoint
 from .prepare import decode_files, windows_from_settings
@@ -171,8 +171,7 @@ class Predictor:
         for f in self.folds:
             ds = slice_dataset(f.config, images, meta)
             dl = DataLoader(ds, self.batch_size, sampler=EpochSampler(len(ds), shuffle=False), num_workers=self.workers,
-                            collate_fn=collate, pin_memory=self.device.type == "cuda",
-                            persistent_workers=False)
+                            collate_fn=collate, pin_memory=self.device.type == "cuda", worker_init_fn=worker_init)
             amp_dtype, _ = amp_settings(self.device, f.config.get("amp", "auto"))
             _, probs, emb = predict_loader(f.model, dl, self.device, amp_dtype, hflip_tta=f.config.get("tta", "hflip") == "hflip",
                                            desc=f"predict {f.name}", progress=progress)

@@ -108,15 +108,23 @@ def _record(image_id, split, row, path, img, head, reason) -> dict:
 
 
 def _process_chunk(files: pd.DataFrame, start: int, array_path: str, shape, windows, size: int, marker: str):
-    arr = np.load(array_path, mmap_mode="r+")
+    """Decode a chunk's files into one buffer and write it at the chunk's rows with a single pwrite: no memory
+    map of the whole array (whose flush would write back every worker's dirty pages, not just this chunk's)."""
+    buf = np.zeros((len(files), *shape[1:]), np.uint8)
     records = []
     for i, (image_id, split, path) in enumerate(files[["ID", "split", "path"]].itertuples(index=False)):
         img, head, reason = decode_one(path, windows, size)
         if img is not None:
-            arr[start + i] = img
+            buf[i] = img
         records.append(_record(image_id, split, start + i, path, img, head, reason))
-    arr.flush()
-    del arr
+    offset = np.load(array_path, mmap_mode="r").offset + start * buf[0].nbytes
+    fd = os.open(array_path, os.O_WRONLY)
+    try:
+        view, written = memoryview(buf).cast("B"), 0
+        while written < len(view):  # pwrite may write less than asked
+            written += os.pwrite(fd, view[written:], offset + written)
+    finally:
+        os.close(fd)
     write_csv(pd.DataFrame(records, columns=META_COLUMNS), marker, index=False)
     return len(records)
 
@@ -154,17 +162,27 @@ def files_fingerprint(files: pd.DataFrame) -> str:
 
 
 def prepare_stamp(files: pd.DataFrame, size: int, windows, limit=0) -> runs.Stamp:
+    """Train and test files are fingerprinted apart: training depends on the train part only, so a changed
+    test set (the stage-2 test folder added later, a corrupt test file replaced) never makes a trained fold stale."""
     return runs.Stamp("prepare", {"size": size, "windows": [list(w) if w else "file" for w in windows],
-                                  "limit": int(limit or 0)}, {"files": files_fingerprint(files)})
+                                  "limit": int(limit or 0)},
+                      {f"{split}_files": files_fingerprint(files[files.split == split]) for split in SPLITS})
 
 
 def cache_stamp(cache_dir) -> runs.Stamp:
-    """The stamp of a finished cache (what later steps record as their `cache` input)."""
+    """The stamp of a finished cache."""
     P = cache_paths(Path(cache_dir))
     stamp = runs.Stamp.load(P["config"]) if P["images"].exists() else None
     if stamp is None:
         raise PipelineError(f"no finished image cache in {cache_dir}: run `python -m src.prepare DATA_DIR` first")
     return stamp
+
+
+def cache_fingerprint(cache_dir, split: str) -> str:
+    """What a step that reads one split of the cache records as its `cache` input: the cache's settings and
+    that split's files (training: train; test predictions: test)."""
+    stamp = cache_stamp(cache_dir)
+    return runs.fingerprint({"settings": stamp.settings, "files": stamp.inputs.get(f"{split}_files")})
 
 
 def check_disk(path: Path, need: int, have_already: int = 0) -> None:
@@ -206,14 +224,16 @@ def prepare(data_dir, cache_dir=None, size=256, windows=DEFAULT_WINDOWS, jobs=-1
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     shape = (len(files), size, size, 3)
-    partial_ok = P["partial"].exists() and (runs.Stamp.load(P["config"]) or stamp).id == stamp.id
+    build = json.loads(P["config"].read_text()) if P["config"].exists() else {}
+    partial_ok = P["partial"].exists() and (runs.Stamp.load(P["config"]) or stamp).id == stamp.id \
+        and build.get("chunk") == chunk  # chunk markers name their first row: another --chunk cannot resume them
     if not partial_ok:  # settings changed or first run: start clean (a partial build is never reused)
         if P["partial"].exists() and not quiet:
             print("a partial cache made with other settings or files is discarded")
         shutil.rmtree(P["chunks"], ignore_errors=True)
         P["partial"].unlink(missing_ok=True)
         check_disk(cache_dir, int(np.prod(shape)))
-        write_json({**stamp.to_dict(), "data_dir": str(data_dir.resolve()), "n_files": len(files),
+        write_json({**stamp.to_dict(), "data_dir": str(data_dir.resolve()), "n_files": len(files), "chunk": chunk,
                     "format": "uint8 (N, size, size, 3) npy, rows as metadata.csv"}, P["config"])
         np.lib.format.open_memmap(P["partial"], mode="w+", dtype=np.uint8, shape=shape).flush()  # sparse, zeros
     else:
@@ -235,6 +255,9 @@ def prepare(data_dir, cache_dir=None, size=256, windows=DEFAULT_WINDOWS, jobs=-1
 
     meta = pd.concat([pd.read_csv(markers[s], dtype={"reason": str, "PatientID": str}, keep_default_na=False,
                                   na_values={"z": [""]}) for s in starts], ignore_index=True)
+    if len(meta) != len(files) or not (meta["row"].to_numpy() == np.arange(len(files))).all():
+        raise PipelineError(f"{cache_dir}: the chunk records cover {len(meta)} of {len(files)} files; the partial build "
+                            f"is inconsistent: delete {P['partial']} and {P['chunks']} and run again")
     meta = order_series(meta.sort_values("row").reset_index(drop=True))
     write_csv(meta, P["meta"], index=False)
     skipped = meta[meta.status != "ok"]

@@ -4,7 +4,7 @@
     OUT/cache/            images.npy, metadata.csv, summary.json, cache_config.json (the cache's stamp),
                           labels.csv + labels.json (the label file parsed once, with its source's hash)
     OUT/runs/<run>/fold<K>/   config.yaml, fingerprint.json, preprocess.json, train.log, epochs.csv,
-                          last.pth, best.pth, oof.csv, oof_emb.npy, test.csv, test_emb.npy
+                          last.pth, best.pth, oof.json, oof.csv, oof_emb.npy, test.csv, test_emb.npy
     OUT/runs/<run>/predict.json           what made the folds' test.csv (its stamp and report)
     OUT/runs/seq_<run>/, boost_<run>/     the stage-2 models of <run>: the same files per fold
     OUT/report/<run>/, OUT/runs/<run>/report/   evaluation reports
@@ -38,6 +38,7 @@ from .utils import CLASSES, ROOT, PipelineError, dataset_tag, write_csv, write_j
 # file names inside a fold folder
 CONFIG, STAMP, PREPROCESS, LOG, EPOCHS = "config.yaml", "fingerprint.json", "preprocess.json", "train.log", "epochs.csv"
 LAST, BEST, OOF, OOF_EMB, TEST, TEST_EMB = "last.pth", "best.pth", "oof.csv", "oof_emb.npy", "test.csv", "test_emb.npy"
+OOF_INFO = "oof.json"  # the OOF pass's own settings (TTA, best epoch), apart from the training's stamp
 PREDICT = "predict.json"
 STAGE2_KINDS = ("seq", "boost")
 
@@ -92,19 +93,31 @@ def file_fingerprint(path) -> str:
     return h.hexdigest()[:16]
 
 
+# A step's code version: bump it when a change of the code alters what the step outputs for the same settings
+# and inputs (a decoding fix, a new feature), so outputs of the old code are not reused as if they were current.
+VERSIONS = {"prepare": 2, "train": 2, "predict": 2, "sequence": 2, "boost": 1, "evaluate": 2, "ensemble": 2}
+
+
 @dataclass
 class Stamp:
-    """What made an output: the step, the settings that change its result, and its inputs' fingerprints."""
+    """What made an output: the step (and its code version), the settings that change its result, and its
+    inputs' fingerprints."""
     step: str
     settings: dict
     inputs: dict = field(default_factory=dict)
+    version: int | None = None
+
+    def __post_init__(self):
+        if self.version is None:
+            self.version = VERSIONS.get(self.step, 1)
 
     @property
     def id(self) -> str:
-        return fingerprint({"step": self.step, "settings": self.settings, "inputs": self.inputs})
+        return fingerprint({"step": self.step, "version": self.version, "settings": self.settings, "inputs": self.inputs})
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "fingerprint": self.id, "settings": self.settings, "inputs": self.inputs}
+        return {"step": self.step, "version": self.version, "fingerprint": self.id, "settings": self.settings,
+                "inputs": self.inputs}
 
     def save(self, path) -> None:
         write_json(self.to_dict(), path)
@@ -118,13 +131,13 @@ class Stamp:
         d = d.get("stamp", d)  # a stamp may sit inside a larger record (predict.json, ensemble json)
         if not isinstance(d, dict) or "step" not in d or "settings" not in d:
             return None  # written by an older version: no fingerprint
-        return Stamp(d["step"], d["settings"], d.get("inputs", {}))
+        return Stamp(d["step"], d["settings"], d.get("inputs", {}), d.get("version", 0))
 
     def differences(self, old: Stamp | None) -> list[str]:
         """Human-readable differences from an older stamp: 'lr: 0.002 -> 0.001', 'input cache: changed'."""
         if old is None:
             return ["no fingerprint (made by an older version of this project, or by hand)"]
-        out = []
+        out = [f"code version of step {self.step}: {old.version} -> {self.version}"] if old.version != self.version else []
         for k in sorted(set(old.settings) | set(self.settings)):
             a, b = old.settings.get(k, "(unset)"), self.settings.get(k, "(unset)")
             if a != b:

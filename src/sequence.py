@@ -115,9 +115,11 @@ class SeriesSet:
         return len(self.starts)
 
     @classmethod
-    def build(cls, preds: pd.DataFrame, emb, order: pd.DataFrame, labels: pd.DataFrame | None = None) -> SeriesSet:
-        """preds: stage-1 probabilities (index ID, rows aligned with emb); order: SeriesInstanceUID and
-        slice_index by ID. Slices without a series (unreadable) are left out."""
+    def build(cls, preds: pd.DataFrame, emb, order: pd.DataFrame, labels: pd.DataFrame | None = None,
+              rows=None) -> SeriesSet:
+        """preds: stage-1 probabilities (index ID); emb: their embeddings, row rows[i] for preds row i (rows
+        default: 0..n-1; emb may be a StackedRows of per-fold memory maps); order: SeriesInstanceUID and
+        slice_index by ID. Slices without a series (unreadable) are left out. Embeddings are copied once."""
         m = order.reindex(preds.index)
         keep = np.flatnonzero(m["SeriesInstanceUID"].notna().to_numpy() & (m["SeriesInstanceUID"] != "").to_numpy())
         m = m.iloc[keep]
@@ -126,10 +128,33 @@ class SeriesSet:
         uid = m["SeriesInstanceUID"].to_numpy()[srt]
         starts = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]]) if len(uid) else np.zeros(0, np.int64)
         ids = preds.index.to_numpy()[pos]
-        return cls(ids, None if emb is None else np.asarray(emb)[pos],
+        src = pos if rows is None else np.asarray(rows)[pos]
+        return cls(ids, None if emb is None else (emb.take(src) if isinstance(emb, StackedRows) else np.asarray(emb)[src]),
                    logit(preds[CLASSES].to_numpy()[pos]).astype(np.float32),
                    None if labels is None else labels.loc[ids, CLASSES].to_numpy(np.float32),
                    starts, np.diff(np.r_[starts, len(uid)]))
+
+
+class StackedRows:
+    """Several row arrays (the folds' memory-mapped embeddings) read as one, without concatenating them:
+    at full scale the OOF embeddings are ~3 GB, and each copy of them costs as much."""
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def take(self, pos) -> np.ndarray:
+        pos = np.asarray(pos, np.int64)
+        out = np.empty((len(pos), self.parts[0].shape[1]), self.parts[0].dtype)
+        which = np.searchsorted(self.starts, pos, side="right") - 1
+        for k, part in enumerate(self.parts):
+            sel = np.flatnonzero(which == k)
+            if len(sel):
+                out[sel] = part[pos[sel] - self.starts[k]]
+        return out
 
 
 class Batcher:
@@ -231,8 +256,7 @@ def stage1_inputs(stage1: runs.Run, fold: int, with_emb=True):
     test, test_emb = stage1.fold_outputs("test", fold)
     test = test[CLASSES].assign(source_fold=fold)
     check_no_leak(test, folds, fold, "test")
-    oof_emb = np.concatenate([np.asarray(e) for e in embs]) if with_emb else None
-    return oof, oof_emb, test, (np.asarray(test_emb) if with_emb else None), folds, labels, order
+    return oof, StackedRows(embs) if with_emb else None, test, (test_emb if with_emb else None), folds, labels, order
 
 
 def seq_stamp(cfg: SeqConfig) -> runs.Stamp:
@@ -257,11 +281,9 @@ def train_sequence(cfg: SeqConfig) -> Path:
     device = pick_device(cfg.device)
 
     in_val = (folds.reindex(oof.index) == cfg.fold).to_numpy()
-    pick = lambda mask: None if oof_emb is None else oof_emb[mask]  # noqa: E731
-    tr = SeriesSet.build(oof[~in_val], pick(~in_val), order, labels)
-    va = SeriesSet.build(oof[in_val], pick(in_val), order, labels)
+    tr = SeriesSet.build(oof[~in_val], oof_emb, order, labels, rows=np.flatnonzero(~in_val))
+    va = SeriesSet.build(oof[in_val], oof_emb, order, labels, rows=np.flatnonzero(in_val))
     te = SeriesSet.build(test, test_emb, order)
-    del oof_emb
     mu, sd = embedding_stats(tr.emb) if use_emb else (None, None)
     btr, bva, bte = (Batcher(s, device, mu, sd) for s in (tr, va, te))
     log.info(f"stage 2 fold {cfg.fold}: {len(tr)} train / {len(va)} val / {len(te)} test series from {stage1.path}; "

@@ -18,6 +18,7 @@ from last.pth only when it was made with the same settings, also on another numb
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -32,23 +33,31 @@ from torch.utils.data import DataLoader
 
 from . import runs
 from .config import TrainConfig, parse_config, result_settings, save_yaml
-from .data import Augment, EpochSampler, SliceDataset, collate, neighbour_rows
+from .data import Augment, EpochSampler, SliceDataset, collate, neighbour_rows, worker_init
 from .engine import adamw, amp_settings, configure_backend, pick_device, predict_loader, train_one_epoch, warmup_cosine
 from .metrics import WeightedBCE, per_class_log_loss, weighted_log_loss
-from .model import create_model, load_checkpoint, save_checkpoint
-from .prepare import cache_settings, cache_stamp, load_cache
+from .model import create_model, load_checkpoint, previous, save_checkpoint
+from .prepare import cache_fingerprint, cache_settings, load_cache
 from .utils import CLASSES, PipelineError, cli_main, get_logger, write_csv, write_json, write_npy
 
 
 def fold_stamp(cfg: TrainConfig) -> runs.Stamp:
-    """What a fold's result depends on: its settings, the cache, the folds file and the labels."""
+    """What a fold's trained weights depend on: its settings (all but the TTA, which only changes the final
+    OOF pass: oof.json records it), the cache's train part, the folds file, the labels and a weights file."""
     folds_file = runs.run_folds_file(cfg.data_dir, cfg.k, cfg.fold_seed, cfg.folds_file)
     if not folds_file.exists():
         runs.load_folds(folds_file)  # the standard message
-    return runs.Stamp("train", result_settings(cfg), {
-        "cache": cache_stamp(runs.cache_dir(cfg.data_dir, cfg.out_dir)).id,
-        "folds": runs.file_fingerprint(folds_file),
-        "labels": runs.labels(cfg.data_dir, cfg.out_dir)[1]})
+    inputs = {"cache": cache_fingerprint(runs.cache_dir(cfg.data_dir, cfg.out_dir), "train"),
+              "folds": runs.file_fingerprint(folds_file), "labels": runs.labels(cfg.data_dir, cfg.out_dir)[1]}
+    if cfg.weights:
+        inputs["weights"] = runs.file_fingerprint(cfg.weights) if Path(cfg.weights).exists() else "missing"
+    return runs.Stamp("train", {k: v for k, v in result_settings(cfg).items() if k != "tta"}, inputs)
+
+
+def oof_tta(run_dir: Path) -> str | None:
+    """The TTA the fold's OOF files were made with (None: no finished OOF pass)."""
+    p = run_dir / runs.OOF_INFO
+    return json.loads(p.read_text()).get("tta") if p.exists() and (run_dir / runs.OOF).exists() else None
 
 
 def load_fold_data(cfg: TrainConfig):
@@ -92,9 +101,17 @@ def checkpoint(model, ema, opt, scaler, epoch, best, best_epoch, history, cfg, s
                                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
 
 
-def restore(path, model, ema, opt, scaler, stamp, device):
-    """Load a last.pth into the live objects and RNG; returns (epochs done, best score, best epoch, history)."""
-    ck = load_checkpoint(path)
+def restore(path, model, ema, opt, scaler, stamp, device, log=None):
+    """Load a last.pth (or, when it is corrupt, the one before it) into the live objects and RNG; returns
+    (epochs done, best score, best epoch, history)."""
+    try:
+        ck = load_checkpoint(path)
+    except PipelineError as e:
+        if "corrupt" not in str(e) or not previous(path).exists():
+            raise
+        if log:
+            log.info(f"{e}; resuming from the checkpoint before it, {previous(path).name}")
+        ck = load_checkpoint(previous(path))
     if ck.get("stamp") != stamp.id:
         raise PipelineError(f"{path} was made with other settings than this run's; --overwrite starts the fold again")
     model.load_state_dict(ck["raw"] if ema else ck["model"])
@@ -166,7 +183,17 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> Path:
     run_dir = run.fold_dir(cfg.fold)
     # ---- before anything is written: same settings as what is there, or stop (or redo with --overwrite)
     stamp = fold_stamp(cfg)
-    skip = runs.guard(stamp, run_dir / runs.STAMP, (run_dir / runs.OOF).exists(), cfg.overwrite,
+    trained_as_asked = (runs.Stamp.load(run_dir / runs.STAMP) or stamp).id == stamp.id and (run_dir / runs.LAST).exists()
+    redo_oof = trained_as_asked and oof_tta(run_dir) not in (None, cfg.tta)
+    if world > 1:
+        dist.barrier()  # every rank has read the files before rank 0 changes them
+    if redo_oof:  # only the TTA changed: keep the training, redo the final OOF pass from last.pth (all epochs done)
+        cfg = dataclasses.replace(cfg, resume=True)
+        if main_proc:
+            print(f"fold {cfg.fold}: redoing the OOF pass with tta {cfg.tta} (was {oof_tta(run_dir)}); the training is kept")
+            for f in (runs.OOF, runs.OOF_EMB, runs.OOF_INFO):
+                (run_dir / f).unlink(missing_ok=True)
+    skip = runs.guard(stamp, run_dir / runs.STAMP, oof_tta(run_dir) == cfg.tta, cfg.overwrite,
                       f"fold {cfg.fold} of run {cfg.run_name} ({run_dir})", clear=[run_dir],
                       exists=any((run_dir / f).exists() for f in (runs.LAST, runs.OOF, runs.STAMP)),
                       redo="add --overwrite to this command") if main_proc else False
@@ -199,9 +226,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> Path:
     model = create_model(cfg.model, cfg.in_chans, cfg.pretrained, cfg.weights, cfg.drop_rate).to(device, memory_format=fmt)
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     tr_ds, va_ds = make_dataset(images, tr, cfg, True), make_dataset(images, va, cfg, False)
-    sampler = EpochSampler(len(tr_ds), True, cfg.seed, rank, world, positives=tr["any"].to_numpy() > 0, balanced=cfg.balanced)
+    sampler = EpochSampler(len(tr_ds), True, cfg.seed, rank, world, positives=tr["any"].to_numpy() > 0,
+                           balanced=cfg.balanced, with_epoch=True)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate,
-                     persistent_workers=cfg.workers > 0)
+                     persistent_workers=cfg.workers > 0, worker_init_fn=worker_init)
     tr_dl = DataLoader(tr_ds, cfg.batch_size, sampler=sampler, drop_last=len(tr_ds) > cfg.batch_size * world, **loader_kw)
     va_dl = DataLoader(va_ds, cfg.batch_size * 2, sampler=EpochSampler(len(va_ds), False, rank=rank, world=world, pad=False),
                        **loader_kw)
@@ -212,7 +240,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> Path:
     predictor = ema.module if ema else model  # the weights that are validated, kept and used for the OOF pass
     start, best, best_epoch, history = 0, float("inf"), -1, []
     if cfg.resume and (run_dir / runs.LAST).exists():
-        start, best, best_epoch, history = restore(run_dir / runs.LAST, model, ema, opt, scaler, stamp, device)
+        start, best, best_epoch, history = restore(run_dir / runs.LAST, model, ema, opt, scaler, stamp, device,
+                                                   log if main_proc else None)
         if main_proc:
             log.info(f"resumed from {run_dir / runs.LAST} after epoch {start} (best {best:.5f})")
     y_val = va[CLASSES].to_numpy()
@@ -223,7 +252,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> Path:
             if main_proc:
                 log.info(f"stopping after {cfg.stop_after_epochs} epoch(s) as asked; continue with --resume")
             return run_dir
-        sampler.set_epoch(epoch), tr_ds.set_epoch(epoch)
+        sampler.set_epoch(epoch)  # the epoch travels with each index to the workers
         res = train_one_epoch(net, tr_dl, opt, scaler, loss_fn, device, amp_dtype, steps=steps,
                               accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, channels_last=cfg.channels_last,
                               lr_at=lambda s, e=epoch: warmup_cosine((e * steps + s + 1) / (cfg.epochs * steps), cfg.warmup),
@@ -243,7 +272,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> Path:
             ck = checkpoint(model, ema, opt, scaler, epoch + 1, best, best_epoch, history, cfg, stamp, device)
             if improved:
                 save_checkpoint(ck, run_dir / runs.BEST)
-            save_checkpoint(ck, run_dir / runs.LAST)
+            save_checkpoint(ck, run_dir / runs.LAST, keep_previous=True)
             write_csv(pd.DataFrame(history), run_dir / runs.EPOCHS, index=False, float_format="%.6g")
             log.info(f"epoch {epoch + 1}: train loss {res.loss:.4f}, val wll {score:.4f}{' (best)' if improved else ''}"
                      + (f" (raw weights {raw['val_wll_raw']:.4f})" if raw else "") + ", "
@@ -260,6 +289,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> Path:
         oof = pd.DataFrame(probs, columns=CLASSES, index=va.index)
         oof.insert(0, "fold", cfg.fold)
         write_npy(emb, run_dir / runs.OOF_EMB)
+        write_json({"tta": cfg.tta, "best_epoch": best_epoch + 1}, run_dir / runs.OOF_INFO)
         write_csv(oof, run_dir / runs.OOF, float_format="%.6g")  # last: its presence means the fold is finished
         log.info(f"fold {cfg.fold} done: best epoch {best_epoch + 1}, OOF weighted log loss "
                  f"{weighted_log_loss(y_val, probs):.5f} (tta {cfg.tta}) -> {run_dir / runs.OOF}")

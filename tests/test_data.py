@@ -250,3 +250,27 @@ def test_spawned_workers_load_the_same_batches(cache):
     assert len(spawned) == len(local) == 4
     for a, b in zip(local, spawned):
         assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_persistent_workers_follow_the_epoch(cache):
+    """The epoch travels with each index: persistent workers (which keep their own copy of the dataset, out of
+    set_epoch's reach) augment epoch 2 as epoch 2, exactly as a loader in the main process does."""
+    rows, prev, nxt = neighbours()
+    ds = SliceDataset(np.load(cache, mmap_mode="r"), rows, None, prev, nxt, mode="windows", augment=Augment(), seed=3)
+    sampler = EpochSampler(N, seed=1, with_epoch=True)
+
+    def epochs(**kw):
+        dl = DataLoader(ds, 4, sampler=sampler, collate_fn=collate, **kw)
+        out = []
+        for e in range(3):
+            sampler.set_epoch(e)
+            out.append(torch.cat([x for x, _, _ in dl]))
+        return out
+
+    local = epochs()
+    workers = epochs(num_workers=2, persistent_workers=True)
+    assert all(torch.equal(a, b) for a, b in zip(local, workers))
+    order = [list(sampler) for sampler.epoch in range(3)]
+    # re-sorted into index order, each epoch's images differ: the augmentation is drawn anew each epoch
+    by_index = [x[np.argsort([i for _, i in o])] for x, o in zip(local, order)]
+    assert not torch.equal(by_index[0], by_index[1]) and not torch.equal(by_index[1], by_index[2])

@@ -54,3 +54,31 @@ def test_too_few_patients():
     labels = pd.DataFrame(0, index=["ID_1", "ID_2"], columns=CLASSES)
     with pytest.raises(PipelineError, match="2 patients"):
         make_folds(labels, pd.Series(["a", "b"], index=labels.index), k=3)
+
+
+def test_your_own_folds_file_is_checked_and_never_rewritten(demo_data, demo_cache, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        labels = read_labels(demo_data / "stage_2_train.csv")
+    _, meta = load_cache(demo_cache / "cache")
+    ok = meta[(meta.split == "train") & (meta.status == "ok")].set_index("ID")
+    mine = make_folds(labels, ok["PatientID"], k=2, seed=99)  # not the split --fold-seed 42 would make
+    f = tmp_path / "mine.csv"
+    mine.to_csv(f)
+    cli = [sys.executable, "-m", "src.folds", str(demo_data), "--out-dir", str(demo_cache), "--k", "2", "--folds-file", str(f)]
+    before = f.read_bytes()
+    r = subprocess.run(cli, cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and f.read_bytes() == before, r.stderr
+    bad = mine.copy()
+    first = bad.index[bad.PatientID == bad.PatientID.iloc[0]][0]
+    bad.loc[first, "fold"] = 1 - bad.loc[first, "fold"]  # one slice of a patient moved to the other fold
+    bad.to_csv(f)
+    r = subprocess.run(cli, cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "slices in two folds" in r.stderr and "Traceback" not in r.stderr
+    mine.rename(index={mine.index[0]: "ID_notanimage"}).to_csv(f)
+    r = subprocess.run(cli, cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not readable labelled train images" in r.stderr

@@ -96,10 +96,14 @@ def test_a_changed_file_is_caught(demo_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)
     P.prepare(data, tmp_path / "c", size=32, jobs=1, chunk=64, quiet=True)
+    train_fp, test_fp = (P.cache_fingerprint(tmp_path / "c", s) for s in ("train", "test"))
     f = next((data / "stage_2_test_images").glob("*.dcm"))
     f.write_bytes(f.read_bytes() + b"\0\0")  # same name, other content (another size)
-    with pytest.raises(P.PipelineError, match="input files"):
+    with pytest.raises(P.PipelineError, match="input test_files"):
         P.prepare(data, tmp_path / "c", size=32, jobs=1, chunk=64, quiet=True)
+    P.prepare(data, tmp_path / "c", size=32, jobs=1, chunk=64, quiet=True, overwrite=True)
+    # what training depends on did not change, so trained folds stay valid; test predictions are stale
+    assert P.cache_fingerprint(tmp_path / "c", "train") == train_fp and P.cache_fingerprint(tmp_path / "c", "test") != test_fp
 
 
 def test_disk_space_is_checked_before_anything_is_written(demo_data, tmp_path, monkeypatch):

@@ -158,3 +158,10 @@ def test_early_stopping_and_rerun(stage1):
     got = sf.predict([(emb[p], s1[CLASSES].to_numpy()[p]) for p in pos])
     for ids, p in zip(series, got):
         assert np.allclose(p, oof.loc[ids, CLASSES].to_numpy(), atol=1e-5)
+
+
+def test_stacked_rows_read_like_their_concatenation():
+    from src.sequence import StackedRows
+    parts = [np.arange(12).reshape(4, 3), np.arange(12, 21).reshape(3, 3), np.zeros((0, 3), int)]
+    pos = np.array([6, 0, 4, 3, 5, 6])
+    assert np.array_equal(StackedRows(parts).take(pos), np.concatenate(parts)[pos])

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -166,7 +167,7 @@ def test_oof_is_made_like_the_test_predictions(demo_data, demo_cache, folds_file
 def test_best_checkpoint_is_written_before_last(demo_data, demo_cache, folds_file, tmp_path, monkeypatch):
     import src.train as T
     order = []
-    monkeypatch.setattr(T, "save_checkpoint", lambda ck, path: order.append(Path(path).name) or save_checkpoint(ck, path))
+    monkeypatch.setattr(T, "save_checkpoint", lambda ck, path, **kw: order.append(Path(path).name) or save_checkpoint(ck, path, **kw))
     link_cache(demo_cache, tmp_path)
     train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, epochs=2))
     assert order[:2] == ["best.pth", "last.pth"]  # epoch 1 always improves on infinity
@@ -317,3 +318,26 @@ def test_warmup_cosine():
     assert warmup_cosine(0.05, 0.1) == pytest.approx(0.5) and warmup_cosine(0.1, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(0.55, 0.1) == pytest.approx(0.5) and warmup_cosine(1.0, 0.1) == pytest.approx(0.0)
     assert warmup_cosine(0.5, 0.0) == pytest.approx(0.5)
+
+
+def test_a_changed_tta_redoes_only_the_oof_pass(demo_data, demo_cache, folds_file, tmp_path):
+    link_cache(demo_cache, tmp_path)
+    run = train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, epochs=2, tta="hflip"))
+    kept = {f: (run / f).read_bytes() for f in ("best.pth", "last.pth", "epochs.csv", "fingerprint.json")}
+    before = pd.read_csv(run / "oof.csv")
+    train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, epochs=2, tta="none"))
+    assert {f: (run / f).read_bytes() for f in kept} == kept  # not retrained
+    assert json.loads((run / "oof.json").read_text())["tta"] == "none"
+    assert not np.allclose(pd.read_csv(run / "oof.csv")[CLASSES], before[CLASSES])
+
+
+def test_a_corrupt_last_checkpoint_falls_back_to_the_one_before(demo_data, demo_cache, folds_file, tmp_path):
+    link_cache(demo_cache, tmp_path)
+    run = train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, epochs=3, stop_after_epochs=2))
+    assert load_checkpoint(run / "last.pth.prev")["epoch"] == 1
+    (run / "last.pth").write_bytes((run / "last.pth").read_bytes()[:1000])  # a crash while it was written
+    with pytest.raises(PipelineError, match="truncated or corrupt"):
+        load_checkpoint(run / "last.pth")
+    train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, epochs=3, resume=True))
+    assert len(pd.read_csv(run / "epochs.csv")) == 3 and (run / "oof.csv").exists()
+    assert "resuming from the checkpoint before it" in (run / "train.log").read_text()
