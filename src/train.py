@@ -237,7 +237,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> Path:
     opt, loss_fn = make_optimizer(model, cfg, device), WeightedBCE(device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True) if cfg.ema else None
-    predictor = ema.module if ema else model  # the weights that are validated, kept and used for the OOF pass
+    eval_model = ema.module if ema else model  # the weights that are validated, kept and used for the OOF pass
     start, best, best_epoch, history = 0, float("inf"), -1, []
     if cfg.resume and (run_dir / runs.LAST).exists():
         start, best, best_epoch, history = restore(run_dir / runs.LAST, model, ema, opt, scaler, stamp, device,
@@ -258,7 +258,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> Path:
                               lr_at=lambda s, e=epoch: warmup_cosine((e * steps + s + 1) / (cfg.epochs * steps), cfg.warmup),
                               ema=ema, ema_step0=epoch * -(-steps // cfg.accum_steps),
                               log_every=cfg.log_every, progress=main_proc, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        probs, _ = validate(predictor, va_dl, device, amp_dtype, world, cfg, rank=rank)
+        probs, _ = validate(eval_model, va_dl, device, amp_dtype, world, cfg, rank=rank)
         score = weighted_log_loss(y_val, probs)
         raw = {"val_wll_raw": weighted_log_loss(y_val, validate(model, va_dl, device, amp_dtype, world, cfg, rank=rank)[0])
                } if ema else {}
@@ -280,11 +280,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> Path:
 
     # ---- out-of-fold predictions and embeddings of the best epoch's weights, with the run's TTA
     if main_proc:
-        predictor.load_state_dict(load_checkpoint(run_dir / runs.BEST)["model"])
+        eval_model.load_state_dict(load_checkpoint(run_dir / runs.BEST)["model"])
     if world > 1:  # every rank needs rank 0's best weights for the sharded final pass
-        for t in predictor.state_dict().values():
+        for t in eval_model.state_dict().values():
             dist.broadcast(t, 0)
-    probs, emb = validate(predictor, va_dl, device, amp_dtype, world, cfg, final=True, run_dir=run_dir, rank=rank)
+    probs, emb = validate(eval_model, va_dl, device, amp_dtype, world, cfg, final=True, run_dir=run_dir, rank=rank)
     if main_proc:
         oof = pd.DataFrame(probs, columns=CLASSES, index=va.index)
         oof.insert(0, "fold", cfg.fold)
