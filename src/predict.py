@@ -81,7 +81,7 @@ def predict_run(run_dir, dicom_dir=None, out=None, device="auto", batch_size=64,
     missing = meta[meta.status != "ok"]
     if stamp:  # the stamp first: a kill before the last test.csv leaves a stamped, unfinished step that reruns
         write_json({"stamp": stamp.to_dict(), "status": "running"}, out / runs.PREDICT)
-    for name, o in p.fold_predictions(images, meta, progress=not quiet).items():
+    for name, o in p.iter_fold_predictions(images, meta, progress=not quiet):
         write_fold_outputs(out / name, o.ids, o.probs, o.emb, missing["ID"].tolist(), prior)
     report = {"images": len(meta), "predicted": int((meta.status == "ok").sum()), "folds": [f.name for f in p.folds],
               "tta": p.folds[0].config.get("tta", "hflip"), "without_pixels": dict(zip(missing["ID"], missing["reason"])),

@@ -164,9 +164,9 @@ class Predictor:
                 f"{len(self.folds)} fold(s); stage 1 and stage 2 combined as {parts}")
 
     # ---- stage 1
-    def fold_predictions(self, images, meta: pd.DataFrame, progress=False) -> dict[str, FoldOutput]:
-        """Each stage-1 fold's probabilities and embeddings for the readable rows of `meta`, with the run's TTA."""
-        out = {}
+    def iter_fold_predictions(self, images, meta: pd.DataFrame, progress=False):
+        """(fold name, FoldOutput) of each stage-1 fold in turn, with the run's TTA, for the readable rows of
+        `meta`: one fold's embeddings in memory at a time."""
         ids = meta["ID"].to_numpy()[(meta["status"] == "ok").to_numpy()]
         for f in self.folds:
             ds = slice_dataset(f.config, images, meta)
@@ -175,8 +175,11 @@ class Predictor:
             amp_dtype, _ = amp_settings(self.device, f.config.get("amp", "auto"))
             _, probs, emb = predict_loader(f.model, dl, self.device, amp_dtype, hflip_tta=f.config.get("tta", "hflip") == "hflip",
                                            desc=f"predict {f.name}", progress=progress)
-            out[f.name] = FoldOutput(ids, probs, emb)
-        return out
+            yield f.name, FoldOutput(ids, probs, emb)
+
+    def fold_predictions(self, images, meta: pd.DataFrame, progress=False) -> dict[str, FoldOutput]:
+        """Each stage-1 fold's probabilities and embeddings for the readable rows of `meta`, with the run's TTA."""
+        return dict(self.iter_fold_predictions(images, meta, progress))
 
     # ---- files -> table
     def analyse(self, inputs, progress=False) -> Analysis:
