@@ -106,7 +106,7 @@ def main():
     ap.add_argument("--n", type=int, default=400, help="samples per measurement")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-augment", action="store_true", help="the validation path instead")
-    ap.add_argument("--cv2-threads", type=int, default=None, help="cv2.setNumThreads (default: cv2's own)")
+    ap.add_argument("--cv2-threads", type=int, default=None, help="cv2.setNumThreads (default: 1, as src.data sets it for the loader)")
     a = ap.parse_args()
     if a.cv2_threads is not None:
         cv2.setNumThreads(a.cv2_threads)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.sample_cost import per_sample_ms  # noqa: E402
-from src.data import Augment, EpochSampler, SliceDataset, collate, neighbour_rows, worker_init  # noqa: E402
+from src.data import Augment, EpochSampler, SliceDataset, collate, neighbour_rows  # noqa: E402
 from src.engine import adamw, amp_settings, configure_backend, pick_device, train_one_epoch  # noqa: E402
 from src.metrics import WeightedBCE  # noqa: E402
 from src.model import create_model  # noqa: E402
@@ -69,7 +69,7 @@ def main():
                           a.size, Augment())
         sampler = EpochSampler(len(ds), seed=0, with_epoch=True)
         dl = DataLoader(ds, a.batch, sampler=sampler, num_workers=a.workers, collate_fn=collate, drop_last=True,
-                        pin_memory=device.type == "cuda", persistent_workers=a.workers > 0, worker_init_fn=worker_init)
+                        pin_memory=device.type == "cuda", persistent_workers=a.workers > 0)
         in_chans = 9 if a.mode == "slices_windows" else 3
 
         def rate(batches) -> float:

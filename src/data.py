@@ -23,6 +23,11 @@ from torch.utils.data import Dataset, Sampler
 
 from .utils import CLASSES, PipelineError
 
+# One OpenCV thread: the parallelism is the loader's worker processes, and N workers x an all-cores OpenCV pool
+# oversubscribe the CPU. Set here, at import in the parent: a forked worker that calls setNumThreads after the
+# parent used the pool deadlocks.
+cv2.setNumThreads(1)
+
 
 def neighbour_rows(meta: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """For every metadata row, the cache rows of the previous and next slice of its series.
@@ -239,11 +244,6 @@ class SliceDataset(Dataset):
         x = torch.from_numpy(img).permute(2, 0, 1)
         y = torch.from_numpy(self.labels[i]) if self.labels is not None else torch.zeros(len(CLASSES))
         return x, y, i
-
-
-def worker_init(_):
-    """Loader workers decode with one OpenCV thread each: N workers x all-cores OpenCV pools oversubscribe the CPU."""
-    cv2.setNumThreads(1)
 
 
 def collate(batch):

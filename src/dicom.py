@@ -40,6 +40,10 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+# One OpenCV thread per process: decoding is parallel across processes (one per core), and a pool of all cores
+# in each of them would oversubscribe the CPU (src.data sets the same for the loader's workers).
+cv2.setNumThreads(1)
+
 # (center, width) in HU. `None` stands for the file's own window (first WindowCenter/WindowWidth).
 BRAIN, SUBDURAL, BONE = (40, 80), (80, 200), (600, 2800)
 DEFAULT_WINDOWS = (BRAIN, SUBDURAL, BONE)

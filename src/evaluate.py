@@ -29,7 +29,7 @@ from sklearn.metrics import roc_curve  # noqa: E402
 
 from . import runs  # noqa: E402
 from .config import parse_config, positional  # noqa: E402
-from .ensemble import fit_weights  # noqa: E402
+from .ensemble import blend, cross_fitted, fit_weights  # noqa: E402
 from .labels import read_labels  # noqa: E402
 from .metrics import report  # noqa: E402
 from .utils import CLASSES, PipelineError, atomic_path, atomic_write, cli_main, write_json  # noqa: E402
@@ -72,10 +72,11 @@ def evaluate_runs(run_dirs, out_dir, labels_path=None, quiet=False) -> dict:
             common = common.intersection(o.index)
         y = labels.loc[common, CLASSES].to_numpy()
         preds = [o.loc[common, CLASSES].to_numpy() for o in oofs.values()]
-        w = fit_weights(y, preds)
-        results["blend"] = {**report(y, np.tensordot(w, np.stack(preds), axes=1)),
-                            "weights": {n: float(x) for n, x in zip(oofs, w)}}
-        oofs["blend"] = pd.DataFrame(np.tensordot(w, np.stack(preds), axes=1), index=common, columns=CLASSES)
+        w = fit_weights(y, preds)  # per class, as src.ensemble fits them
+        results["blend"] = {**report(y, blend(preds, w)), "weights": {n: w[:, i].tolist() for i, n in enumerate(oofs)}}
+        honest = cross_fitted(y, preds, oofs[run_list[0].name].loc[common, "fold"].to_numpy())
+        results["blend, cross-fitted"] = report(y, honest)  # each fold's weights fitted on the other folds
+        oofs["blend"] = pd.DataFrame(blend(preds, w), index=common, columns=CLASSES)
     first = oofs[run_list[0].name]
     y0 = labels.loc[first.index, CLASSES].to_numpy()
     prior = report(y0, prior_predictions(labels, first["fold"]))
@@ -93,9 +94,9 @@ def evaluate_runs(run_dirs, out_dir, labels_path=None, quiet=False) -> dict:
     plot_calibration(oofs, labels, out_dir / "calibration.png")
     plot_loss_curves(run_list, out_dir / "loss_curves.png")
     if "blend" in results:
-        lines = ", ".join(f"{n} {x:.2f}" for n, x in results["blend"]["weights"].items())
         summary["blend_weights"] = results["blend"]["weights"]
-        print(f"blend weights (fitted on the OOF predictions): {lines}")
+        print("blend weights per class (" + "/".join(c[:3] for c in CLASSES) + "), fitted on the OOF predictions: "
+              + "; ".join(f"{n} " + "/".join(f"{x:.2f}" for x in v) for n, v in summary["blend_weights"].items()))
     write_markdown(summary, out_dir / "report.md")
     write_json(summary, out_dir / "summary.json")
     for r in run_list:  # a stage-1 run carries what it was trained on and how well it did
@@ -110,12 +111,18 @@ def write_markdown(summary: dict, path):
     get = lambda n: summary["prior"] if n == "prior" else summary["runs"][n]  # noqa: E731
     lines = ["# Out-of-fold evaluation", "",
              f"Images: {get(names[0])['n_images']}. Metric: weighted multi-label log loss (any x2). "
-             "Prior = training-fold label frequencies for every image.", "",
+             "Prior = training-fold label frequencies for every image." + (
+                 " Blend = the members mixed with per-class weights fitted on these OOF predictions; "
+                 "cross-fitted = each fold mixed with weights fitted on the other folds (the honest figure)."
+                 if "blend" in summary["runs"] else ""), "",
              "| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols),
              "| **weighted log loss** | " + " | ".join(f"**{get(n)['weighted_log_loss']:.4f}**" for n in cols) + " |",
              "| ratio to prior | " + " | ".join(f"{summary['ratio_to_prior'].get(n, 1.0):.3f}" for n in cols) + " |"]
     if "blend_weights" in summary:
-        lines.append("| weight in the blend | " + " | ".join(f"{summary['blend_weights'][n]:.3f}" for n in names[:-1]) + " | | |")
+        members = list(summary["blend_weights"])
+        lines.append("| weights in the blend, per class (" + " / ".join(c[:3] for c in CLASSES) + ") | "
+                     + " | ".join(" / ".join(f"{x:.2f}" for x in summary["blend_weights"][n]) for n in members)
+                     + " |" + " |" * (len(cols) - len(members)))
     if "ratio_to_first" in summary:
         lines.append("| ratio to first run | " + " | ".join(f"{summary['ratio_to_first'].get(n, float('nan')):.3f}" for n in names) + " | |")
     lines.append("| mean AUC | " + " | ".join(_num(get(n)["mean_auc"], "{:.4f}") for n in cols) + " |")

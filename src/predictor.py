@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import runs
-from .data import EpochSampler, SliceDataset, collate, neighbour_rows, worker_init
+from .data import EpochSampler, SliceDataset, collate, neighbour_rows
 from .engine import amp_settings, configure_backend, pick_device, predict_loader
 from .model import Net, model_from_checkpoint
 from .prepare import decode_files, windows_from_settings
@@ -146,22 +146,23 @@ class Predictor:
         return cls(run, folds, settings, seq, boost, device, runs.run_card(run), batch_size, workers)
 
     @property
-    def weights(self) -> dict[str, float]:
-        """How stage 1 and the stage-2 models are combined: the report's OOF-fitted blend, else the stage-2
-        models' mean, else stage 1 alone (renormalised over the parts this Predictor has)."""
+    def weights(self) -> dict[str, np.ndarray]:
+        """How stage 1 and the stage-2 models are combined, per class: the report's OOF-fitted blend, else the
+        stage-2 models' mean, else stage 1 alone (renormalised over the parts this Predictor has)."""
         have = {"stage1": True, "seq": bool(self.sequence), "boost": bool(self.boost)}
-        w = {k: v for k, v in (self.card.get("blend_weights") or {}).items() if have.get(k)}
-        if not w or sum(w.values()) <= 0:
-            w = {k: 1.0 for k in ("seq", "boost") if have[k]} or {"stage1": 1.0}
+        w = {k: np.broadcast_to(np.asarray(v, float), (len(CLASSES),)) for k, v in
+             (self.card.get("blend_weights") or {}).items() if have.get(k)}
+        if not w or (sum(w.values()) <= 0).any():
+            w = {k: np.ones(len(CLASSES)) for k in ("seq", "boost") if have[k]} or {"stage1": np.ones(len(CLASSES))}
         total = sum(w.values())
         return {k: v / total for k, v in w.items()}
 
     @property
     def description(self) -> str:
         cfg = self.folds[0].config
-        parts = ", ".join(f"{k} {v:.2f}" for k, v in self.weights.items())
+        parts = ", ".join(f"{k} {v.mean():.2f}" for k, v in self.weights.items())
         return (f"{self.run.name}: {cfg['model']} @ {cfg['img_size']}px, {cfg['input_mode']}, "
-                f"{len(self.folds)} fold(s); stage 1 and stage 2 combined as {parts}")
+                f"{len(self.folds)} fold(s); stages combined as {parts} (mean weight over the classes)")
 
     # ---- stage 1
     def iter_fold_predictions(self, images, meta: pd.DataFrame, progress=False):
@@ -171,7 +172,7 @@ class Predictor:
         for f in self.folds:
             ds = slice_dataset(f.config, images, meta)
             dl = DataLoader(ds, self.batch_size, sampler=EpochSampler(len(ds), shuffle=False), num_workers=self.workers,
-                            collate_fn=collate, pin_memory=self.device.type == "cuda", worker_init_fn=worker_init)
+                            collate_fn=collate, pin_memory=self.device.type == "cuda")
             amp_dtype, _ = amp_settings(self.device, f.config.get("amp", "auto"))
             _, probs, emb = predict_loader(f.model, dl, self.device, amp_dtype, hflip_tta=f.config.get("tta", "hflip") == "hflip",
                                            desc=f"predict {f.name}", progress=progress)

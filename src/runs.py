@@ -384,8 +384,9 @@ def make_card(run: Run) -> dict:
         s = json.loads(rep.read_text())
         res, w = s.get("runs", {}), s.get("blend_weights", {})
         if w and set(w) <= set(family):  # a blend of this run's own stages: what the Predictor applies
-            card["blend_weights"] = {family[n]: x for n, x in w.items()}
-            best, card["stage"] = res["blend"], "blend of " + ", ".join(f"{family[n]} {x:.2f}" for n, x in w.items())
+            card["blend_weights"] = {family[n]: x for n, x in w.items()}  # per class
+            best = res.get("blend, cross-fitted", res["blend"])  # the honest figure: weights from the other folds
+            card["stage"] = "blend of " + ", ".join(family[n] for n in w) + ", per-class weights"
         elif run.name in res:
             best, card["stage"] = res[run.name], "stage 1"
         else:

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from . import runs
 from .config import TrainConfig, parse_config, result_settings, save_yaml
-from .data import Augment, EpochSampler, SliceDataset, collate, neighbour_rows, worker_init
+from .data import Augment, EpochSampler, SliceDataset, collate, neighbour_rows
 from .engine import adamw, amp_settings, configure_backend, pick_device, predict_loader, train_one_epoch, warmup_cosine
 from .metrics import WeightedBCE, per_class_log_loss, weighted_log_loss
 from .model import create_model, load_checkpoint, previous, save_checkpoint
@@ -229,7 +229,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> Path:
     sampler = EpochSampler(len(tr_ds), True, cfg.seed, rank, world, positives=tr["any"].to_numpy() > 0,
                            balanced=cfg.balanced, with_epoch=True)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate,
-                     persistent_workers=cfg.workers > 0, worker_init_fn=worker_init)
+                     persistent_workers=cfg.workers > 0)
     tr_dl = DataLoader(tr_ds, cfg.batch_size, sampler=sampler, drop_last=len(tr_ds) > cfg.batch_size * world, **loader_kw)
     va_dl = DataLoader(va_ds, cfg.batch_size * 2, sampler=EpochSampler(len(va_ds), False, rank=rank, world=world, pad=False),
                        **loader_kw)

@@ -121,7 +121,8 @@ def test_predictor_api_applies_stage_2_like_the_test_set(run_dir, demo_data):
     (each stage-2 fold reading its own stage-1 fold's outputs, by the stage's own code), combined with the run's
     blend weights (here, without a report: the GRU and the booster averaged)."""
     p = Predictor.load(run_dir)
-    assert len(p.sequence) == len(p.boost) == 2 and p.weights == {"seq": 0.5, "boost": 0.5}
+    assert len(p.sequence) == len(p.boost) == 2 and set(p.weights) == {"seq", "boost"}
+    assert all(np.allclose(w, 0.5) for w in p.weights.values())
     df = p.predict([demo_data / "stage_2_test_images"])
     assert list(df.columns) == ["ID", "file", "series", "slice", "z", *CLASSES]
     for _, g in df.groupby("series"):
@@ -430,7 +431,7 @@ def test_browser_upload_shows_summary_and_a_refusal(server, app, demo_data, tmp_
 def test_report_blends_the_members_and_the_predictor_applies_that_blend(run_dir, tmp_path):
     """src.evaluate on a run's three members adds their OOF-fitted blend (weights as src.ensemble fits them) and the
     prior without an AUC; the stage-1 run's card carries the weights, and the Predictor combines its stages so."""
-    from src.ensemble import fit_weights
+    from src.ensemble import blend, cross_fitted, fit_weights
     from src.evaluate import evaluate_runs
     from src.metrics import weighted_log_loss
     runs_dir = run_dir.parent
@@ -443,15 +444,18 @@ def test_report_blends_the_members_and_the_predictor_applies_that_blend(run_dir,
     oofs = [pd.concat(pd.read_csv(m / f"fold{k}" / "oof.csv", index_col="ID") for k in (0, 1)) for m in members]
     ids = oofs[0].index
     y = labels.loc[ids, CLASSES].to_numpy()
-    w = fit_weights(y, [o.loc[ids, CLASSES].to_numpy() for o in oofs])
-    assert np.allclose(list(s["blend_weights"].values()), w, atol=1e-6)
-    blend = weighted_log_loss(y, sum(wi * o.loc[ids, CLASSES].to_numpy() for wi, o in zip(w, oofs)))
-    assert s["runs"]["blend"]["weighted_log_loss"] == pytest.approx(blend, rel=1e-9)
-    assert blend <= min(s["runs"][m.name]["weighted_log_loss"] for m in members) + 1e-12
+    preds = [o.loc[ids, CLASSES].to_numpy() for o in oofs]
+    w = fit_weights(y, preds)
+    assert np.allclose(np.array(list(s["blend_weights"].values())).T, w, atol=1e-6)
+    mixed = weighted_log_loss(y, blend(preds, w))
+    assert s["runs"]["blend"]["weighted_log_loss"] == pytest.approx(mixed, rel=1e-9)
+    assert mixed <= min(s["runs"][m.name]["weighted_log_loss"] for m in members) + 1e-12
+    honest = weighted_log_loss(y, cross_fitted(y, preds, oofs[0].loc[ids, "fold"].to_numpy()))
+    assert s["runs"]["blend, cross-fitted"]["weighted_log_loss"] == pytest.approx(honest, rel=1e-9)
     md = (report_dir / "report.md").read_text()
-    assert "| | m2 | seq_m2 | boost_m2 | blend | prior |" in md and "| weight in the blend |" in md
+    assert "| | m2 | seq_m2 | boost_m2 | blend | blend, cross-fitted | prior |" in md and "weights in the blend" in md
     assert md.count(" / - / ") == len(CLASSES)  # the prior's AUC is undefined: shown as "-"
     p = Predictor.load(runs_dir / "m2")
-    parts = dict(zip(("stage1", "seq", "boost"), w))
-    assert p.weights == pytest.approx(parts)
-    assert p.card["oof_weighted_log_loss"] == pytest.approx(blend) and "blend of" in p.card["stage"]
+    for i, part in enumerate(("stage1", "seq", "boost")):
+        assert np.allclose(p.weights[part], w[:, i], atol=1e-6)
+    assert p.card["oof_weighted_log_loss"] == pytest.approx(honest) and "blend of" in p.card["stage"]

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from src import submission
-from src.ensemble import ensemble, fit_weights
+from src.ensemble import blend, cross_fitted, ensemble, fit_weights
 from src.labels import to_long
 from src.metrics import weighted_log_loss
 from src.submit import has_credentials, submit
@@ -62,12 +62,29 @@ def test_fitted_weights_beat_or_equal_best_member():
     noisy = np.clip(0.5 * y + 0.25 + rng.normal(0, 0.25, y.shape), 0.01, 0.99)
     useless = np.full_like(y, 0.5)
     for members in ([good, noisy], [noisy, useless, good], [useless]):
-        w = fit_weights(y, members)
-        assert (w >= 0).all() and w.sum() == pytest.approx(1)
-        blend = weighted_log_loss(y, np.tensordot(w, np.stack(members), axes=1))
-        assert blend <= min(weighted_log_loss(y, m) for m in members) + 1e-12
+        for per_class in (True, False):
+            w = fit_weights(y, members, per_class)
+            assert w.shape == (6, len(members)) and (w >= 0).all() and np.allclose(w.sum(1), 1)
+            score = weighted_log_loss(y, blend(members, w))
+            assert score <= min(weighted_log_loss(y, m) for m in members) + 1e-12
     w = fit_weights(y, [good, noisy])
-    assert w[0] > w[1]
+    assert (w[:, 0] > w[:, 1]).all()
+
+
+def test_per_class_weights_use_what_each_member_is_good_at():
+    """Member a knows the first three classes, member b the last three: per-class weights pick each where it is
+    good and beat any single weight per member; the cross-fitted figure (weights from the other folds) is honest."""
+    rng = np.random.default_rng(1)
+    y = (rng.random((600, 6)) < 0.3).astype(float)
+    sharp = np.clip(0.8 * y + 0.1, 0.01, 0.99)
+    a = np.where(np.arange(6) < 3, sharp, 0.3)
+    b = np.where(np.arange(6) < 3, 0.3, sharp)
+    w = fit_weights(y, [a, b])
+    assert np.allclose(w[:3, 0], 1, atol=1e-3) and np.allclose(w[3:, 1], 1, atol=1e-3)
+    assert weighted_log_loss(y, blend([a, b], w)) < weighted_log_loss(y, blend([a, b], fit_weights(y, [a, b], False))) - 0.1
+    folds = np.arange(600) % 3
+    honest = cross_fitted(y, [a, b], folds)
+    assert weighted_log_loss(y, honest) == pytest.approx(weighted_log_loss(y, blend([a, b], w)), abs=1e-3)
 
 
 def fake_run(root, name, data_dir, oof_value, test_images, folds=(0, 1)):
