@@ -98,11 +98,11 @@ def read_patient_ids(paths, jobs: int = -1, chunk: int = 500, quiet: bool = Fals
 
 
 def _from_cache(cache: Path, files: pd.DataFrame) -> pd.Series | None:
-    """PatientID by ID from a finished image cache built from exactly these files, else None."""
+    """PatientID by ID from a finished image cache built from exactly these training files, else None."""
     P = cache_paths(cache)
     stamp = runs.Stamp.load(P["config"])
     if not (P["images"].exists() and P["meta"].exists() and stamp is not None
-            and stamp.inputs.get("files") == files_fingerprint(files)):
+            and stamp.inputs.get("train_files") == files_fingerprint(files[files.split == "train"])):
         return None
     meta = pd.read_csv(P["meta"], usecols=["ID", "split", "PatientID"], dtype=str, keep_default_na=False)
     return meta[meta.split == "train"].set_index("ID")["PatientID"]
