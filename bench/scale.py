@@ -19,8 +19,9 @@ their growth between the sizes, and the projection to the competition's 874,035 
    exponent b of t ~ N^b, and the projection t(N2) x (874,035 / N2)^max(1, b): at least linear, because fixed
    start-up costs make small runs look sub-linear. Steps other than capped training must have b <= 1.15.
 
-Writes WORK/scale.json and prints a Markdown table; also the loader's per-sample CPU cost for 3 and 9 channels
-on the large rehearsal's cache (bench/sample_cost.py). Needs about 13 GB of disk per 100,000 slices.
+Writes WORK/scale.json and prints a Markdown table; also the loader's per-sample cost for 3 and 9 channels on the
+large rehearsal's cache (bench/sample_cost.py), cold (its pages evicted first: every sample reads the disk) and warm.
+`--report-only` prints the table of an earlier rehearsal again. Needs about 13 GB of disk per 100,000 slices.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -159,6 +161,12 @@ def tree_memory_kb(pid: int) -> int:
 def run_pipeline(data: Path, work: Path, n: int, train_steps: int) -> dict:
     """bash run.sh on `data`; per step: seconds and peak memory (MB)."""
     tag = f"out_{n}"
+    # a rehearsal measures a whole run: outputs of an earlier (or killed) one would make steps skip
+    for old in (work / tag, work / f"folds_{n}.csv", work / f"subs_{n}"):
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
     env = {**os.environ, "INPUT_DIR": str(data), "OUT_DIR": str(work / tag), "K": "5", "DEVICE_CONFIG": "cpu",
            "FOLDS_FILE": str(work / f"folds_{n}.csv"), "SUBMISSIONS_DIR": str(work / f"subs_{n}"),
            "TRAIN_FLAGS": f"--epochs 1 --max-steps-per-epoch {train_steps}", "PYTHONUNBUFFERED": "1"}
@@ -201,9 +209,12 @@ def main():
     ap.add_argument("--sizes", type=int, nargs=2, default=[12_500, 100_000])
     ap.add_argument("--work", default=str(ROOT / "bench" / "out" / "scale"))
     ap.add_argument("--train-steps", type=int, default=20, help="stage-1 batches per fold (one epoch)")
+    ap.add_argument("--report-only", action="store_true", help="print the table of WORK/scale.json again")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    if a.report_only:
+        return report(work, json.loads((work / "scale.json").read_text()), a.sizes[1])
     result = {"sizes": {}, "train_steps": a.train_steps}
     for n in a.sizes:
         t0 = time.time()
@@ -219,6 +230,44 @@ def main():
             k["steps"] += 1
         result["sizes"][str(slices)] = {"steps": steps, "kinds": per_kind}
         (work / "scale.json").write_text(json.dumps(result, indent=2))
+    report(work, result, a.sizes[1])
+
+
+def drop_page_cache(path: Path):
+    """Evict a file's pages from the page cache (clean pages only, which a read-only memory map's are)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def loader_cost(cache_dir: Path, n: int = 300) -> dict:
+    """The loader's per-sample cost for 3 and 9 channels on a cache: CPU ms (all threads, page faults included)
+    and wall ms, cold (the file's pages evicted first, so each sample reads the disk, as a cache larger than
+    memory does) and warm (the same samples again, from the page cache)."""
+    from bench.sample_cost import per_sample_ms
+    from src.data import Augment, SliceDataset, neighbour_rows
+    from src.prepare import cache_paths, load_cache
+    images, meta = load_cache(cache_dir)
+    prev, nxt = neighbour_rows(meta)
+    ok = (meta.status == "ok").to_numpy()
+    out = {}
+    for mode in ("windows", "slices_windows"):
+        ds = SliceDataset(images, meta["row"][ok], None, prev[ok], nxt[ok], mode, images.shape[1], Augment())
+        drop_page_cache(cache_paths(cache_dir)["images"])
+        r = {}
+        for state in ("cold", "warm"):
+            t = time.perf_counter()
+            r[f"{state}_cpu_ms"] = per_sample_ms(ds, n=n, warmup=0)
+            r[f"{state}_wall_ms"] = (time.perf_counter() - t) / n * 1e3
+        out[mode] = r
+    return out
+
+
+def report(work: Path, result: dict, large: int):
+    """Print the Markdown table (and the loader's cost on the large rehearsal's cache); store both."""
     (n1, r1), (n2, r2) = [(int(k), v["kinds"]) for k, v in result["sizes"].items()]
     lines = [f"| step | s @ {n1:,} | s @ {n2:,} | exponent | projected s @ {FULL:,} | peak MB @ {n1:,} | peak MB @ {n2:,} "
              f"| memory exponent |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -236,22 +285,15 @@ def main():
     total2 = sum(v["seconds"] for v in r2.values())
     lines.append(f"| **whole run.sh** | {sum(v['seconds'] for v in r1.values()):.0f} | {total2:.0f} | | "
                  f"{sum(v['projected_seconds'] for v in result['table'].values()):,.0f} | | | |")
-    # the loader's per-sample CPU cost on the large rehearsal's cache, 3 and 9 channels
-    from bench.sample_cost import per_sample_ms
-    from src.data import Augment, SliceDataset, neighbour_rows
-    from src.prepare import load_cache
-    images, meta = load_cache(work / f"out_{a.sizes[1]}" / "cache")
-    prev, nxt = neighbour_rows(meta)
-    ok = (meta.status == "ok").to_numpy()
-    cost = {mode: per_sample_ms(SliceDataset(images, meta["row"][ok], None, prev[ok], nxt[ok], mode, images.shape[1],
-                                             Augment()), n=300)
-            for mode in ("windows", "slices_windows")}
-    result["per_sample_ms"] = cost
+    cache = work / f"out_{large}" / "cache"
+    cost = result["per_sample_ms"] = loader_cost(cache)
     (work / "scale.json").write_text(json.dumps(result, indent=2))
     print("\n".join(lines))
-    print(f"\nloader CPU per sample at {images.shape[1]} px with augmentation: 3 channels {cost['windows']:.3f} ms, "
-          f"9 channels {cost['slices_windows']:.3f} ms")
-
+    print(f"\nloader per sample on {cache} with augmentation, ms (CPU / wall), cold = read from disk, warm = page cache:")
+    for mode, ch in (("windows", 3), ("slices_windows", 9)):
+        c = cost[mode]
+        print(f"  {ch} channels: cold {c['cold_cpu_ms']:.3f} / {c['cold_wall_ms']:.3f}, "
+              f"warm {c['warm_cpu_ms']:.3f} / {c['warm_wall_ms']:.3f}")
 
 if __name__ == "__main__":
     main()

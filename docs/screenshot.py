@@ -1,0 +1,67 @@
+"""The README's picture of the demo page: serve a trained run, upload a series in headless Chromium, screenshot.
+
+    .venv/bin/python docs/screenshot.py --run outputs/demo/runs/resnet10t_128 ../shared/ct_other/cq500_ct0_every10th
+
+Needs Debian's `chromium` (what `.ci/run` installs) and the `playwright` package of requirements.txt.
+Writes docs/demo_page.png (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="a trained run's folder")
+    ap.add_argument("files", nargs="+", help="DICOM files or folders to upload")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "demo_page.png"))
+    a = ap.parse_args()
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        raise SystemExit("error: chromium is not installed (Debian: apt-get install chromium)")
+    files = sorted(str(f) for p in map(Path, a.files) for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "src.webapp", "--run", a.run, "--port", str(port)], cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if requests.get(url, timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                raise SystemExit("error: the web page did not start")
+            time.sleep(0.5)
+        from playwright.sync_api import sync_playwright
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, headless=True,
+                                         args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+            page = browser.new_page(viewport={"width": 1150, "height": 1000})
+            page.goto(url)
+            page.set_input_files("#files", files)
+            page.click("#submit")
+            page.wait_for_selector(".summary", timeout=600_000)
+            page.screenshot(path=a.out, full_page=True)
+            browser.close()
+        print(f"wrote {a.out} ({len(files)} files uploaded)")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
