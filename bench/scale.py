@@ -21,7 +21,8 @@ their growth between the sizes, and the projection to the competition's 874,035 
 
 Writes WORK/scale.json and prints a Markdown table; also the loader's per-sample cost for 3 and 9 channels on the
 large rehearsal's cache (bench/sample_cost.py), cold (its pages evicted first: every sample reads the disk) and warm.
-`--report-only` prints the table of an earlier rehearsal again. Needs about 13 GB of disk per 100,000 slices.
+`--report-only` prints the table of an earlier rehearsal again. Needs about 19 GB of disk per 100,000 slices (13 GB
+of DICOMs, 6 GB of outputs).
 """
 from __future__ import annotations
 

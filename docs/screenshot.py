@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
-
-import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,22 +25,9 @@ def main():
     if chromium is None:
         raise SystemExit("error: chromium is not installed (Debian: apt-get install chromium)")
     files = sorted(str(f) for p in map(Path, a.files) for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "src.webapp", "--run", a.run, "--port", str(port)], cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if requests.get(url, timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                raise SystemExit("error: the web page did not start")
-            time.sleep(0.5)
+    sys.path.insert(0, str(ROOT))
+    from src.webapp import launched
+    with launched(a.run) as (url, _):
         from playwright.sync_api import sync_playwright
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, headless=True,
@@ -57,10 +39,7 @@ def main():
             page.wait_for_selector(".summary", timeout=600_000)
             page.screenshot(path=a.out, full_page=True)
             browser.close()
-        print(f"wrote {a.out} ({len(files)} files uploaded)")
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    print(f"wrote {a.out} ({len(files)} files uploaded)")
 
 
 if __name__ == "__main__":

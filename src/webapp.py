@@ -18,11 +18,16 @@ gives the page with a message, never JSON or a stack trace.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,6 +308,39 @@ def serve(run_dir, host="127.0.0.1", port=7860):
     app = create_app(run_dir)
     print(f"ICH demo on http://{host}:{port}/  (Ctrl-C to stop)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@contextlib.contextmanager
+def launched(run_dir, timeout=120.0):
+    """The page for `run_dir` served by a background process on a free local port: yields (url, process) once
+    it answers, stops it on exit. For scripts and tests that drive the page (docs/screenshot.py)."""
+    import requests
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tempfile.TemporaryFile()  # not a pipe: nobody reads it, and a full pipe would block the server
+    proc = subprocess.Popen([sys.executable, "-m", "src.webapp", "--run", str(run_dir), "--port", str(port)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                if requests.get(url, timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if proc.poll() is not None:
+                log.seek(0)
+                raise PipelineError(f"the demo page for {run_dir} exited: {log.read().decode()[-2000:]}")
+            if time.time() > deadline:
+                raise PipelineError(f"the demo page for {run_dir} did not answer within {timeout:.0f}s")
+            time.sleep(0.5)
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
 
 
 def main():

@@ -332,23 +332,8 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def server(run_dir):
-    port = free_port()
-    p = subprocess.Popen([sys.executable, "-m", "src.webapp", "--run", str(run_dir), "--port", str(port)],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        assert p.poll() is None, p.stdout.read().decode()[-2000:]
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.5)
-    yield url
-    p.terminate()
-    p.wait(timeout=10)
+    with W.launched(run_dir) as (url, _):
+        yield url
 
 
 @contextlib.contextmanager
