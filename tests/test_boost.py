@@ -1,23 +1,18 @@
 import dataclasses
 import shutil
-import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from src.boost import BoostConfig, BoostFold, feature_names, series_features, train_boost
 from src.config import build_parser, field_comments
 from src.ensemble import ensemble
 from src.evaluate import evaluate_runs
-from src.folds import make_folds
-from src.labels import read_labels
 from src.metrics import weighted_log_loss
-from src.prepare import load_cache
 from src.sequence import check_no_leak
-from src.utils import CLASSES, PipelineError, write_csv
+from src.utils import CLASSES, PipelineError
+from tests.conftest import write_stage1_run
 
 K = 2
 SMALL = dict(min_child_samples=5, num_leaves=7, learning_rate=0.1, patience=20, threads=1)  # ~60 training slices
@@ -25,32 +20,11 @@ SMALL = dict(min_child_samples=5, num_leaves=7, learning_rate=0.1, patience=20, 
 
 @pytest.fixture(scope="module")
 def stage1(demo_data, demo_cache, tmp_path_factory):
-    """A stage-1 run's files built by hand (as in test_sequence): per-slice predictions are the truth drowned in
-    noise, so a slice's neighbours and its series carry information. Each fold's OOF rows are that fold's images."""
-    root = tmp_path_factory.mktemp("s1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        labels = read_labels(demo_data / "stage_2_train.csv")
-    _, meta = load_cache(demo_cache / "cache")
-    ok = meta[meta.status == "ok"].set_index("ID")
-    folds = make_folds(labels, ok[ok.split == "train"]["PatientID"], k=K, seed=0)
-    write_csv(folds, root / "folds.csv")
-    rng = np.random.default_rng(0)
-    run, test_ids = root / "runs" / "s1", ok.index[ok.split == "test"]
-    for k in range(K):
-        d = run / f"fold{k}"
-        d.mkdir(parents=True)
-        (d / "config.yaml").write_text(yaml.safe_dump({"data_dir": str(demo_data), "out_dir": str(demo_cache),
-                                                       "folds_file": str(root / "folds.csv"), "k": K, "fold_seed": 0}))
-        ids = folds.index[folds.fold == k]
-        y = labels.loc[ids, CLASSES].to_numpy(float)
-        p = 1 / (1 + np.exp(-(np.log(0.1 / 0.9) + 4 * y + rng.normal(0, 1.8, y.shape))))
-        pd.DataFrame(p, index=pd.Index(ids, name="ID"), columns=CLASSES).assign(fold=k).to_csv(d / "oof.csv")
-        np.save(d / "oof_emb.npy", np.zeros((len(ids), 2), np.float16))  # stage 1's files; the booster reads none
-        pd.DataFrame(rng.uniform(0, 0.3, (len(test_ids), 6)), index=pd.Index(test_ids, name="ID"), columns=CLASSES
-                     ).assign(source="model").to_csv(d / "test.csv")
-        np.save(d / "test_emb.npy", np.zeros((len(test_ids), 2), np.float16))
-    return run, labels, folds, ok
+    """A stage-1 run's files built by hand (conftest.write_stage1_run); the booster reads no embeddings."""
+    return write_stage1_run(tmp_path_factory.mktemp("s1"), demo_data, demo_cache, K,
+                            oof_emb=lambda y, rng: np.zeros((len(y), 2), np.float16),
+                            test_probs=lambda n, rng: rng.uniform(0, 0.3, (n, len(CLASSES))),
+                            test_emb=lambda n, rng: np.zeros((n, 2), np.float16))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,3 @@
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -7,47 +6,23 @@ import pytest
 import torch
 import yaml
 
-from src.folds import make_folds
-from src.labels import read_labels
 from src.metrics import weighted_log_loss
 from src.prepare import load_cache
 from src.sequence import Batcher, SeqConfig, SeqFold, SeqModel, SeriesSet, check_no_leak, predict_series, train_sequence
-from src.utils import CLASSES, PipelineError, write_csv
+from src.utils import CLASSES, PipelineError
+from tests.conftest import write_stage1_run
 
 K = 2
 
 
 @pytest.fixture(scope="module")
 def stage1(demo_data, demo_cache, tmp_path_factory):
-    """A stage-1 run's files built by hand: per-slice predictions are the truth drowned in noise, so neighbours
-    carry information; embeddings are noisy copies of the labels. Each fold's OOF rows are that fold's images."""
-    root = tmp_path_factory.mktemp("s1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        labels = read_labels(demo_data / "stage_2_train.csv")
-    images, meta = load_cache(demo_cache / "cache")
-    ok = meta[meta.status == "ok"].set_index("ID")
-    train_ok = ok[ok.split == "train"]
-    folds = make_folds(labels, train_ok["PatientID"], k=K, seed=0)
-    folds_file = root / "folds.csv"
-    write_csv(folds, folds_file)
-    rng = np.random.default_rng(0)
-    run = root / "runs" / "s1"
-    test_ids = ok.index[ok.split == "test"]
-    for k in range(K):
-        d = run / f"fold{k}"
-        d.mkdir(parents=True)
-        (d / "config.yaml").write_text(yaml.safe_dump({"data_dir": str(demo_data), "out_dir": str(demo_cache),
-                                                       "folds_file": str(folds_file), "k": K, "fold_seed": 0}))
-        ids = folds.index[folds.fold == k]
-        y = labels.loc[ids, CLASSES].to_numpy(float)
-        p = 1 / (1 + np.exp(-(np.log(0.1 / 0.9) + 4 * y + rng.normal(0, 1.8, y.shape))))
-        oof = pd.DataFrame(p, index=pd.Index(ids, name="ID"), columns=CLASSES)
-        oof.insert(0, "fold", k)
-        oof.to_csv(d / "oof.csv")
-        np.save(d / "oof_emb.npy", (np.c_[y, y] + rng.normal(0, 2.0, (len(y), 12))).astype(np.float16))
-        pd.DataFrame(0.1, index=pd.Index(test_ids, name="ID"), columns=CLASSES).assign(source="model").to_csv(d / "test.csv")
-        np.save(d / "test_emb.npy", rng.normal(0, 1, (len(test_ids), 12)).astype(np.float16))
+    """A stage-1 run's files built by hand (conftest.write_stage1_run); embeddings are noisy copies of the labels."""
+    run, labels, folds, _ = write_stage1_run(
+        tmp_path_factory.mktemp("s1"), demo_data, demo_cache, K,
+        oof_emb=lambda y, rng: (np.c_[y, y] + rng.normal(0, 2.0, (len(y), 12))).astype(np.float16),
+        test_probs=lambda n, rng: np.full((n, len(CLASSES)), 0.1),
+        test_emb=lambda n, rng: rng.normal(0, 1, (n, 12)).astype(np.float16))
     return run, labels, folds
 
 
