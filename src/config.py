@@ -113,7 +113,7 @@ class TrainConfig:
 
 # settings that say how or where a step runs, not what it computes: left out of fingerprints
 RUN_CONTROL = {"data_dir", "out_dir", "folds_file", "run_name", "workers", "device", "log_every", "resume",
-               "overwrite", "stop_after_epochs", "stage1", "batch_size_predict"}
+               "overwrite", "stop_after_epochs", "stage1"}
 
 
 def default_run_name(model: str, img_size: int, input_mode: str = "windows") -> str:
@@ -133,7 +133,7 @@ def _parse_bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": _parse_bool, int: int, float: float, str: str}
+_TYPES = {"int": int, "float": float, "str": str, "bool": _parse_bool}  # by annotation text (postponed annotations)
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,7 +222,3 @@ def save_yaml(cfg, path) -> None:
     from .utils import atomic_write
     with atomic_write(path) as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
-
-
-def snake(flag: str) -> str:
-    return re.sub(r"^-+", "", flag).replace("-", "_")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from scipy.optimize import minimize
 
 from . import runs, submission
@@ -69,9 +70,8 @@ def cross_fitted(y: np.ndarray, preds: list[np.ndarray], folds: np.ndarray, per_
     return out
 
 
-def blend_oof(members: list[runs.Run], labels, weights="fit"):
-    """(common OOF IDs, labels, member OOF predictions, (6, M) weights, folds) of a set of runs."""
-    oofs = [r.load_oof() for r in members]  # says which folds are unfinished, if any
+def blend_oof(oofs: list[pd.DataFrame], labels, weights="fit"):
+    """(common OOF IDs, labels, member OOF predictions, (6, M) weights, folds) of the members' OOF tables."""
     common = oofs[0].index
     for o in oofs[1:]:
         common = common.intersection(o.index)
@@ -80,7 +80,7 @@ def blend_oof(members: list[runs.Run], labels, weights="fit"):
     y = labels.loc[common, CLASSES].to_numpy()
     preds = [o.loc[common, CLASSES].to_numpy() for o in oofs]
     w = (fit_weights(y, preds, per_class=weights == "fit") if weights in ("fit", "fit-global")
-         else np.full((len(CLASSES), len(members)), 1 / len(members)))
+         else np.full((len(CLASSES), len(oofs)), 1 / len(oofs)))
     return common, y, preds, w, oofs[0].loc[common, "fold"].to_numpy()
 
 
@@ -102,7 +102,7 @@ def ensemble(run_dirs, name, weights="fit", data_dir=None, submissions_dir=None,
             runs.announce_skip(f"submission {path}")
         return json.loads(info_path.read_text())
     labels, _ = runs.labels(d, o)
-    common, y, oof_preds, w, folds = blend_oof(members, labels, weights)
+    common, y, oof_preds, w, folds = blend_oof([m.load_oof() for m in members], labels, weights)  # load_oof names unfinished folds
     member_scores = {m.name: weighted_log_loss(y, p) for m, p in zip(members, oof_preds)}
     blend_score = weighted_log_loss(y, blend(oof_preds, w))
     honest = weighted_log_loss(y, cross_fitted(y, oof_preds, folds, weights == "fit")) if weights != "equal" else blend_score

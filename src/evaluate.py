@@ -29,7 +29,7 @@ from sklearn.metrics import roc_curve  # noqa: E402
 
 from . import runs  # noqa: E402
 from .config import parse_config, positional  # noqa: E402
-from .ensemble import blend, cross_fitted, fit_weights  # noqa: E402
+from .ensemble import blend, blend_oof, cross_fitted  # noqa: E402
 from .labels import read_labels  # noqa: E402
 from .metrics import report  # noqa: E402
 from .utils import CLASSES, PipelineError, atomic_path, atomic_write, cli_main, write_json  # noqa: E402
@@ -49,8 +49,8 @@ def evaluate_runs(run_dirs, out_dir, labels_path=None, quiet=False) -> dict:
     out_dir = Path(out_dir)
     stamp = runs.Stamp("evaluate", {"labels": str(labels_path or "")},
                        {r.name: r.fingerprint(with_test=False) for r in run_list})
-    if runs.Stamp.load(out_dir / "summary.json") and runs.Stamp.load(out_dir / "summary.json").id == stamp.id \
-            and (out_dir / "report.md").exists():
+    old = runs.Stamp.load(out_dir / "summary.json")
+    if old and old.id == stamp.id and (out_dir / "report.md").exists():
         if not quiet:
             runs.announce_skip(f"report {out_dir}")
         return json.loads((out_dir / "summary.json").read_text())
@@ -67,16 +67,11 @@ def evaluate_runs(run_dirs, out_dir, labels_path=None, quiet=False) -> dict:
         results[r.name]["folds"] = sorted(int(f) for f in oof["fold"].unique())
         oofs[r.name] = oof
     if len(run_list) > 1:  # the members' blend, with the ensembler's OOF-fitted weights, as one more column
-        common = oofs[run_list[0].name].index
-        for o in oofs.values():
-            common = common.intersection(o.index)
-        y = labels.loc[common, CLASSES].to_numpy()
-        preds = [o.loc[common, CLASSES].to_numpy() for o in oofs.values()]
-        w = fit_weights(y, preds)  # per class, as src.ensemble fits them
-        results["blend"] = {**report(y, blend(preds, w)), "weights": {n: w[:, i].tolist() for i, n in enumerate(oofs)}}
-        honest = cross_fitted(y, preds, oofs[run_list[0].name].loc[common, "fold"].to_numpy())
-        results["blend, cross-fitted"] = report(y, honest)  # each fold's weights fitted on the other folds
-        oofs["blend"] = pd.DataFrame(blend(preds, w), index=common, columns=CLASSES)
+        common, y, preds, w, folds = blend_oof(list(oofs.values()), labels)  # per class, as src.ensemble fits them
+        mixed = blend(preds, w)
+        results["blend"] = {**report(y, mixed), "weights": {n: w[:, i].tolist() for i, n in enumerate(oofs)}}
+        results["blend, cross-fitted"] = report(y, cross_fitted(y, preds, folds))  # weights fitted on the other folds
+        oofs["blend"] = pd.DataFrame(mixed, index=common, columns=CLASSES)
     first = oofs[run_list[0].name]
     y0 = labels.loc[first.index, CLASSES].to_numpy()
     prior = report(y0, prior_predictions(labels, first["fold"]))

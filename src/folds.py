@@ -90,8 +90,9 @@ def main():
             print(f"note: {len(ids)} labelled image(s) {what} and are left out of the folds: {list(ids[:10])}")
     path = runs.run_folds_file(a.data_dir, a.k, a.fold_seed, a.folds_file)
     if path.exists() and path.resolve() != runs.folds_path(a.data_dir, a.k, a.fold_seed).resolve():
-        check_folds(load_folds(path), ok, labels, a.k, path)  # the user's own file: checked, never rewritten
-        missing = ok.index.intersection(labels.index).difference(load_folds(path).index)
+        own = load_folds(path)
+        check_folds(own, ok, labels, a.k, path)  # the user's own file: checked, never rewritten
+        missing = ok.index.intersection(labels.index).difference(own.index)
         if len(missing):
             print(f"note: {path} leaves out {len(missing)} labelled image(s) of this data, e.g. {list(missing[:5])}")
         runs.announce_skip(f"folds {path} (your own file, kept as it is)")

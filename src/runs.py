@@ -267,9 +267,6 @@ class Run:
         cfg = self.stage1().config()
         return cfg["data_dir"], cfg.get("out_dir", "")
 
-    def out(self) -> Path:
-        return out_root(*self.data())
-
     def stage2(self, kind: str) -> Run:
         return Run(self.path.parent / f"{kind}_{self.name}")
 

@@ -41,14 +41,15 @@ from .prepare import cache_fingerprint, cache_settings, load_cache
 from .utils import CLASSES, PipelineError, cli_main, get_logger, write_csv, write_json, write_npy
 
 
-def fold_stamp(cfg: TrainConfig) -> runs.Stamp:
+def fold_stamp(cfg: TrainConfig, labels_sha: str) -> runs.Stamp:
     """What a fold's trained weights depend on: its settings (all but the TTA, which only changes the final
-    OOF pass: oof.json records it), the cache's train part, the folds file, the labels and a weights file."""
+    OOF pass: oof.json records it), the cache's train part, the folds file, the labels (`labels_sha`, the
+    label file's fingerprint from runs.labels) and a weights file."""
     folds_file = runs.run_folds_file(cfg.data_dir, cfg.k, cfg.fold_seed, cfg.folds_file)
     if not folds_file.exists():
         runs.load_folds(folds_file)  # the standard message
     inputs = {"cache": cache_fingerprint(runs.cache_dir(cfg.data_dir, cfg.out_dir), "train"),
-              "folds": runs.file_fingerprint(folds_file), "labels": runs.labels(cfg.data_dir, cfg.out_dir)[1]}
+              "folds": runs.file_fingerprint(folds_file), "labels": labels_sha}
     if cfg.weights:
         inputs["weights"] = runs.file_fingerprint(cfg.weights) if Path(cfg.weights).exists() else "missing"
     return runs.Stamp("train", {k: v for k, v in result_settings(cfg).items() if k != "tta"}, inputs)
@@ -60,13 +61,12 @@ def oof_tta(run_dir: Path) -> str | None:
     return json.loads(p.read_text()).get("tta") if p.exists() and (run_dir / runs.OOF).exists() else None
 
 
-def load_fold_data(cfg: TrainConfig):
+def load_fold_data(cfg: TrainConfig, labels: pd.DataFrame):
     """Cache, labels and the fold split -> (images, train table, val table); tables hold ID, row, neighbours, labels."""
     images, meta = load_cache(runs.cache_dir(cfg.data_dir, cfg.out_dir))
     folds = runs.load_folds(runs.run_folds_file(cfg.data_dir, cfg.k, cfg.fold_seed, cfg.folds_file))
     if cfg.fold not in set(folds["fold"]):
         raise PipelineError(f"--fold {cfg.fold} is not in the folds file (folds {sorted(set(folds['fold']))})")
-    labels, _ = runs.labels(cfg.data_dir, cfg.out_dir)
     prev_row, next_row = neighbour_rows(meta)
     meta = meta.assign(prev_row=prev_row, next_row=next_row).set_index("ID")
     ok = meta[meta.status == "ok"]
@@ -182,18 +182,20 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> Path:
     main_proc, run = rank == 0, runs.Run.of(cfg.data_dir, cfg.out_dir, cfg.run_name)
     run_dir = run.fold_dir(cfg.fold)
     # ---- before anything is written: same settings as what is there, or stop (or redo with --overwrite)
-    stamp = fold_stamp(cfg)
+    labels, labels_sha = runs.labels(cfg.data_dir, cfg.out_dir)
+    stamp = fold_stamp(cfg, labels_sha)
     trained_as_asked = (runs.Stamp.load(run_dir / runs.STAMP) or stamp).id == stamp.id and (run_dir / runs.LAST).exists()
-    redo_oof = trained_as_asked and oof_tta(run_dir) not in (None, cfg.tta)
+    oof_was = oof_tta(run_dir)
+    redo_oof = trained_as_asked and oof_was not in (None, cfg.tta)
     if world > 1:
         dist.barrier()  # every rank has read the files before rank 0 changes them
     if redo_oof:  # only the TTA changed: keep the training, redo the final OOF pass from last.pth (all epochs done)
         cfg = dataclasses.replace(cfg, resume=True)
         if main_proc:
-            print(f"fold {cfg.fold}: redoing the OOF pass with tta {cfg.tta} (was {oof_tta(run_dir)}); the training is kept")
+            print(f"fold {cfg.fold}: redoing the OOF pass with tta {cfg.tta} (was {oof_was}); the training is kept")
             for f in (runs.OOF, runs.OOF_EMB, runs.OOF_INFO):
                 (run_dir / f).unlink(missing_ok=True)
-    skip = runs.guard(stamp, run_dir / runs.STAMP, oof_tta(run_dir) == cfg.tta, cfg.overwrite,
+    skip = runs.guard(stamp, run_dir / runs.STAMP, not redo_oof and oof_was == cfg.tta, cfg.overwrite,
                       f"fold {cfg.fold} of run {cfg.run_name} ({run_dir})", clear=[run_dir],
                       exists=any((run_dir / f).exists() for f in (runs.LAST, runs.OOF, runs.STAMP)),
                       redo="add --overwrite to this command") if main_proc else False
@@ -213,7 +215,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> Path:
         save_yaml(cfg, run_dir / runs.CONFIG)
         # the cache's size and windows: predict and the demo repeat exactly this preprocessing on new files
         write_json(cache_settings(runs.cache_dir(cfg.data_dir, cfg.out_dir)), run_dir / runs.PREPROCESS)
-    images, tr, va = load_fold_data(cfg)
+    images, tr, va = load_fold_data(cfg, labels)
     amp_dtype, use_scaler = amp_settings(device, cfg.amp)
     configure_backend(device)
     if main_proc:
