@@ -1,4 +1,3 @@
-import dataclasses
 import shutil
 
 import numpy as np
@@ -6,7 +5,6 @@ import pandas as pd
 import pytest
 
 from src.boost import BoostConfig, BoostFold, feature_names, series_features, train_boost
-from src.config import build_parser, field_comments
 from src.ensemble import ensemble
 from src.evaluate import evaluate_runs
 from src.metrics import weighted_log_loss
@@ -128,9 +126,3 @@ def test_boost_fold_predicts_new_series_as_the_pipeline_did(stage1, boosted):
     for ids, p in zip(series, got):
         assert np.allclose(p, oof.loc[ids, CLASSES].to_numpy(), atol=1e-5)
 
-
-def test_help_shows_every_setting_with_its_comment():
-    comments, text = field_comments(BoostConfig), " ".join(build_parser(BoostConfig).format_help().split())
-    for f in dataclasses.fields(BoostConfig):
-        assert comments.get(f.name) and " ".join(comments[f.name].split())[:40] in text, f.name
-        assert f"--{f.name.replace('_', '-')}" in text

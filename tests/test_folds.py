@@ -59,14 +59,9 @@ def test_too_few_patients():
 def test_your_own_folds_file_is_checked_and_never_rewritten(demo_data, demo_cache, tmp_path):
     import subprocess
     import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        labels = read_labels(demo_data / "stage_2_train.csv")
-    _, meta = load_cache(demo_cache / "cache")
-    ok = meta[(meta.split == "train") & (meta.status == "ok")].set_index("ID")
-    mine = make_folds(labels, ok["PatientID"], k=2, seed=99)  # not the split --fold-seed 42 would make
+    from src.utils import ROOT as root
+    labels, patients = _inputs(demo_data, demo_cache)
+    mine = make_folds(labels, patients, k=2, seed=99)  # not the split --fold-seed 42 would make
     f = tmp_path / "mine.csv"
     mine.to_csv(f)
     cli = [sys.executable, "-m", "src.folds", str(demo_data), "--out-dir", str(demo_cache), "--k", "2", "--folds-file", str(f)]

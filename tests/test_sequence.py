@@ -1,13 +1,10 @@
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from src.metrics import weighted_log_loss
-from src.prepare import load_cache
 from src.sequence import Batcher, SeqConfig, SeqFold, SeqModel, SeriesSet, check_no_leak, predict_series, train_sequence
 from src.utils import CLASSES, PipelineError
 from tests.conftest import write_stage1_run
@@ -18,16 +15,15 @@ K = 2
 @pytest.fixture(scope="module")
 def stage1(demo_data, demo_cache, tmp_path_factory):
     """A stage-1 run's files built by hand (conftest.write_stage1_run); embeddings are noisy copies of the labels."""
-    run, labels, folds, _ = write_stage1_run(
+    return write_stage1_run(
         tmp_path_factory.mktemp("s1"), demo_data, demo_cache, K,
         oof_emb=lambda y, rng: (np.c_[y, y] + rng.normal(0, 2.0, (len(y), 12))).astype(np.float16),
         test_probs=lambda n, rng: np.full((n, len(CLASSES)), 0.1),
         test_emb=lambda n, rng: rng.normal(0, 1, (n, 12)).astype(np.float16))
-    return run, labels, folds
 
 
 def test_sequence_improves_on_noisy_stage1_and_writes_stage1_format(stage1):
-    run, labels, folds = stage1
+    run, labels, folds, _ = stage1
     scores = []
     for k in range(K):
         d = train_sequence(SeqConfig(stage1=str(run), fold=k, epochs=25, hidden=32, seed=k))
@@ -43,7 +39,7 @@ def test_sequence_improves_on_noisy_stage1_and_writes_stage1_format(stage1):
 
 
 def test_leak_is_refused(stage1, tmp_path):
-    run, labels, folds = stage1
+    run, labels, folds, _ = stage1
     oof0 = pd.read_csv(run / "fold0" / "oof.csv").set_index("ID")
     rows = oof0.assign(source_fold=0)
     check_no_leak(rows, folds["fold"], 1, "oof")  # fold-0 images from the fold-0 model: fine
@@ -108,7 +104,7 @@ def test_zero_init_head_starts_at_stage1():
 
 
 def test_early_stopping_and_rerun(stage1):
-    run, labels, folds = stage1
+    run, labels, folds, ok = stage1
     d = train_sequence(SeqConfig(stage1=str(run), fold=0, epochs=30, patience=2, lr=0.05, hidden=16, run_name="es"))
     e = pd.read_csv(d / "epochs.csv")
     best = int(e["val_wll"].idxmin())
@@ -125,8 +121,6 @@ def test_early_stopping_and_rerun(stage1):
     oof = pd.read_csv(d / "oof.csv", index_col="ID")
     s1 = pd.read_csv(run / "fold0" / "oof.csv", index_col="ID")
     emb = np.load(run / "fold0" / "oof_emb.npy")
-    _, meta = load_cache(Path(yaml.safe_load((run / "fold0" / "config.yaml").read_text())["out_dir"]) / "cache")
-    ok = meta[meta.status == "ok"].set_index("ID")
     g = ok.loc[oof.index].sort_values(["SeriesInstanceUID", "slice_index"]).groupby("SeriesInstanceUID")
     series = [g_.index for _, g_ in g]
     pos = [s1.index.get_indexer(ids) for ids in series]

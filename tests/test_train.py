@@ -152,9 +152,8 @@ def test_oof_is_made_like_the_test_predictions(demo_data, demo_cache, folds_file
     link_cache(demo_cache, tmp_path)
     run = train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, epochs=1, amp="off", tta="hflip"))
     oof = pd.read_csv(run / "oof.csv").set_index("ID")
-    _, meta = load_cache(tmp_path / "cache")
+    images, meta = load_cache(tmp_path / "cache")
     meta = meta[meta.ID.isin(oof.index)].reset_index(drop=True)
-    images, _ = load_cache(tmp_path / "cache")
     p = Predictor.load(run.parent)
     out = p.fold_predictions(images, meta)["fold0"]
     pred = pd.DataFrame(out.probs, index=out.ids, columns=CLASSES).loc[oof.index]
@@ -304,6 +303,7 @@ def test_every_step_help_shows_each_setting_with_its_comment():
         cls = getattr(importlib.import_module(f"src.{mod}"), cls_name)
         comments = field_comments(cls)
         help_text = " ".join(build_parser(cls).format_help().split())
+        assert set(comments) == {f.name for f in dataclasses.fields(cls)}, mod  # a comment for fields only
         for f in dataclasses.fields(cls):
             assert comments.get(f.name), f"{mod}: {f.name} has no comment"
             assert " ".join(comments[f.name].split())[:40] in help_text, (mod, f.name)
