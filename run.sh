@@ -39,12 +39,12 @@ OW=""; [ "${OVERWRITE:-0}" = 1 ] && OW="--overwrite"
 
 T_START=$(date +%s)
 export ICH_STEP_STATUS; ICH_STEP_STATUS=$(mktemp); trap 'rm -f "$ICH_STEP_STATUS"' EXIT
-step() {  # step NAME DONE_FILE COMMAND...: the command checks its output's fingerprint and skips when up to date
-  local name=$1 done_file=$2; shift 2
+step() {  # step NAME COMMAND...: the command prints "[run ] NAME" itself when it computes, and tells run.sh (through
+          # ICH_STEP_STATUS) when it was up to date, so run.sh needs no output path to know either (src/stamps.py)
+  local name=$1; shift
   local t0; t0=$(date +%s)
   : > "$ICH_STEP_STATUS"
-  [ -e "$done_file" ] || echo "[run ] $name"
-  "$@"
+  ICH_STEP_NAME=$name "$@"
   if grep -q skip "$ICH_STEP_STATUS"; then echo "[skip] $name (up to date)"; else echo "[done] $name in $(( $(date +%s) - t0 ))s"; fi
 }
 
@@ -63,9 +63,9 @@ fi
 PY=.venv/bin/python
 LAUNCH=${LAUNCH:-$PY}
 
-if [ "${1:-}" = "test" ]; then
+if [ "${1:-}" = "test" ]; then  # on every core: most of the suite's time is single-threaded (imports, subprocesses)
   shift
-  exec $PY -m pytest -q "$@"
+  exec $PY -m pytest -q -n auto "$@"
 fi
 
 # ---- 2. data: competition data in INPUT_DIR, else generated demo data ----
@@ -83,8 +83,8 @@ if [ -n "${SUBSET:-}" ]; then
   INPUT_DIR=$($PY -m src.subset "$INPUT_DIR" --n "$SUBSET" --subset-seed "${SUBSET_SEED:-0}" ${FULL_OUT:+--out-dir "$FULL_OUT"} $OW | tail -1)
   [ -z "$FULL_OUT" ] || OUT_DIR="$(dirname "$FULL_OUT")/$(basename "$INPUT_DIR")"
 fi
-TAG=$(basename "$(cd "$INPUT_DIR" && pwd)")
-OUT_DIR=${OUT_DIR:-outputs/$TAG}
+TAG=$($PY -m src.layout tag --data-dir "$INPUT_DIR")                       # the data folder's name
+OUT_DIR=${OUT_DIR:-$($PY -m src.layout out --data-dir "$INPUT_DIR")}      # outputs/<TAG> unless told otherwise
 echo "data: $INPUT_DIR -> outputs: $OUT_DIR"
 
 DEVICE_CONFIG=${DEVICE_CONFIG:-$($PY -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")}
@@ -94,45 +94,48 @@ if [ "$DEVICE_CONFIG" = gpu ]; then CONFIGS=("${GPU_CONFIGS[@]}"); IMG=${CACHE_S
 fi
 
 # ---- 3. cache and folds ----
-step "prepare cache" "$OUT_DIR/cache/images.npy" $PY -m src.prepare "$INPUT_DIR" --out-dir "$OUT_DIR" --cache-size "$IMG" $OW
-FOLDS_FILE=${FOLDS_FILE:-folds/${TAG}_k${K}_seed${SEED}.csv}
-step "folds" "$FOLDS_FILE" $PY -m src.folds "$INPUT_DIR" --out-dir "$OUT_DIR" --k "$K" --fold-seed "$SEED" --folds-file "$FOLDS_FILE"
+step "prepare cache" $PY -m src.prepare "$INPUT_DIR" --out-dir "$OUT_DIR" --cache-size "$IMG" $OW
+FOLDS=(--k "$K" --fold-seed "$SEED" ${FOLDS_FILE:+--folds-file "$FOLDS_FILE"})  # default folds/<TAG>_k<K>_seed<SEED>.csv
+step "folds" $PY -m src.folds "$INPUT_DIR" --out-dir "$OUT_DIR" "${FOLDS[@]}"
 
-MEMBERS=()
+RUNS=()
 for CFG in "${CONFIGS[@]}"; do
   NAME=$(basename "$CFG" .yaml)
-  RUN="$OUT_DIR/runs/$NAME"
-  SEQ="$OUT_DIR/runs/seq_$NAME"
-  BOOST="$OUT_DIR/runs/boost_$NAME"
+  RUN=$($PY -m src.layout run --out-dir "$OUT_DIR" --name "$NAME")  # the run folder (src/layout.py owns the layout)
   # ---- 4. stage 1: one command per fold (--resume continues a killed fold) ----
   for ((k = 0; k < K; k++)); do
     # shellcheck disable=SC2086
-    step "train $NAME fold $k" "$RUN/fold$k/oof.csv" $LAUNCH -m src.train --config "$CFG" --data-dir "$INPUT_DIR" \
-      --out-dir "$OUT_DIR" --k "$K" --folds-file "$FOLDS_FILE" --fold "$k" $TRAIN_FLAGS --resume $OW
+    step "train $NAME fold $k" $LAUNCH -m src.train --config "$CFG" --data-dir "$INPUT_DIR" \
+      --out-dir "$OUT_DIR" "${FOLDS[@]}" --fold "$k" $TRAIN_FLAGS --resume $OW
   done
-  step "evaluate $NAME" "$RUN/report/summary.json" $PY -m src.evaluate "$RUN"
+  step "evaluate $NAME" $PY -m src.evaluate "$RUN"
   # ---- 5. test predictions and embeddings of every fold ----
-  step "predict $NAME" "$RUN/predict.json" $PY -m src.predict "$RUN" $OW
+  step "predict $NAME" $PY -m src.predict "$RUN" $OW
   # ---- 6. stage 2: a GRU over each series, and boosted trees on each slice and its neighbours, per fold ----
   for ((k = 0; k < K; k++)); do
     # shellcheck disable=SC2086
-    step "sequence $NAME fold $k" "$SEQ/fold$k/oof.csv" $PY -m src.sequence --stage1 "$RUN" --fold "$k" $SEQ_FLAGS $OW
+    step "sequence $NAME fold $k" $PY -m src.sequence --stage1 "$RUN" --fold "$k" $SEQ_FLAGS $OW
   done
   for ((k = 0; k < K; k++)); do
     # shellcheck disable=SC2086
-    step "boost $NAME fold $k" "$BOOST/fold$k/oof.csv" $PY -m src.boost --stage1 "$RUN" --fold "$k" $BOOST_FLAGS $OW
+    step "boost $NAME fold $k" $PY -m src.boost --stage1 "$RUN" --fold "$k" $BOOST_FLAGS $OW
   done
-  # the report compares the members and their OOF-fitted blend (whose weights the demo's Predictor applies)
-  step "evaluate stage 1 vs stage 2 ($NAME)" "$OUT_DIR/report/$NAME/summary.json" \
-    $PY -m src.evaluate "$RUN" "$SEQ" "$BOOST" --report-dir "$OUT_DIR/report/$NAME"
-  MEMBERS+=("$RUN" "$SEQ" "$BOOST")
+  # ---- 7. the blend of the run's stages (fitted once on OOF; the Predictor applies it) and their report ----
+  step "blend $NAME" $PY -m src.blend "$RUN" $OW
+  step "evaluate stage 1 vs stage 2 ($NAME)" $PY -m src.evaluate "$RUN"
+  # ---- 8. the trained model as one portable file (src/export.py): what a colleague or a hospital loads ----
+  step "bundle $NAME" $PY -m src.export "$RUN" $OW
+  RUNS+=("$RUN")
 done
 
-# ---- 7. blend and write the submission ----
-SUB="$SUBMISSIONS_DIR/stage_2_${TAG}_blend.csv"
-step "ensemble" "$SUB" $PY -m src.ensemble "${MEMBERS[@]}" --name "${TAG}_blend" --data-dir "$INPUT_DIR" \
+# ---- 9. blend every model's stages and write the submission ----
+SUB=$($PY -m src.layout submission --name "${TAG}_blend" --submissions-dir "$SUBMISSIONS_DIR")
+step "ensemble" $PY -m src.ensemble "${RUNS[@]}" --name "${TAG}_blend" --data-dir "$INPUT_DIR" \
   --submissions-dir "$SUBMISSIONS_DIR" $OW
-$PY -m src.submit "$SUB" -m "$TAG blend" --sample "$INPUT_DIR/stage_2_sample_submission.csv" --dry-run
+$PY -m src.submit "$SUB" -m "$TAG blend" --data-dir "$INPUT_DIR" --dry-run
 
 echo "total: $(( $(date +%s) - T_START ))s"
-echo "submission: $SUB   reports: $OUT_DIR/report/   (upload: python -m src.submit $SUB -m \"message\" --sample $INPUT_DIR/stage_2_sample_submission.csv)"
+echo "submission: $SUB   (upload: python -m src.submit $SUB -m \"message\" --data-dir $INPUT_DIR)"
+for CFG in "${CONFIGS[@]}"; do
+  echo "model: $($PY -m src.layout bundle --out-dir "$OUT_DIR" --name "$(basename "$CFG" .yaml)")   (load: Predictor.load(FILE); try: python -m src.demo --run FILE DICOMS...)"
+done

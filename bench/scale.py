@@ -47,8 +47,9 @@ from joblib import Parallel, delayed
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from src.labels import to_long  # noqa: E402
-from src.prepare import SPLITS, list_files  # noqa: E402
-from src.synth import SYNTHETIC_MARKER, generate  # noqa: E402
+from src.layout import SPLITS, SYNTHETIC_MARKER  # noqa: E402
+from src.prepare import list_files  # noqa: E402
+from src.synth import generate  # noqa: E402
 from src.utils import CLASSES, write_csv  # noqa: E402
 
 FULL = 874_035

@@ -23,15 +23,11 @@ Speed, on one CPU thread: a fold of a synthetic set of 100k slices in 3k series 
 0.6 s of it. LightGBM's OpenMP threads busy-wait, so where other jobs share the cores `--threads 1` can beat
 all cores several times over (2 shared cores: 25 s against 174 s, the same trees).
 
-No leakage, with the GRU's rules and checks (`sequence.stage1_inputs`): fold K trains on the stage-1 OOF
-outputs of the images of folds != K, is validated on fold K's, and predicts the test set from stage-1
-fold K's test outputs; stage-1 outputs from a model that trained on the image are refused.
-
-Outputs in OUT/runs/<run_name>/fold<K>/ (run_name defaults to boost_<stage-1 run name>): fingerprint.json,
-config.yaml, train.log, model_<class>.txt (LightGBM text models, best number of trees), trees.csv (per class:
-trees kept, validation log loss, stage 1's on the same slices, seconds), test.csv (test images outside any
-series keep their stage-1 prediction) and oof.csv, in stage 1's format: src.evaluate and src.ensemble treat
-it as one more run. `BoostFold` predicts new series from their stage-1 probabilities.
+Inputs, leakage checks and the per-fold skeleton are src/stage2.py's, shared with the GRU. Outputs in
+OUT/runs/boost_<stage-1 run>/fold<K>/: fingerprint.json, config.yaml, train.log, model_<class>.txt (LightGBM text
+models, best number of trees), trees.csv (per class: trees kept, validation log loss, stage 1's on the same
+slices, seconds), test.csv and oof.csv in stage 1's format. `BoostFold` predicts new series from their stage-1
+probabilities.
 """
 from __future__ import annotations
 
@@ -44,11 +40,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from . import runs
-from .config import parse_config, result_settings, save_yaml
-from .metrics import per_class_log_loss, weighted_log_loss
-from .sequence import SeriesSet, logit, stage1_inputs
-from .utils import CLASSES, PipelineError, atomic_path, cli_main, get_logger, write_csv
+from . import layout
+from .config import parse_config
+from .metrics import per_class_log_loss
+from .stage2 import FoldContext, FoldResult, SeriesSet, Stage1Inputs, logit, run_fold
+from .utils import CLASSES, PipelineError, atomic_path, cli_main, write_csv
 
 TREES = "trees.csv"
 
@@ -149,57 +145,33 @@ def fit_classes(cfg: BoostConfig, Xtr, ytr, ptr, Xva, yva, pva) -> list[tuple[lg
     return out
 
 
-def boost_stamp(cfg: BoostConfig) -> runs.Stamp:
-    settings = {k: v for k, v in result_settings(cfg).items() if k != "threads"}
-    return runs.Stamp("boost", settings, {"stage1": runs.Run(cfg.stage1).fingerprint()})
-
-
-def train_boost(cfg: BoostConfig) -> Path:
-    stage1 = runs.Run(cfg.stage1)
-    run = runs.Run(stage1.path.parent / (cfg.run_name or f"boost_{stage1.name}"))
-    run_dir = run.fold_dir(cfg.fold)
-    stamp = boost_stamp(cfg)
-    if runs.guard(stamp, run_dir / runs.STAMP, (run_dir / runs.OOF).exists(), cfg.overwrite,
-                  f"stage-2 fold {cfg.fold} ({run_dir})", clear=[run_dir], redo="add --overwrite to this command"):
-        runs.announce_skip(f"stage-2 fold {cfg.fold} of {run.name} ({run_dir / runs.OOF})")
-        return run_dir
-    oof, _, test, _, folds, labels, order = stage1_inputs(stage1, cfg.fold, with_emb=False)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stamp.save(run_dir / runs.STAMP)
-    save_yaml(cfg, run_dir / runs.CONFIG)
-    log = get_logger(f"boost.{run.name}.{cfg.fold}", run_dir / runs.LOG)
-
+def fit(cfg: BoostConfig, inputs: Stage1Inputs, ctx: FoldContext) -> FoldResult:
+    """One booster per class for a fold, saved as LightGBM text; predictions by the saved models, as the API makes."""
     t0 = time.time()
-    in_val = (folds.reindex(oof.index) == cfg.fold).to_numpy()
-    tr, ptr, Xtr = series_features(oof[~in_val], order, labels, cfg.context)
-    va, pva, Xva = series_features(oof[in_val], order, labels, cfg.context)
-    te, pte, Xte = series_features(test, order, context=cfg.context)
-    log.info(f"stage 2 (boost) fold {cfg.fold}: {len(tr.ids)} train slices in {len(tr)} series / {len(va.ids)} in "
-             f"{len(va)} val / {len(te.ids)} in {len(te)} test, {Xtr.shape[1]} features, from {stage1.path}")
+    oof, order = inputs.oof, inputs.order
+    in_val = (inputs.folds.reindex(oof.index) == cfg.fold).to_numpy()
+    tr, ptr, Xtr = series_features(oof[~in_val], order, inputs.labels, cfg.context)
+    va, pva, Xva = series_features(oof[in_val], order, inputs.labels, cfg.context)
+    te, pte, Xte = series_features(inputs.test, order, context=cfg.context)
+    ctx.log.info(f"stage 2 (boost) fold {cfg.fold}: {len(tr.ids)} train slices in {len(tr)} series / {len(va.ids)} in "
+                 f"{len(va)} val / {len(te.ids)} in {len(te)} test, {Xtr.shape[1]} features, from {cfg.stage1}")
     rows = []
     for name, (m, sec) in zip(CLASSES, fit_classes(cfg, Xtr, tr.labels, ptr, Xva, va.labels, pva)):
-        with atomic_path(run_dir / f"model_{name}.txt") as tmp:
+        with atomic_path(ctx.run_dir / f"model_{name}.txt") as tmp:
             m.save_model(tmp, num_iteration=m.best_iteration)
         rows.append({"class": name, "trees": m.best_iteration, "seconds": round(sec, 2)})
-    fit_s = time.time() - t0
-    fold = BoostFold.load(run_dir)  # predict with the saved models, as the Python API will
-
+    fold = BoostFold.load(ctx.run_dir)  # predict with the saved models, as the Python API will
     p = fold.predict_flat(Xva, pva)
     for r, loss, loss1 in zip(rows, per_class_log_loss(va.labels, p), per_class_log_loss(va.labels, pva)):
         r.update(val_log_loss=loss, stage1_val_log_loss=loss1)
-    write_csv(pd.DataFrame(rows), run_dir / TREES, index=False, float_format="%.6g")
-    oof_out = pd.DataFrame(p, columns=CLASSES, index=pd.Index(va.ids, name="ID"))
-    oof_out.insert(0, "fold", cfg.fold)
-    test_out = pd.DataFrame(fold.predict_flat(Xte, pte), columns=CLASSES, index=pd.Index(te.ids, name="ID"))
-    # test images outside any readable series keep their stage-1 prediction (the predict step's prior)
-    rest = test.index.difference(test_out.index)
-    write_csv(pd.concat([test_out, test.loc[rest, CLASSES]]), run_dir / runs.TEST, float_format="%.6g")
-    write_csv(oof_out, run_dir / runs.OOF, float_format="%.6g")  # last: its presence means the fold is finished
-    log.info("trees per class: " + ", ".join(f"{r['class']} {r['trees']}" for r in rows)
-             + f"; features and fit {fit_s:.1f}s")
-    log.info(f"stage 2 (boost) fold {cfg.fold}: val weighted log loss {weighted_log_loss(va.labels, p):.5f} "
-             f"(stage 1 on the same slices: {weighted_log_loss(va.labels, pva):.5f}) -> {run_dir / runs.OOF}")
-    return run_dir
+    write_csv(pd.DataFrame(rows), ctx.run_dir / TREES, index=False, float_format="%.6g")
+    ctx.log.info("trees per class: " + ", ".join(f"{r['class']} {r['trees']}" for r in rows)
+                 + f"; features and fit {time.time() - t0:.1f}s")
+    return FoldResult(va.ids, p, va.labels, pva, te.ids, fold.predict_flat(Xte, pte))
+
+
+def train_boost(cfg: BoostConfig) -> Path:
+    return run_fold("boost", cfg, fit, with_emb=False)
 
 
 @dataclass
@@ -212,11 +184,16 @@ class BoostFold:
     @classmethod
     def load(cls, fold_dir) -> BoostFold:
         d = Path(fold_dir)
-        config = yaml.safe_load((d / runs.CONFIG).read_text())
-        models = [lgb.Booster(model_file=str(d / f"model_{c}.txt")) for c in CLASSES]
+        return cls.from_texts(d.name, yaml.safe_load((d / layout.CONFIG).read_text()),
+                              [(d / f"model_{c}.txt").read_text() for c in CLASSES], d)
+
+    @classmethod
+    def from_texts(cls, name: str, config: dict, texts: list[str], where="") -> BoostFold:
+        """A fold from its config and its LightGBM text models (CLASSES order): a fold folder, or a bundle."""
+        models = [lgb.Booster(model_str=t) for t in texts]
         if models[0].feature_name() != feature_names(config["context"]):
-            raise PipelineError(f"{d}: the models' features are not this version's; retrain with --overwrite")
-        return cls(d.name, models, config)
+            raise PipelineError(f"{where or name}: the models' features are not this version's; retrain with --overwrite")
+        return cls(name, models, config)
 
     def predict_flat(self, X: np.ndarray, p: np.ndarray) -> np.ndarray:
         """(N, 6) probabilities from features X and stage-1 probabilities p (float32) of series-ordered slices."""
@@ -234,10 +211,7 @@ class BoostFold:
 
 
 def main():
-    cfg = parse_config(BoostConfig, description=__doc__, prog="python -m src.boost")
-    if not cfg.stage1:
-        raise PipelineError("--stage1 RUN_DIR is required (a stage-1 run with OOF and test outputs)")
-    train_boost(cfg)
+    train_boost(parse_config(BoostConfig, description=__doc__, prog="python -m src.boost"))
 
 
 if __name__ == "__main__":

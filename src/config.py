@@ -69,7 +69,9 @@ class TrainConfig:
     # --- model ---
     model: str = "resnet18"            # any timm model name
     pretrained: bool = False           # timm's ImageNet weights (needs network access once)
-    weights: str = ""                  # local .pth/.safetensors backbone weights (offline machines, Kaggle)
+    weights: str = ""                  # local .pth/.safetensors backbone weights (offline machines, Kaggle), or a
+                                       # bundle (src.export) to fine-tune: its stage-1 network, head included
+    weights_fold: int = -1             # with a bundle as --weights: which of its folds (-1: the same as --fold)
     drop_rate: float = 0.0             # dropout before the classifier
     # --- optimisation ---
     epochs: int = 5                    # passes over the training folds
@@ -82,7 +84,8 @@ class TrainConfig:
     ema: float = 0.0                   # decay of an exponential moving average of the weights (0: off); the
                                        # average is what the run validates and predicts with, its decay warming up
                                        # from 0 over the first steps (timm ModelEmaV3); the raw weights are scored too
-    amp: str = "auto"                  # auto (CUDA: bf16 if supported else fp16+GradScaler; CPU: bf16), fp16, bf16, off
+    amp: str = "auto"                  # auto (CUDA: bf16 if supported else fp16+GradScaler; CPU: bf16 where the
+                                       # CPU has it natively, else float32), fp16, bf16, off
     channels_last: bool = True         # NHWC memory layout (faster convolutions with AMP)
     seed: int = 0                      # model init, shuffling and augmentation all follow from it
     max_steps_per_epoch: int = 0       # cap on batches per epoch (smoke tests, rehearsals); 0: all
@@ -90,6 +93,8 @@ class TrainConfig:
     workers: int = 2                   # data loader processes
     device: str = "auto"               # auto, cpu, cuda
     log_every: int = 50                # steps between loss readings (each one waits for the GPU)
+    tensorboard: bool = True           # TensorBoard curves in the fold's tb/ folder: loss and lr every log_every
+                                       # steps, validation figures every epoch (tensorboard --logdir OUT/runs)
     resume: bool = False               # continue from last.pth of this fold if it exists
     overwrite: bool = False            # redo a fold that was trained with other settings (else: stop and say)
     stop_after_epochs: int = 0         # end this invocation after N epochs (time-boxed jobs); --resume continues
@@ -113,7 +118,7 @@ class TrainConfig:
 
 # settings that say how or where a step runs, not what it computes: left out of fingerprints
 RUN_CONTROL = {"data_dir", "out_dir", "folds_file", "run_name", "workers", "device", "log_every", "resume",
-               "overwrite", "stop_after_epochs", "stage1"}
+               "overwrite", "stop_after_epochs", "stage1", "threads", "tensorboard"}
 
 
 def default_run_name(model: str, img_size: int, input_mode: str = "windows") -> str:
@@ -125,15 +130,70 @@ def result_settings(cfg) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_CONTROL}
 
 
-def _parse_bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+def _parse_bool(v) -> bool:
+    """A flag's or a file's boolean: true/false, yes/no, on/off, 1/0 (YAML has already made `true` a bool)."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str):
+        if v.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if v.strip().lower() in ("0", "false", "no", "off"):
+            return False
+    return _refuse(v, "true or false")
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": _parse_bool}  # by annotation text (postponed annotations)
+def _parse_int(v) -> int:
+    """A whole number from a flag or a file: 3, "3", 3.0; never a bool (YAML's `yes`) or a fraction (2.5 is not 2)."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str) and re.fullmatch(r"\s*[-+]?\d+\s*", v):
+        return int(v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    return _refuse(v, "a whole number")
+
+
+def _parse_float(v) -> float:
+    """A number from a flag or a file: 0.5, "2e-3" (YAML 1.1 reads `2e-3` as text), 3."""
+    if not isinstance(v, bool) and isinstance(v, (int, float, str)):
+        try:
+            return float(v)
+        except ValueError:
+            pass
+    return _refuse(v, "a number")
+
+
+def _parse_str(v) -> str:
+    """Text; a number in a file is taken as its text (run_name: 2024); a list or a bool is refused."""
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        return _refuse(v, "text")
+    return str(v)
+
+
+def _parse_list(v) -> list:
+    """A list of texts: a YAML list, or one text of space-separated items."""
+    if isinstance(v, str):
+        return v.split()
+    if isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in v):
+        return [str(x) for x in v]
+    return _refuse(v, "a list of texts")
+
+
+def _refuse(v, what):
+    # ArgumentTypeError: argparse prints its message as it is ("argument --epochs: expected a whole number, ...")
+    raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}")
+
+
+# by annotation text; each takes a flag's string or a value YAML already typed
+_TYPES = {"int": _parse_int, "float": _parse_float, "str": _parse_str, "bool": _parse_bool, "list[str]": _parse_list}
+
+
+def type_name(f) -> str:
+    """A field's annotation as text ("int", "list[str]"), whether or not its module postpones annotations."""
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", None) if not hasattr(f.type, "__args__") \
+        else str(f.type)
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,10 +218,10 @@ def build_parser(cls, description=None, prog=None) -> argparse.ArgumentParser:
     comments = field_comments(cls)
     ap.add_argument("--config", default=None, help="YAML file of settings (flags win over it)")
     for f in fields(cls):
-        typ = str(f.type)
+        typ = type_name(f)
         default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory
                                                                            is not dataclasses.MISSING else None)
-        help_ = comments.get(f.name, "")
+        help_ = comments.get(f.name, "").replace("%", "%%")  # argparse formats help with %
         if "positional" in f.metadata:
             ap.add_argument(f.name, nargs=f.metadata["positional"], default=None,
                             help=f"{help_} (default: {default})" if default not in (None, [], "") else help_)
@@ -204,17 +264,18 @@ def load_yaml(path, cls) -> dict:
         raise PipelineError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
     if not isinstance(data, dict):
         raise PipelineError(f"{path}: expected 'setting: value' lines")
-    types = {f.name: str(f.type) for f in fields(cls)}
+    types = {f.name: type_name(f) for f in fields(cls)}
     unknown = sorted(set(data) - set(types))
     if unknown:
         raise PipelineError(f"{path}: unknown setting(s) {unknown}; see --help for the known ones")
     out = {}
     for k, v in data.items():
-        conv = _TYPES.get(types[k])
+        if v is None:
+            raise PipelineError(f"{path}: {k}: has no value (write '{k}: VALUE', or leave the line out for the default)")
         try:
-            out[k] = conv(str(v)) if conv is _parse_bool and not isinstance(v, bool) else (conv(v) if conv else v)
-        except (ValueError, argparse.ArgumentTypeError) as e:
-            raise PipelineError(f"{path}: {k}: {v!r} is not a {types[k]}") from e
+            out[k] = _TYPES[types[k]](v)
+        except argparse.ArgumentTypeError as e:
+            raise PipelineError(f"{path}: {k}: {e}") from e
     return out
 
 

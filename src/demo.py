@@ -33,10 +33,10 @@ import pandas as pd  # noqa: E402
 
 from .config import parse_config, positional  # noqa: E402
 from .predictor import Predictor  # noqa: E402
-from .runs import card_text  # noqa: E402
+from .card import card_text  # noqa: E402
 from .utils import CLASSES, PipelineError, atomic_path, atomic_write, cli_main, write_csv, write_json  # noqa: E402
 
-THRESHOLD = 0.5
+THRESHOLD = 0.5  # used only when the run's report has chosen no operating point
 DISCLAIMER = "Research demo, not a medical device."
 SYNTHETIC_WARNING = ("This model was trained on generated demo data (synthetic phantoms) only: it has never seen a real "
                      "head, and its output on real scans means nothing.")
@@ -57,15 +57,27 @@ class SeriesResult:
     summary: dict
 
 
+def verdict_threshold(card: dict | None) -> tuple[float, str]:
+    """(threshold, how it was chosen): the operating point src.evaluate chose out of fold for a stated scan-level
+    sensitivity, else 0.5."""
+    op = (card or {}).get("operating_point") or {}
+    t = op.get("threshold")
+    if t is not None and t == t:
+        return float(t), (f"the operating point chosen out of fold to flag {op['target_sensitivity']:.0%} of bleeding "
+                          f"scans (specificity there {op['specificity']:.0%})")
+    return THRESHOLD, "0.5 (the run's report has chosen no operating point)"
+
+
 def summarise(series: str, table: pd.DataFrame, card: dict | None = None) -> dict:
-    s = {"series": series, "slices": len(table), "threshold": THRESHOLD, "types": {}}
+    t, how = verdict_threshold(card)
+    s = {"series": series, "slices": len(table), "threshold": t, "threshold_from": how, "types": {}}
     for c in CLASSES:
         p = table[c].to_numpy()
-        above = np.flatnonzero(p >= THRESHOLD)
+        above = np.flatnonzero(p >= t)
         s["types"][c] = {"max_probability": float(p.max()), "slice_of_max": int(p.argmax()) + 1,
                          "slices_above_threshold": [int(i) + 1 for i in above],
                          "ids_above_threshold": table["ID"].iloc[above].tolist()}
-    s["verdict"] = "suspected hemorrhage" if s["types"]["any"]["max_probability"] >= THRESHOLD else "no hemorrhage found"
+    s["verdict"] = "suspected hemorrhage" if s["types"]["any"]["max_probability"] >= t else "no hemorrhage found"
     s["model"] = card or {}
     s["notes"] = model_notes(card or {})
     return s
@@ -98,13 +110,13 @@ def overlay(brain: np.ndarray, cam: np.ndarray | None, size=256) -> np.ndarray:
     return (img * (1 - alpha) + heat * alpha).astype(np.uint8)
 
 
-def zplot(table: pd.DataFrame, path=None, title=""):
-    """The six probabilities along z: to a file, or PNG bytes when path is None."""
+def zplot(table: pd.DataFrame, path=None, title="", threshold: float = THRESHOLD):
+    """The six probabilities along z, with the verdict's threshold: to a file, or PNG bytes when path is None."""
     fig, ax = plt.subplots(figsize=(8, 3.6))
     x = table["slice"]
     for c in CLASSES:
         ax.plot(x, table[c], "-o" if c == "any" else "-", ms=3, lw=2.2 if c == "any" else 1.3, label=c)
-    ax.axhline(THRESHOLD, ls=":", color="grey")
+    ax.axhline(threshold, ls=":", color="grey")
     ax.set_ylim(-0.02, 1.02), ax.set_xlabel("slice (ordered by z, inferior to superior)"), ax.set_ylabel("probability")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, ncol=3, loc="upper left")
@@ -125,8 +137,8 @@ def summary_markdown(s: dict) -> str:
     if card.get("synthetic"):
         lines += [f"> **WARNING: {SYNTHETIC_WARNING}**", ""]
     lines += [f"Model: {card_text(card)}", "", f"*{DISCLAIMER}*", "",
-              f"{s['slices']} slices. Verdict at {THRESHOLD}: **{s['verdict']}**.", "",
-              "| type | highest probability | at slice | slices above 0.5 |", "|---|---:|---:|---|"]
+              f"{s['slices']} slices. Verdict at {s['threshold']:.3f} ({s['threshold_from']}): **{s['verdict']}**.", "",
+              f"| type | highest probability | at slice | slices at or above {s['threshold']:.3f} |", "|---|---:|---:|---|"]
     for c, t in s["types"].items():
         lines.append(f"| {c} | {t['max_probability']:.3f} | {t['slice_of_max']} | "
                      f"{', '.join(map(str, t['slices_above_threshold'])) or '-'} |")
@@ -147,7 +159,7 @@ def write_outputs(results, skipped, out_dir) -> None:
         write_json(r.summary, d / "summary.json")
         with atomic_write(d / "summary.md") as f:
             f.write(summary_markdown(r.summary))
-        zplot(r.table, d / "zplot.png", title=f"series {r.series}")
+        zplot(r.table, d / "zplot.png", title=f"series {r.series}", threshold=r.summary["threshold"])
         for rank, (pos, (cls, cam)) in enumerate(sorted(r.cams.items(), key=lambda kv: -r.table["any"].iloc[kv[0]])):
             img = overlay(r.brain[pos], cam)
             with atomic_path(d / f"gradcam_{rank + 1}_slice{pos + 1}_{cls}.png") as tmp:
@@ -157,7 +169,7 @@ def write_outputs(results, skipped, out_dir) -> None:
 @dataclass
 class DemoConfig:
     inputs: list[str] = positional(nargs="+")  # DICOM files and/or folders
-    run: str = ""                     # stage-1 run folder (fold*/best.pth); seq_<run> beside it is used too
+    run: str = ""                     # a stage-1 run folder (its stage-2 runs come along) or a bundle (src.export)
     results_dir: str = "demo_out"     # where the per-series results go
     cam_slices: int = 4               # Grad-CAM maps for this many most suspicious slices per series
     device: str = "auto"              # auto (CUDA when available), cpu, cuda
@@ -166,7 +178,7 @@ class DemoConfig:
 def main():
     a = parse_config(DemoConfig, description=__doc__, prog="python -m src.demo")
     if not a.run:
-        raise PipelineError("--run RUN_FOLDER is required (e.g. outputs/demo/runs/resnet10t_128)")
+        raise PipelineError("--run RUN_FOLDER_OR_BUNDLE is required (e.g. outputs/demo/runs/resnet10t_128)")
     p = Predictor.load(a.run, a.device)
     print(f"model: {p.description}")
     for n in model_notes(p.card):

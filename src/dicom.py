@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -66,12 +67,57 @@ class Rescale:
     fix_12bit: bool  # the competition's intercept bug: add 1000, wrap at 4096, intercept -1000
 
 
+# What the header may declare before anything is decoded (the reliability table's rule). CT slices are 512 x 512,
+# sometimes 1024, rarely 2048; a compressed file states its decoded size in its header, and a 12 MB RLE file can
+# declare 20,000 x 20,000 pixels (800 MB decoded) or a 134 MB one 65,535 x 65,535 (8.6 GB): refused from the header.
+MAX_MATRIX = 2048                  # rows and columns
+MAX_DECODED_BYTES = 2048 * 2048 * 4  # rows x columns x bytes per pixel x frames (16 MiB)
+MAX_FILE_BYTES = 64 << 20          # a slice is ~0.5 MB uncompressed at 512 px, 8 MB at 2048 px in 16 bits
+DEFER_BYTES = 256 << 10            # larger values (the pixel data) stay on disk until the header has been checked
+
+
 def read_dicom(path, stop_before_pixels: bool = False) -> pydicom.Dataset:
-    """Read one file; corrupt or non-DICOM files raise DicomError naming the file."""
+    """Read one file; corrupt, non-DICOM or oversized files raise DicomError naming the reason. Values larger than
+    DEFER_BYTES are read only when used (the pixel data, after `check_header`)."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        size = os.stat(path).st_size
+    except OSError as e:
         raise DicomError(f"unreadable DICOM ({type(e).__name__}: {str(e)[:120]})") from e
+    if size > MAX_FILE_BYTES:
+        raise DicomError(f"file of {size / 2**20:,.0f} MiB, larger than a CT slice can be ({MAX_FILE_BYTES >> 20} MiB); "
+                         f"multi-slice or other objects are not read")
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size=DEFER_BYTES)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError,
+            MemoryError) as e:
+        raise DicomError(f"unreadable DICOM ({type(e).__name__}: {str(e)[:120]})") from e
+
+
+def check_header(ds) -> tuple[int, int, int]:
+    """(rows, columns, bits allocated) when the header declares an image a CT slice can be, else DicomError: a
+    matrix within MAX_MATRIX, one sample and one frame, 8, 16 or 32 bits, a decoded size within MAX_DECODED_BYTES.
+    Checked before any pixel is read or decoded."""
+    for t in ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation"):
+        if ds.get(t) in (None, ""):
+            raise DicomError(f"missing tag {t}: cannot interpret the pixel data")
+    try:
+        rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError) as e:
+        raise DicomError(f"image size tags are not numbers ({e})") from e
+    if not (1 <= rows <= MAX_MATRIX and 1 <= cols <= MAX_MATRIX):
+        raise DicomError(f"image of {rows} x {cols} pixels: not a CT matrix (at most {MAX_MATRIX} x {MAX_MATRIX}); "
+                         f"refused from its header, before decoding")
+    if bits not in (8, 16, 32):
+        raise DicomError(f"BitsAllocated {bits}: not 8, 16 or 32")
+    if frames > 1:
+        raise DicomError(f"multi-frame image ({frames} frames): export single slices")
+    if spp != 1:
+        raise DicomError(f"not a grayscale image (SamplesPerPixel={spp})")
+    if rows * cols * bits // 8 * frames * spp > MAX_DECODED_BYTES:
+        raise DicomError(f"declared image of {rows * cols * bits // 8:,} bytes decoded, more than {MAX_DECODED_BYTES:,}")
+    return rows, cols, bits
 
 
 def _finite(v) -> float | None:
@@ -141,16 +187,11 @@ def pixels(ds) -> np.ndarray:
     """The stored pixel values of a single-frame grayscale image (decompressing when needed)."""
     if "PixelData" not in ds:
         raise DicomError("no pixel data")
-    spp = int(ds.get("SamplesPerPixel", 1))
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if spp != 1 or not photometric.startswith("MONOCHROME"):
         raise DicomError(f"not a grayscale image (SamplesPerPixel={spp}, {photometric})")
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise DicomError(f"multi-frame image ({ds.NumberOfFrames} frames): export single slices")
-    for t in ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation"):
-        if ds.get(t) in (None, ""):
-            raise DicomError(f"missing tag {t}: cannot interpret the pixel data")
-    rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+    rows, cols, bits = check_header(ds)  # before the pixel data is read: a header may declare gigabytes
     elem = ds["PixelData"]
     # Encapsulated (compressed) pixel data is exactly the kind with undefined length; its size says nothing
     # about the image's, so it is checked after decoding. Native data must match the header byte for byte,

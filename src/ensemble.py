@@ -1,18 +1,20 @@
-"""Blend runs (stage 1 models and stage 2 models) into a Kaggle submission.
+"""Blend runs (stage-1 and stage-2 models) into a Kaggle submission.
 
-    python -m src.ensemble outputs/demo/runs/resnet10t_128 outputs/demo/runs/seq_resnet10t_128 --name demo
+    python -m src.ensemble outputs/demo/runs/resnet10t_128 --name demo                # the run and its stage 2
     python -m src.ensemble RUN_A RUN_B --weights equal --name ab
 
-Each member's test prediction is the mean of its folds' test.csv; its OOF prediction is its folds'
-oof.csv joined. Weights are fitted on the OOF predictions per class (`--weights fit`: for each class,
-non-negative weights summing to 1 that minimise that class's log loss, which minimises the metric, a weighted
-sum over classes; scipy SLSQP from equal weights, kept only if at least as good as every member alone and the
-equal blend), one per member (`fit-global`), or equal. The report also gives the blend's OOF loss with each
-fold's weights fitted on the other folds, the honest figure. The blend is
-clipped and written atomically to submissions/stage_2_<name>.csv in the sample submission's exact
-order; the weights, scores and the members' fingerprints go to OUT/ensemble/<name>.json. A submission
-made from the same members is skipped; one made from other members or older versions of them stops the
-command (`--overwrite` writes it again).
+Members and weights are src.blend's: each run given, a stage-1 run with its stage-2 runs (unless --stage1-only),
+and the weights of OUT/blends/<name>.json, fitted there once on the OOF predictions (or reused when that file is
+up to date with the members). Each member's test prediction is the mean of its folds' test.csv. The blend is
+clipped and written atomically to submissions/stage_2_<name>.csv in the sample submission's exact order,
+validated (src/submission.py); what made it (the members' fingerprints with their test predictions, the
+weighting, the sample submission) goes to OUT/ensemble/<name>.json. A submission made from the same members is
+skipped; one made from other members or older versions of them stops the command (`--overwrite` writes it again).
+
+A bundle (src.export) can be a member too: `python -m src.ensemble RUN BUNDLE --weights equal --data-dir DATA`.
+It carries no out-of-fold predictions, so no weights can be fitted to it: each source given then counts as one
+model (a run: the blend of its stages by its blend file, else its stage 1; a bundle: its own blend, applied to the
+data's cached test images), and the models are averaged with equal weights.
 """
 from __future__ import annotations
 
@@ -20,123 +22,140 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from scipy.optimize import minimize
 
-from . import runs, submission
+from . import layout, submission
+from .blend import blend, describe, fit_blend, members, run_blend, weight_matrix
+from .bundle import is_bundle
 from .config import parse_config, positional
-from .metrics import EPS, binary_log_loss, weighted_log_loss
-from .utils import CLASSES, PipelineError, cli_main, dataset_tag, write_json
-
-
-def fit_simplex(loss, m: int) -> np.ndarray:
-    """Non-negative weights summing to 1 that minimise `loss` (SLSQP from equal weights; the log loss is convex
-    in them), kept only if at least as good as the equal blend and as every member alone."""
-    if m == 1:
-        return np.ones(1)
-    res = minimize(loss, np.full(m, 1 / m), method="SLSQP", bounds=[(0, 1)] * m,
-                   constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}], options={"ftol": 1e-10, "maxiter": 200})
-    w = np.clip(res.x, 0, None)
-    return min([w / w.sum(), np.full(m, 1 / m), *np.eye(m)], key=loss)
-
-
-def fit_weights(y: np.ndarray, preds: list[np.ndarray], per_class: bool = True) -> np.ndarray:
-    """(6, M) blend weights. Per class (default): each class's weights minimise that class's log loss, which
-    minimises the metric, a weighted sum of the classes' losses (members are good at different classes: on the
-    demo data the GRU at epidural and subarachnoid, the trees at intraventricular and subdural). Otherwise one
-    weight per member for every class."""
-    stack = np.stack(preds)
-    if not per_class:
-        w = fit_simplex(lambda w: weighted_log_loss(y, np.tensordot(w, stack, axes=1)), len(preds))
-        return np.tile(w, (len(CLASSES), 1))
-    clip = lambda p: np.clip(p, EPS, 1 - EPS)  # noqa: E731
-    return np.stack([fit_simplex(lambda w, c=c: binary_log_loss(y[:, c], clip(w @ stack[:, :, c])).mean(), len(preds))
-                     for c in range(len(CLASSES))])
-
-
-def blend(preds: list, w: np.ndarray):
-    """The members' predictions (arrays or DataFrames of the six classes) mixed with (6, M) weights."""
-    return sum(p * w[:, m] for m, p in enumerate(preds))
-
-
-def cross_fitted(y: np.ndarray, preds: list[np.ndarray], folds: np.ndarray, per_class: bool = True) -> np.ndarray:
-    """The blend of each fold's rows with weights fitted on the other folds' rows: an honest out-of-fold figure
-    (weights fitted on the rows they are scored on flatter the blend a little)."""
-    out = np.zeros_like(preds[0], dtype=float)
-    for f in np.unique(folds):
-        tr, te = folds != f, folds == f
-        out[te] = blend([p[te] for p in preds], fit_weights(y[tr], [p[tr] for p in preds], per_class))
-    return out
-
-
-def blend_oof(oofs: list[pd.DataFrame], labels, weights="fit"):
-    """(common OOF IDs, labels, member OOF predictions, (6, M) weights, folds) of the members' OOF tables."""
-    common = oofs[0].index
-    for o in oofs[1:]:
-        common = common.intersection(o.index)
-    if len(common) == 0:
-        raise PipelineError("the members' OOF predictions share no image: were they trained on the same folds?")
-    y = labels.loc[common, CLASSES].to_numpy()
-    preds = [o.loc[common, CLASSES].to_numpy() for o in oofs]
-    w = (fit_weights(y, preds, per_class=weights == "fit") if weights in ("fit", "fit-global")
-         else np.full((len(CLASSES), len(oofs)), 1 / len(oofs)))
-    return common, y, preds, w, oofs[0].loc[common, "fold"].to_numpy()
+from .prepare import cache_fingerprint, cache_settings, load_cache
+from .runs import Run
+from .stamps import Stamp, announce_skip, file_fingerprint, fingerprint, guard
+from .utils import CLASSES, PipelineError, cli_main, write_json
 
 
 def ensemble(run_dirs, name, weights="fit", data_dir=None, submissions_dir=None, out_dir=None, quiet=False,
-             overwrite=False):
-    members = [runs.Run(r) for r in run_dirs]
-    if len({m.name for m in members}) < len(members):
-        raise PipelineError("the same run is named twice")
-    d, o = members[0].data()
+             overwrite=False, stage1_only=False):
+    if any(is_bundle(p) for p in run_dirs):
+        return ensemble_models(run_dirs, name, weights, data_dir, submissions_dir, out_dir, quiet, overwrite)
+    runs = members(run_dirs, stage1_only)
+    d, o = runs[0].data()
     data_dir = Path(data_dir or d)
-    path = runs.submission_path(name, submissions_dir)
-    info_path = runs.ensemble_json(Path(out_dir) if out_dir else runs.out_root(d, o), name)
-    stamp = runs.Stamp("ensemble", {"weights": weights, "sample": runs.file_fingerprint(
-        data_dir / "stage_2_sample_submission.csv") if (data_dir / "stage_2_sample_submission.csv").exists() else ""},
-        {m.name: m.fingerprint() for m in members})
-    if runs.guard(stamp, info_path, path.exists(), overwrite, f"the submission {path}", clear=[path, info_path],
-                  redo="add --overwrite to this command"):
+    out = Path(out_dir) if out_dir else layout.out_root(d, o)
+    path, info_path = layout.submission_path(name, submissions_dir), layout.ensemble_json(out, name)
+    sample = data_dir / layout.SAMPLE_CSV
+    stamp = Stamp("ensemble", {"weights": weights, "sample": file_fingerprint(sample) if sample.exists() else ""},
+                  {m.name: m.fingerprint() for m in runs})
+    if guard(stamp, info_path, path.exists(), overwrite, f"the submission {path}", clear=[path, info_path],
+             redo="add --overwrite to this command"):
         if not quiet:
-            runs.announce_skip(f"submission {path}")
+            announce_skip(f"submission {path}")
         return json.loads(info_path.read_text())
-    labels, _ = runs.labels(d, o)
-    common, y, oof_preds, w, folds = blend_oof([m.load_oof() for m in members], labels, weights)  # load_oof names unfinished folds
-    member_scores = {m.name: weighted_log_loss(y, p) for m, p in zip(members, oof_preds)}
-    blend_score = weighted_log_loss(y, blend(oof_preds, w))
-    honest = weighted_log_loss(y, cross_fitted(y, oof_preds, folds, weights == "fit")) if weights != "equal" else blend_score
-
-    tests = [m.load_test() for m in members]
+    fitted = fit_blend([r.path for r in runs], name, weights, out, stage1_only=True, overwrite=overwrite, quiet=True)
+    w = weight_matrix(fitted, [r.name for r in runs])
+    tests = [m.load_test() for m in runs]
     ids = tests[0].index
-    for m, t in zip(members[1:], tests[1:]):
+    for m, t in zip(runs[1:], tests[1:]):
         if len(t) != len(ids) or not t.index.isin(ids).all():
-            raise PipelineError(f"{m.path}: test predictions cover other images than {members[0].path}")
-    long = submission.build(blend([t.loc[ids, CLASSES] for t in tests], w), data_dir / "stage_2_sample_submission.csv")
+            raise PipelineError(f"{m.path}: test predictions cover other images than {runs[0].path}")
+    long = submission.build(blend([t.loc[ids, CLASSES] for t in tests], w), sample)
     write_json({"stamp": stamp.to_dict(), "status": "writing the submission"}, info_path)  # the stamp first
     submission.write(long, path)
-    info = {"name": name, "submission": str(path), "weights_mode": weights, "oof_images": len(common),
-            "members": [{"run": str(m.path), "weights": dict(zip(CLASSES, map(float, w[:, i]))), "oof_wll": member_scores[m.name]}
-                        for i, m in enumerate(members)],
-            "blend_oof_wll": blend_score, "blend_oof_wll_cross_fitted": honest, "test_images": len(ids), "rows": len(long),
-            "stamp": stamp.to_dict()}
+    scores = fitted["scores"]
+    info = {"name": name, "submission": str(path), "weights_mode": weights, "oof_images": fitted["oof_images"],
+            "blend_file": str(layout.blend_file(out, name)),
+            "members": [{"run": str(m.path), "weights": dict(zip(CLASSES, map(float, w[:, i]))),
+                         "oof_wll": scores[m.name]["weighted_log_loss"]} for i, m in enumerate(runs)],
+            "blend_oof_wll": scores["blend"]["weighted_log_loss"],
+            "blend_oof_wll_cross_fitted": scores["blend, cross-fitted"]["weighted_log_loss"],
+            "test_images": len(ids), "rows": len(long), "stamp": stamp.to_dict()}
     write_json(info, info_path)
     if not quiet:
-        width = max(len(m.name) for m in members) + 2
-        print(f"{'member':<{width}} {'weights (' + ' / '.join(c[:3] for c in CLASSES) + ')':>36} {'OOF wll':>9}")
-        for i, m in enumerate(members):
-            print(f"{m.name:<{width}} {' / '.join(f'{x:.2f}' for x in w[:, i]):>36} {member_scores[m.name]:9.5f}")
-        print(f"{'blend':<{width}} {'':>36} {blend_score:9.5f}   ({len(common)} OOF images; "
-              f"{honest:.5f} with each fold's weights fitted on the other folds)")
-        print(f"wrote {path}: {len(long)} rows ({len(ids)} images x 6), valid against {data_dir / 'stage_2_sample_submission.csv'}")
+        print(describe(fitted))
+        print(f"wrote {path}: {len(long)} rows ({len(ids)} images x 6), valid against {sample}")
+    return info
+
+
+def model_fingerprint(source, data_dir: Path, out: Path) -> str:
+    """Of what a model's test predictions are made from: a run's stages and blend file, or a bundle and the cache."""
+    if is_bundle(source):
+        return fingerprint({"bundle": file_fingerprint(source),
+                            "cache": cache_fingerprint(layout.cache_dir(data_dir, out), "test")})
+    run = Run(source)
+    blend_file = layout.run_blend_file(run.path)
+    return fingerprint([r.fingerprint() for r in run.family()] + [file_fingerprint(blend_file) if blend_file.exists() else ""])
+
+
+def model_test(source, data_dir: Path, out: Path) -> tuple[str, pd.DataFrame]:
+    """(name, test predictions by image ID) of one model: a run's stages blended by its blend file (else its stage 1),
+    or a bundle's whole model applied to the data's cached test images."""
+    if not is_bundle(source):
+        run = Run(source)
+        info = run_blend(run)
+        if info is None:
+            return run.name, run.load_test()
+        fam = run.family()
+        tests = [r.load_test() for r in fam]
+        ids = tests[0].index
+        return run.name, blend([t.loc[ids, CLASSES] for t in tests], weight_matrix(info, [r.name for r in fam]))
+    from .predictor import Predictor
+    p = Predictor.load(source)
+    cache = layout.cache_dir(data_dir, out)
+    built = cache_settings(cache)
+    if (built["size"], built["windows"]) != (p.settings["size"], p.settings["windows"]):
+        raise PipelineError(f"{source} was trained on {p.settings['size']}-px images with windows {p.settings['windows']}, "
+                            f"but the cache {cache} holds {built['size']} px with {built['windows']}: build a cache with "
+                            f"its settings (python -m src.prepare DATA --cache-size {p.settings['size']} --out-dir ...)")
+    images, meta = load_cache(cache)
+    meta = meta[meta.split == "test"].reset_index(drop=True)
+    table = p.score(images, meta, progress=True).set_index("ID")[CLASSES]
+    rest = meta.loc[meta.status != "ok", "ID"]  # no usable pixels: the model's mean over the readable test images
+    return p.name, pd.concat([table, pd.DataFrame([table.mean().to_numpy()] * len(rest), index=rest, columns=CLASSES)])
+
+
+def ensemble_models(sources, name, weights, data_dir, submissions_dir=None, out_dir=None, quiet=False, overwrite=False):
+    """The submission of whole models (runs with their stages, bundles) averaged with equal weights."""
+    if weights != "equal":
+        raise PipelineError("a bundle carries no out-of-fold predictions, so blend weights cannot be fitted to it: "
+                            "use --weights equal (each run or bundle given counts as one model)")
+    runs = [Run(p) for p in sources if not is_bundle(p)]
+    if not data_dir and not runs:
+        raise PipelineError("give the data folder whose test set to predict: --data-dir DATA")
+    data_dir = Path(data_dir or runs[0].data()[0])
+    out = Path(out_dir) if out_dir else layout.out_root(data_dir, runs[0].data()[1] if runs else None)
+    path, info_path = layout.submission_path(name, submissions_dir), layout.ensemble_json(out, name)
+    sample = data_dir / layout.SAMPLE_CSV
+    stamp = Stamp("ensemble", {"weights": "equal models", "sample": file_fingerprint(sample) if sample.exists() else ""},
+                  {str(src): model_fingerprint(src, data_dir, out) for src in sources})
+    if guard(stamp, info_path, path.exists(), overwrite, f"the submission {path}", clear=[path, info_path],
+             redo="add --overwrite to this command"):
+        if not quiet:
+            announce_skip(f"submission {path}")
+        return json.loads(info_path.read_text())
+    models = [model_test(src, data_dir, out) for src in sources]
+    ids = models[0][1].index
+    for n, t in models[1:]:
+        if len(t) != len(ids) or not t.index.isin(ids).all():
+            raise PipelineError(f"{n}: test predictions cover other images than {models[0][0]}")
+    long = submission.build(sum(t.loc[ids] for _, t in models) / len(models), sample)
+    write_json({"stamp": stamp.to_dict(), "status": "writing the submission"}, info_path)
+    submission.write(long, path)
+    info = {"name": name, "submission": str(path), "weights_mode": "equal models", "test_images": len(ids),
+            "members": [{"model": str(src), "name": n, "weight": 1 / len(models)} for src, (n, _) in zip(sources, models)],
+            "rows": len(long), "stamp": stamp.to_dict()}
+    write_json(info, info_path)
+    if not quiet:
+        print(f"wrote {path}: {len(models)} model(s) averaged, {len(long)} rows, valid against {sample}")
     return info
 
 
 @dataclass
 class EnsembleConfig:
-    runs: list[str] = positional(nargs="+")  # run folders (fold*/oof.csv and fold*/test.csv)
+    runs: list[str] = positional(nargs="+")  # run folders (fold*/oof.csv and fold*/test.csv; a stage-1 run brings
+                                             # its stage-2 runs), or bundles (with --weights equal)
     name: str = ""                    # submission name: submissions/stage_2_<name>.csv (default <data>_blend)
     weights: str = "fit"              # fit: per class, on the OOF predictions; fit-global: one per member; equal
+    stage1_only: bool = False         # blend the runs as given, without their stage-2 runs
     data_dir: str = ""                # data folder with the sample submission (default: the first run's)
     submissions_dir: str = ""         # default submissions/
     overwrite: bool = False           # write again a submission made from other members (else: stop and say)
@@ -144,10 +163,12 @@ class EnsembleConfig:
 
 def main():
     a = parse_config(EnsembleConfig, description=__doc__, prog="python -m src.ensemble")
-    if a.weights not in ("fit", "fit-global", "equal"):
-        raise PipelineError(f"--weights must be fit, fit-global or equal, not {a.weights!r}")
-    name = a.name or f"{dataset_tag(a.data_dir or runs.Run(a.runs[0]).data()[0])}_blend"
-    ensemble(a.runs, name, a.weights, a.data_dir or None, a.submissions_dir or None, overwrite=a.overwrite)
+    first = next((r for r in a.runs if not is_bundle(r)), None)
+    if not a.data_dir and first is None:
+        raise PipelineError("give the data folder whose test set to predict: --data-dir DATA")
+    name = a.name or f"{layout.dataset_tag(a.data_dir or Run(first).data()[0])}_blend"
+    ensemble(a.runs, name, a.weights, a.data_dir or None, a.submissions_dir or None, overwrite=a.overwrite,
+             stage1_only=a.stage1_only)
 
 
 if __name__ == "__main__":

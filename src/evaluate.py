@@ -1,17 +1,22 @@
 """Out-of-fold evaluation report of one or more runs, with the prior baseline side by side.
 
-    python -m src.evaluate outputs/demo/runs/resnet10t_128                       # report in RUN/report/
-    python -m src.evaluate outputs/demo/runs/resnet10t_128 outputs/demo/runs/seq_resnet10t_128 \
-        outputs/demo/runs/boost_resnet10t_128 --report-dir outputs/demo/report/resnet10t_128
+    python -m src.evaluate outputs/demo/runs/resnet10t_128          # the run, its stage-2 runs and their blend
+    python -m src.evaluate RUN_A RUN_B --blend ab --report-dir reports/ab
+    python -m src.evaluate RUN --stage1-only
 
-Joins every fold's oof.csv of each run and, given several runs, their blend (weights fitted on the OOF
-predictions, as src.ensemble fits them), and writes: summary.json (for scripts), report.md (a table for
-people, every member and the blend side by side), roc.png (ROC per class), calibration.png (reliability per class) and loss_curves.png (train
-and validation loss per fold, from each fold's epochs.csv). The prior baseline gives every image the
-label frequencies of its training folds: a model must beat it to have learnt anything (its AUC is
-undefined, "-": it is constant within a fold). The report's summary.json records the fingerprints of the
-runs it describes; a rerun with the same runs is skipped, with changed runs it is written again. A stage-1
-run's report also writes RUN/card.json: what the run was trained on and how well it did, which the demo shows.
+Members: the runs given, a stage-1 run followed by its stage-2 runs unless --stage1-only (as src.blend takes them).
+Their blend is shown when src.blend has fitted one for exactly these members and it is up to date (a stage-1 run's
+own stages: the blend named after the run; others: --blend NAME); the report never fits weights, it shows the
+file's, applied to the OOF predictions, and the cross-fitted figure (each fold mixed with weights fitted on the
+other folds: the honest one).
+
+Writes into OUT/report/<first run>/ (or --report-dir): summary.json (for scripts), report.md (a table for people,
+every member and the blend side by side), roc.png (ROC per class), calibration.png (reliability per class) and
+loss_curves.png (train and validation loss per fold, from each fold's epochs.csv). The prior baseline gives every
+image the label frequencies of its training folds: a model must beat it to have learnt anything (its AUC is
+undefined, "-": it is constant within a fold). A report is a view: its stamp holds its members' and its blend's
+fingerprints, and it is written again whenever they change. A stage-1 run's report also writes RUN/card.json
+(src.card): what the run was trained on and how well it did, which the demo shows.
 """
 from __future__ import annotations
 
@@ -25,13 +30,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
 
-from . import runs  # noqa: E402
+from . import layout  # noqa: E402
+from .blend import blend, current_blend, default_name, members, oof_table, weight_matrix  # noqa: E402
+from .card import make_card  # noqa: E402
+from .intervals import RESAMPLES, uncertainty  # noqa: E402
 from .config import parse_config, positional  # noqa: E402
-from .ensemble import blend, blend_oof, cross_fitted  # noqa: E402
-from .labels import read_labels  # noqa: E402
+from .labels import cached_labels, read_labels  # noqa: E402
 from .metrics import report  # noqa: E402
+from .prepare import load_cache  # noqa: E402
+from .stamps import Stamp, announce_skip, file_fingerprint, guard  # noqa: E402
 from .utils import CLASSES, PipelineError, atomic_path, atomic_write, cli_main, write_json  # noqa: E402
 
 
@@ -44,37 +52,91 @@ def prior_predictions(labels: pd.DataFrame, folds: pd.Series) -> np.ndarray:
     return out
 
 
-def evaluate_runs(run_dirs, out_dir, labels_path=None, quiet=False) -> dict:
-    run_list = [runs.Run(r) for r in run_dirs]
-    out_dir = Path(out_dir)
-    stamp = runs.Stamp("evaluate", {"labels": str(labels_path or "")},
-                       {r.name: r.fingerprint(with_test=False) for r in run_list})
-    old = runs.Stamp.load(out_dir / "summary.json")
-    if old and old.id == stamp.id and (out_dir / "report.md").exists():
-        if not quiet:
-            runs.announce_skip(f"report {out_dir}")
-        return json.loads((out_dir / "summary.json").read_text())
-    labels = read_labels(labels_path) if labels_path else runs.labels(*run_list[0].data())[0]
+def shown_blend(run_list, blend_name=None) -> tuple[dict | None, Path | None]:
+    """The up-to-date blend file of exactly these members (by --blend NAME, else a stage-1 run's own), or None."""
+    if len(run_list) < 2:
+        return None, None
+    try:
+        name = blend_name or default_name(run_list)
+    except PipelineError:
+        return None, None
+    info = current_blend(run_list, name)
+    return (info, layout.blend_file(layout.run_out_root(run_list[0].path), name)) if info else (None, None)
 
+
+def evaluate_runs(run_dirs, out_dir=None, labels_path=None, quiet=False, blend_name=None, stage1_only=True,
+                  resamples: int = RESAMPLES) -> dict:
+    """The report of the runs (each one as given unless stage1_only is False: then a stage-1 run brings its
+    stage-2 runs); returns summary.json's content."""
+    run_list = members(run_dirs, stage1_only)
+    out_dir = Path(out_dir) if out_dir else layout.report_dir(run_list[0].path)
+    info, info_path = shown_blend(run_list, blend_name)
+    inputs = {r.name: r.fingerprint(with_test=False) for r in run_list}
+    if info_path is not None:
+        inputs["blend"] = file_fingerprint(info_path)
+    stamp = Stamp("evaluate", {"labels": str(labels_path or ""), "resamples": resamples}, inputs)
+    if guard(stamp, out_dir / "summary.json", (out_dir / "report.md").exists(), True, f"the report {out_dir}",
+             exists=(out_dir / "summary.json").exists()):  # a view: rewritten, never refused, when its inputs change
+        if not quiet:
+            announce_skip(f"report {out_dir}")
+        return json.loads((out_dir / "summary.json").read_text())
+    labels = read_labels(labels_path) if labels_path else cached_labels(*run_list[0].data())[0]
     results, oofs = {}, {}
     for r in run_list:
         oof = r.load_oof()
         missing = oof.index.difference(labels.index)
         if len(missing):
             raise PipelineError(f"{r.path}: {len(missing)} OOF ID(s) have no labels, e.g. {list(missing[:3])}")
-        y = labels.loc[oof.index, CLASSES].to_numpy()
-        results[r.name] = report(y, oof[CLASSES].to_numpy())
+        results[r.name] = report(labels.loc[oof.index, CLASSES].to_numpy(), oof[CLASSES].to_numpy())
         results[r.name]["folds"] = sorted(int(f) for f in oof["fold"].unique())
         oofs[r.name] = oof
-    if len(run_list) > 1:  # the members' blend, with the ensembler's OOF-fitted weights, as one more column
-        common, y, preds, w, folds = blend_oof(list(oofs.values()), labels)  # per class, as src.ensemble fits them
-        mixed = blend(preds, w)
-        results["blend"] = {**report(y, mixed), "weights": {n: w[:, i].tolist() for i, n in enumerate(oofs)}}
-        results["blend, cross-fitted"] = report(y, cross_fitted(y, preds, folds))  # weights fitted on the other folds
-        oofs["blend"] = pd.DataFrame(mixed, index=common, columns=CLASSES)
+    if info is not None:  # the blend src.blend fitted, applied: all rows with its weights, and fold by fold
+        common, y, preds, folds = oof_table(list(oofs.values()), labels)
+        names = list(oofs)
+        mixed = blend(preds, weight_matrix(info, names))
+        honest = np.zeros_like(mixed)
+        for f in np.unique(folds):
+            honest[folds == f] = blend([p[folds == f] for p in preds], weight_matrix(info, names, fold=int(f)))
+        results["blend"] = {**report(y, mixed), "weights": {n: info["weights"][n] for n in names}}
+        results["blend, cross-fitted"] = report(y, honest)
+        oofs["blend"] = pd.DataFrame(mixed, index=common, columns=CLASSES).assign(fold=folds)
+        oofs["blend, cross-fitted"] = pd.DataFrame(honest, index=common, columns=CLASSES).assign(fold=folds)
+    summary = summarise(results, oofs, run_list, labels, stamp)
+    if info_path is not None:
+        summary["blend_file"] = str(info_path)
+    add_uncertainty(summary, oofs, labels, run_list, resamples, "blend" if info is not None else run_list[0].name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_roc(oofs, labels, out_dir / "roc.png")
+    plot_calibration(oofs, labels, out_dir / "calibration.png")
+    plot_loss_curves(run_list, out_dir / "loss_curves.png")
+    write_markdown(summary, out_dir / "report.md")
+    write_json(summary, out_dir / "summary.json")
+    for r in run_list:  # a stage-1 run carries what it was trained on and how well it did
+        if not r.is_stage2():
+            write_json(make_card(r, summary), r.path / layout.CARD)
+    return summary
+
+
+def add_uncertainty(summary: dict, oofs: dict, labels, run_list, resamples: int, applied: str) -> None:
+    """95% intervals over patients for every member, series-level figures, and the operating point of the member
+    the Predictor applies (the blend when there is one), into the summary. Needs the cache's metadata (patients and
+    series); without it the report says so and goes on."""
+    try:
+        _, meta = load_cache(layout.cache_dir(*run_list[0].data()))
+    except (PipelineError, KeyError, OSError) as e:
+        summary["intervals_note"] = f"no intervals: the runs' cache metadata (patients, series) is not readable ({e})"
+        return
+    meta = meta.drop_duplicates("ID").set_index("ID")[["PatientID", "SeriesInstanceUID"]]
+    priors = {n: prior_predictions(labels, o["fold"]) for n, o in oofs.items()}
+    u = uncertainty(oofs, labels, meta, priors, resamples)
+    summary["bootstrap"], summary["intervals"], summary["series"] = u["bootstrap"], u["members"], u["series"]
+    summary["operating_point"] = {"member": applied, **u["series"][applied]}
+
+
+def summarise(results: dict, oofs: dict, run_list, labels, stamp) -> dict:
+    """summary.json: every member's figures, the prior's, and their ratios."""
     first = oofs[run_list[0].name]
-    y0 = labels.loc[first.index, CLASSES].to_numpy()
-    prior = report(y0, prior_predictions(labels, first["fold"]))
+    prior = report(labels.loc[first.index, CLASSES].to_numpy(), prior_predictions(labels, first["fold"]))
     prior["mean_auc"] = float("nan")  # constant within a fold: no ranking, no AUC
     for c in CLASSES:
         prior["per_class"][c]["auc"] = float("nan")
@@ -84,19 +146,8 @@ def evaluate_runs(run_dirs, out_dir, labels_path=None, quiet=False) -> dict:
     if len(run_list) > 1:
         base = results[run_list[0].name]["weighted_log_loss"]
         summary["ratio_to_first"] = {k: v["weighted_log_loss"] / base for k, v in results.items()}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plot_roc(oofs, labels, out_dir / "roc.png")
-    plot_calibration(oofs, labels, out_dir / "calibration.png")
-    plot_loss_curves(run_list, out_dir / "loss_curves.png")
     if "blend" in results:
         summary["blend_weights"] = results["blend"]["weights"]
-        print("blend weights per class (" + "/".join(c[:3] for c in CLASSES) + "), fitted on the OOF predictions: "
-              + "; ".join(f"{n} " + "/".join(f"{x:.2f}" for x in v) for n, v in summary["blend_weights"].items()))
-    write_markdown(summary, out_dir / "report.md")
-    write_json(summary, out_dir / "summary.json")
-    for r in run_list:  # a stage-1 run carries what it was trained on and how well it did
-        if "stage1" not in r.config():
-            write_json(runs.make_card(r), r.path / runs.CARD)
     return summary
 
 
@@ -125,9 +176,40 @@ def write_markdown(summary: dict, path):
         lines.append(f"| {c}: log loss / AUC / acc@0.5 | " + " | ".join(
             f"{get(n)['per_class'][c]['log_loss']:.4f} / {_num(get(n)['per_class'][c]['auc'], '{:.3f}')} / "
             f"{get(n)['per_class'][c]['accuracy']:.3f}" for n in cols) + " |")
+    lines += intervals_markdown(summary, names)
     lines += ["", "Plots: roc.png, calibration.png, loss_curves.png", ""]
     with atomic_write(path) as f:
         f.write("\n".join(lines))
+
+
+def intervals_markdown(summary: dict, names: list[str]) -> list[str]:
+    """The intervals table, the series-level table and the operating point, for report.md."""
+    if "intervals" not in summary:
+        return ["", summary.get("intervals_note", "")]
+    b, iv, se = summary["bootstrap"], summary["intervals"], summary["series"]
+    ci = lambda v, f="{:.3f}": "[" + ", ".join(_num(x, f) for x in v) + "]"  # noqa: E731
+    names = [n for n in names if n in iv]
+    lines = ["", f"## 95% intervals: {b['resamples']} bootstrap draws over the {b['patients']} patients", "",
+             "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+             "| weighted log loss | " + " | ".join(f"{summary['runs'][n]['weighted_log_loss']:.4f} "
+                                                  f"{ci(iv[n]['weighted_log_loss'], '{:.4f}')}" for n in names) + " |",
+             "| ratio to prior | " + " | ".join(f"{summary['ratio_to_prior'][n]:.3f} {ci(iv[n]['ratio_to_prior'])}"
+                                               for n in names) + " |"]
+    for c in CLASSES:
+        lines.append(f"| AUC {c} | " + " | ".join(f"{_num(summary['runs'][n]['per_class'][c]['auc'], '{:.3f}')} "
+                                                  f"{ci(iv[n]['auc'][c])}" for n in names) + " |")
+    lines += ["", "## Scans: each series scored by its highest `any`", "",
+              "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+              "| series (bleeding) | " + " | ".join(f"{se[n]['series']} ({se[n]['positive']})" for n in names) + " |",
+              "| AUC | " + " | ".join(f"{_num(se[n]['auc'], '{:.3f}')} {ci(se[n]['auc_ci'])}" for n in names) + " |"]
+    op = summary.get("operating_point")
+    if op:
+        lines += ["", f"Operating point ({op['member']}, what the Predictor applies): `any` >= {_num(op['threshold'], '{:.4f}')} "
+                  f"flags at least {op['target_sensitivity']:.0%} of the bleeding series out of fold: sensitivity "
+                  f"{_num(op['sensitivity'], '{:.3f}')} {ci(op['sensitivity_ci'])}, specificity "
+                  f"{_num(op['specificity'], '{:.3f}')} {ci(op['specificity_ci'])}. The demo, its page and the DICOM "
+                  f"node give their verdict at this threshold."]
+    return lines
 
 
 def _num(v, fmt) -> str:
@@ -148,13 +230,22 @@ def _legend(axes):
             return
 
 
+def roc_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rates, true positive rates) at every distinct threshold, from (0, 0) to (1, 1)."""
+    order = np.argsort(-p, kind="stable")
+    ys, ps = y[order] > 0.5, p[order]
+    last = np.r_[ps[1:] != ps[:-1], True]  # the end of each group of equal scores
+    tp, fp = np.cumsum(ys)[last], np.cumsum(~ys)[last]
+    return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)]
+
+
 def plot_roc(oofs: dict, labels, path):
     fig, axes = plt.subplots(2, 3, figsize=(12, 7.5))
     for ax, c in zip(axes.ravel(), CLASSES):
         for name, oof in oofs.items():
             y = labels.loc[oof.index, c].to_numpy()
             if 0 < y.sum() < len(y):
-                fpr, tpr, _ = roc_curve(y, oof[c])
+                fpr, tpr = roc_points(y, oof[c].to_numpy())
                 ax.plot(fpr, tpr, label=name)
         ax.plot([0, 1], [0, 1], ":", color="grey")
         ax.set_title(c if ax.lines[:-1] else f"{c} (no positives)"), ax.set_xlabel("false positive rate")
@@ -184,7 +275,7 @@ def plot_loss_curves(run_list, path):
     fig, axes = plt.subplots(1, len(run_list), figsize=(6 * len(run_list), 4), squeeze=False)
     for ax, r in zip(axes[0], run_list):
         for k in r.folds():
-            e_csv = r.fold_dir(k) / runs.EPOCHS
+            e_csv = r.fold_dir(k) / layout.EPOCHS
             if e_csv.exists():
                 e = pd.read_csv(e_csv)
                 line, = ax.plot(e["epoch"], e["train_loss"], "--", alpha=0.7)
@@ -198,15 +289,21 @@ def plot_loss_curves(run_list, path):
 
 @dataclass
 class EvalConfig:
-    runs: list[str] = positional(nargs="+")  # run folders (each holding fold*/oof.csv)
-    report_dir: str = ""              # where the report goes (default: FIRST_RUN/report)
+    runs: list[str] = positional(nargs="+")  # run folders (each holding fold*/oof.csv); a stage-1 run brings its
+                                             # stage-2 runs
+    report_dir: str = ""              # where the report goes (default: OUT/report/<first run>)
+    blend: str = ""                   # show the blend OUT/blends/<blend>.json (default: a stage-1 run's own)
+    stage1_only: bool = False         # the runs as given, without their stage-2 runs
     labels: str = ""                  # stage_2_train.csv (default: the runs' data folder, via its parsed copy)
+    resamples: int = RESAMPLES        # bootstrap draws over patients for the 95% intervals
 
 
 def main():
     a = parse_config(EvalConfig, description=__doc__, prog="python -m src.evaluate")
-    out = Path(a.report_dir) if a.report_dir else Path(a.runs[0]) / "report"
-    s = evaluate_runs(a.runs, out, a.labels or None)
+    run_list = members(a.runs, a.stage1_only)
+    out = Path(a.report_dir) if a.report_dir else layout.report_dir(run_list[0].path)
+    s = evaluate_runs([r.path for r in run_list], out, a.labels or None, blend_name=a.blend or None,
+                      resamples=a.resamples)
     if (out / "report.md").exists():
         print((out / "report.md").read_text())
     print(f"report: {out}")

@@ -23,10 +23,12 @@ import numpy as np
 import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
-from . import runs
-from .runs import load_folds  # noqa: F401  (the folds file's reader lives with the layout)
+from . import layout
 from .config import parse_config, positional
+from .labels import cached_labels
 from .prepare import load_cache
+from .runs import load_folds
+from .stamps import announce_run, announce_skip
 from .utils import CLASSES, PipelineError, cli_main, write_csv
 
 
@@ -76,10 +78,10 @@ def check_folds(folds: pd.DataFrame, ok: pd.DataFrame, labels: pd.DataFrame, k: 
 
 def main():
     a = parse_config(FoldsConfig, description=__doc__, prog="python -m src.folds")
-    _, meta = load_cache(runs.cache_dir(a.data_dir, a.out_dir))
+    _, meta = load_cache(layout.cache_dir(a.data_dir, a.out_dir))
     train = meta[meta.split == "train"].set_index("ID")
     ok = train[train.status == "ok"]
-    labels, _ = runs.labels(a.data_dir, a.out_dir)
+    labels, _ = cached_labels(a.data_dir, a.out_dir)
     unlabelled = ok.index.difference(labels.index)
     if len(unlabelled):
         raise PipelineError(f"{len(unlabelled)} train image(s) have no label rows in stage_2_train.csv, "
@@ -88,19 +90,20 @@ def main():
     for what, ids in (("have no file", no_file), ("have an unreadable file (see the cache's summary.json)", unreadable)):
         if len(ids):
             print(f"note: {len(ids)} labelled image(s) {what} and are left out of the folds: {list(ids[:10])}")
-    path = runs.run_folds_file(a.data_dir, a.k, a.fold_seed, a.folds_file)
-    if path.exists() and path.resolve() != runs.folds_path(a.data_dir, a.k, a.fold_seed).resolve():
+    path = layout.run_folds_file(a.data_dir, a.k, a.fold_seed, a.folds_file)
+    if path.exists() and path.resolve() != layout.folds_path(a.data_dir, a.k, a.fold_seed).resolve():
         own = load_folds(path)
         check_folds(own, ok, labels, a.k, path)  # the user's own file: checked, never rewritten
         missing = ok.index.intersection(labels.index).difference(own.index)
         if len(missing):
             print(f"note: {path} leaves out {len(missing)} labelled image(s) of this data, e.g. {list(missing[:5])}")
-        runs.announce_skip(f"folds {path} (your own file, kept as it is)")
+        announce_skip(f"folds {path} (your own file, kept as it is)")
         return
     folds = make_folds(labels, ok["PatientID"], a.k, a.fold_seed)
     if path.exists() and load_folds(path).equals(folds):
-        runs.announce_skip(f"folds {path}")
+        announce_skip(f"folds {path}")
         return
+    announce_run()
     if path.exists():
         print(f"note: {path} did not match this data (a different dataset under the same name?); rewriting it. "
               f"Runs trained on the old folds will stop and say so (their fingerprint names the folds file).")

@@ -2,6 +2,8 @@
 
     python -m src.labels input/stage_2_train.csv      # prints a per-class summary
 
+The label file is parsed once per data folder: `cached_labels` keeps the wide table in OUT/cache/labels.csv
+beside the source's size, time and hash, and every step reads that (~0.3 s against ~16 s at full size).
 The real `stage_2_train.csv` repeats some rows. Exact repeats are dropped; a repeat that disagrees
 stops the run and names the IDs, because no rule can tell which of the two labels is right.
 Every CSV the pipeline reads from the user goes through `read_user_csv`: an empty, non-UTF-8 or ragged file
@@ -10,6 +12,7 @@ included).
 """
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -18,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import layout
 from .config import parse_config, positional
-from .utils import CLASSES, PipelineError, cli_main
+from .stamps import file_fingerprint
+from .utils import CLASSES, PipelineError, cli_main, write_csv, write_json
 
 _ID_RE = re.compile(r"^ID_([0-9a-fA-F]+)_([a-z]+)$")
 
@@ -112,6 +117,31 @@ def read_labels(path) -> pd.DataFrame:
         warnings.warn(f"{path}: {int(inconsistent)} image(s) where 'any' is not the OR of the five subtypes",
                       stacklevel=2)
     return wide
+
+
+def cached_labels(data_dir, out_dir=None, cache=None) -> tuple[pd.DataFrame, str]:
+    """(wide label table by image ID, the label file's fingerprint), from OUT/cache/labels.csv (or `cache`)
+    when that was made from the same file: parsing the 4.5 M-row long format costs ~16 s, reading this ~0.3 s."""
+    src = Path(data_dir) / layout.LABELS_CSV
+    if not src.exists():
+        read_labels(src)  # the standard error message
+    cache = Path(cache) if cache else layout.cache_dir(data_dir, out_dir)
+    table, info = cache / "labels.csv", cache / "labels.json"
+    st = src.stat()
+    quick = {"source": str(src.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if table.exists() and info.exists():
+        rec = json.loads(info.read_text())
+        if {k: rec.get(k) for k in quick} == quick or (rec.get("size") == st.st_size and
+                                                       rec.get("sha") == file_fingerprint(src)):
+            return pd.read_csv(table, dtype={"ID": str}).set_index("ID").astype(np.uint8), rec["sha"]
+    wide = read_labels(src)
+    sha = file_fingerprint(src)
+    try:
+        write_csv(wide, table)
+        write_json({**quick, "sha": sha, "images": len(wide)}, info)
+    except OSError:  # a read-only outputs folder: parse every time rather than fail
+        pass
+    return wide, sha
 
 
 def to_long(wide: pd.DataFrame) -> pd.DataFrame:

@@ -10,8 +10,7 @@ is the score they are judged by.
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+import pandas as pd
 
 from .utils import CLASS_WEIGHTS, CLASSES, PipelineError
 
@@ -46,11 +45,10 @@ def weighted_log_loss(y, p, weights=CLASS_WEIGHTS) -> float:
 
 
 def per_class_auc(y, p) -> np.ndarray:
-    """ROC AUC per class; NaN for a class with only one label value present."""
-    from sklearn.metrics import roc_auc_score  # here: sklearn costs a second or two at the start of every step
+    """ROC AUC per class (auc_weighted: scikit-learn's roc_auc_score, tested equal, without its 2 s import); NaN for
+    a class with only one label value present."""
     y, p = _check(y, p)
-    return np.array([roc_auc_score(y[:, c], p[:, c]) if 0 < y[:, c].sum() < len(y) else np.nan
-                     for c in range(y.shape[1])])
+    return np.array([auc_weighted(y[:, c], p[:, c]) for c in range(y.shape[1])])
 
 
 def per_class_accuracy(y, p, threshold=0.5) -> np.ndarray:
@@ -75,13 +73,76 @@ class WeightedBCE:
     per step)."""
 
     def __init__(self, device="cpu"):
+        import torch  # here: the steps that only score predictions (reports, blends) start sooner without torch
         w = torch.as_tensor(CLASS_WEIGHTS, dtype=torch.float32, device=device)
         self.w = w / w.sum()
 
-    def __call__(self, logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, logits, y, mask=None):
         """Mean over rows (..., 6); with a mask (...,), over the rows it marks (padded series positions are not)."""
+        import torch.nn.functional as F
         per = (F.binary_cross_entropy_with_logits(logits.float(), y.float(), reduction="none") * self.w).sum(-1)
         if mask is None:
             return per.mean()
         m = mask.to(per.dtype)
         return (per * m).sum() / m.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------- intervals over patients
+def auc_weighted(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None, order=None) -> float:
+    """ROC AUC with a weight per row (a bootstrap's multiplicities), ties counted half as the Mann-Whitney statistic
+    counts them; equal to sklearn's roc_auc_score with sample_weight. `order` (argsort of p) may be given once for
+    many weightings. NaN when one label value has no weight."""
+    order = np.argsort(p, kind="stable") if order is None else order
+    ps, ys = p[order], y[order] > 0.5
+    ws = np.ones(len(p)) if w is None else np.asarray(w, float)[order]
+    start = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])  # groups of equal scores
+    pos = np.add.reduceat(ws * ys, start) if len(ps) else np.zeros(0)
+    neg = np.add.reduceat(ws * ~ys, start) if len(ps) else np.zeros(0)
+    total_pos, total_neg = pos.sum(), neg.sum()
+    if total_pos <= 0 or total_neg <= 0:
+        return float("nan")
+    below = np.cumsum(neg) - neg
+    return float((pos * (below + 0.5 * neg)).sum() / (total_pos * total_neg))
+
+
+def patient_bootstrap(groups: np.ndarray, n: int = 1000, seed: int = 0):
+    """Weights per row of `n` bootstrap resamples over patients: each draws as many patients as there are, with
+    replacement, and a row weighs as often as its patient was drawn."""
+    codes, uniq = pd.factorize(pd.Series(groups))
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        counts = np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq))
+        yield counts[codes].astype(float)
+
+
+def interval(values, level: float = 0.95) -> list[float]:
+    """The central `level` percentile interval of bootstrap values (NaN ones left out)."""
+    v = np.asarray([x for x in values if x == x], float)
+    if not len(v):
+        return [float("nan"), float("nan")]
+    a = (1 - level) / 2
+    return [float(np.quantile(v, a)), float(np.quantile(v, 1 - a))]
+
+
+def series_level(ids, groups, series, y_any, p_any) -> pd.DataFrame:
+    """One row per series: its patient, whether any of its slices bleeds, and its highest predicted `any`."""
+    df = pd.DataFrame({"ID": ids, "patient": groups, "series": series, "y": y_any, "p": p_any})
+    return df.groupby("series").agg(patient=("patient", "first"), y=("y", "max"), p=("p", "max"))
+
+
+def operating_point(y: np.ndarray, p: np.ndarray, sensitivity: float = 0.95) -> float:
+    """The highest threshold whose sensitivity (share of positive series with score >= it) is at least
+    `sensitivity`; NaN without a positive series."""
+    pos = np.sort(p[y > 0.5])[::-1]
+    if not len(pos):
+        return float("nan")
+    k = int(np.ceil(sensitivity * len(pos))) - 1  # the k-th highest positive score keeps k+1 positives above it
+    return float(pos[min(max(k, 0), len(pos) - 1)])
+
+
+def sens_spec(y, p, t, w=None) -> tuple[float, float]:
+    w = np.ones(len(y)) if w is None else w
+    pos, neg = y > 0.5, y <= 0.5
+    sens = (w * (pos & (p >= t))).sum() / (w * pos).sum() if (w * pos).sum() > 0 else float("nan")
+    spec = (w * (neg & (p < t))).sum() / (w * neg).sum() if (w * neg).sum() > 0 else float("nan")
+    return float(sens), float(spec)

@@ -1,23 +1,27 @@
-"""The model: a timm backbone with 6 outputs, behind a tiny factory; and safe checkpoint I/O.
+"""The model: a timm backbone with 6 outputs, behind a tiny factory.
 
-Weights: none (random init), timm's pretrained weights (`pretrained=True`, needs network access once),
-or a local `.pth`/`.safetensors` file, which timm loads through `pretrained_cfg_overlay=dict(file=...)`:
-it drops a classifier of another size and adapts the first convolution to 9 input channels.
+Weights: none (random init), timm's ImageNet weights (`pretrained=True`), or a local `.pth`/`.safetensors`
+file. Both reach timm as a local file through `pretrained_cfg_overlay=dict(file=...)`, which drops a classifier
+of another size and adapts the first convolution to 9 input channels. The ImageNet file is found by
+`pretrained_file`: in the Hugging Face or torch hub cache (no network needed), else downloaded once; a machine
+that can reach neither stops at once with one line naming the model and the two ways on (`--weights FILE`,
+`--pretrained false`), where timm alone would retry for ~45 s and end in a traceback.
 
-Checkpoints load with `torch.load(weights_only=True)`: a file that would run code when unpickled is
-refused instead of executed. A `--weights` file that timm cannot use (garbage, carries code, not a state
-dict) or of which no tensor fits the model (timm would silently keep random weights) is a PipelineError
-naming the file.
+Checkpoints are src.checkpoint's (read with `weights_only=True`); this module builds the network from one. A
+`--weights` file that timm cannot use (garbage, carries code, not a state dict) or of which no tensor fits the
+model (timm would silently keep random weights) is a PipelineError naming the file.
 """
 from __future__ import annotations
 
 import os
-import pickle
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
+from . import checkpoint
 from .utils import CLASSES, PipelineError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -51,9 +55,76 @@ class Net(nn.Module):
         return (logits, emb) if return_embedding else logits
 
 
+class OnnxNet(nn.Module):
+    """A stage-1 network as its ONNX export sees it: uint8 images in, probabilities and the pooled embedding out."""
+
+    def __init__(self, net: Net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        logits, emb = self.net(x, return_embedding=True)
+        return torch.sigmoid(logits.float()), emb.float()
+
+
+def pretrained_file(name: str) -> str:
+    """A local file of timm's ImageNet weights for model `name`: from the Hugging Face hub cache or torch hub's,
+    else downloaded once (then cached). PipelineError at once when neither a cache nor the network has them."""
+    import timm
+    cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+    if not timm.is_model(name):
+        raise PipelineError(f"unknown timm model {name!r}")
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise PipelineError(f"timm has no pretrained weights for {name!r}: train it with --pretrained false, "
+                            f"or give a weights file with --weights FILE")
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    repo, _, rev = (cfg.hf_hub_id or "").partition("@")
+    names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    for fn in names if repo else []:
+        hit = try_to_load_from_cache(repo, fn, revision=rev or None)
+        if isinstance(hit, str) and Path(hit).exists():
+            return hit
+    torch_hub = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url or "").path).name
+    if cfg.url and torch_hub.is_file():
+        return str(torch_hub)
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname if repo else urlparse(cfg.url).hostname
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") and bool(repo)
+    why = "HF_HUB_OFFLINE is set" if offline else None if _reachable(host) else f"{host} cannot be reached"
+    if why is None:
+        try:
+            if not repo:
+                from timm.models._hub import download_cached_file
+                return download_cached_file(cfg.url)
+            for fn in names:
+                try:
+                    return hf_hub_download(repo, fn, revision=rev or None)
+                except Exception as e:  # noqa: BLE001  (a missing file name: try the next one)
+                    if "EntryNotFound" not in type(e).__name__ or fn == names[-1]:
+                        raise
+        except Exception as e:  # noqa: BLE001  (network errors come in many types)
+            why = f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+    from huggingface_hub.constants import HF_HUB_CACHE
+    raise PipelineError(f"could not fetch the pretrained ImageNet weights of {name!r} ({why}; not in the Hugging Face "
+                        f"cache {HF_HUB_CACHE} either): pass a local weights "
+                        f"file with --weights FILE, or train from random weights with --pretrained false")
+
+
+def _reachable(host: str, timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to host:443 (or to the HTTPS proxy, when one is set) opens within `timeout`."""
+    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(k)), "")
+    u = urlparse(proxy) if proxy else None
+    try:
+        socket.create_connection((u.hostname, u.port or 80) if u else (host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def create_model(name: str, in_chans: int = 3, pretrained: bool = False, weights: str = "", drop_rate: float = 0.0) -> Net:
     import timm  # here, not at the top: steps that only read checkpoints (stage 2, reports) start 1-2 s sooner
     kw = dict(num_classes=len(CLASSES), in_chans=in_chans)
+    if pretrained and not weights:
+        weights = pretrained_file(name)
     if weights:
         if not Path(weights).exists():
             raise PipelineError(f"weights file not found: {weights}")
@@ -76,55 +147,22 @@ def create_model(name: str, in_chans: int = 3, pretrained: bool = False, weights
                                 f"({', '.join(list(sd)[:3])}, ...) belong to {name!r}; {fix}")
     else:
         try:
-            backbone = timm.create_model(name, pretrained=pretrained, **kw)
+            backbone = timm.create_model(name, **kw)
         except RuntimeError as e:
             if "not find" in str(e) or "Unknown model" in str(e):
                 raise PipelineError(f"unknown timm model {name!r}") from e
             raise
-        except Exception as e:  # no network for pretrained weights
-            if pretrained:
-                raise PipelineError(f"could not fetch pretrained weights for {name!r} ({type(e).__name__}); "
-                                    f"offline, pass a local file with --weights PATH") from e
-            raise
     return Net(backbone, in_chans, drop_rate)
 
 
-def save_checkpoint(state: dict, path, keep_previous: bool = False) -> None:
-    """Atomic and on disk before it replaces the old file (fsync): neither a kill nor a machine crash leaves a
-    truncated checkpoint under the real name. keep_previous: the old file stays as <name>.prev, a fallback."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if keep_previous and path.exists():
-        os.replace(path, previous(path))
-    os.replace(tmp, path)
-
-
-def previous(path) -> Path:
-    return Path(path).with_name(Path(path).name + ".prev")
-
-
-def load_checkpoint(path, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise PipelineError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only refuses anything that would run code when unpickled
-        raise PipelineError(f"{path} is not a plain-tensor checkpoint and was not loaded (it may contain code): "
-                            f"{str(e).splitlines()[0][:200]}") from e
-    except Exception as e:  # a zip archive cut short, zero bytes, a stray file under the name
-        raise PipelineError(f"{path} is truncated or corrupt and was not loaded ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:160] if str(e) else 'no detail'})") from e
+def net_from_state(config: dict, state_dict: dict) -> Net:
+    """A stage-1 network in eval mode from its config (model, input_mode) and weights."""
+    model = create_model(config["model"], 9 if config["input_mode"] == "slices_windows" else 3, drop_rate=0.0)
+    model.load_state_dict(state_dict)
+    return model.eval()
 
 
 def model_from_checkpoint(path, map_location="cpu") -> tuple[Net, dict]:
-    """(model in eval mode with the checkpoint's weights, the checkpoint's config dict)."""
-    ckpt = load_checkpoint(path, map_location)
-    cfg = ckpt["config"]
-    model = create_model(cfg["model"], 9 if cfg["input_mode"] == "slices_windows" else 3, drop_rate=0.0)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), cfg
+    """(model in eval mode with a stage-1 checkpoint's weights, the checkpoint's config dict)."""
+    ck = checkpoint.load(path, map_location)
+    return net_from_state(ck["config"], ck["model"]), ck["config"]

@@ -21,16 +21,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import runs
+from . import layout
 from .config import parse_config, positional
-from .predictor import Predictor, list_inputs
+from .bundle import is_bundle
+from .labels import cached_labels
 from .prepare import cache_fingerprint, decode_files, load_cache, windows_from_settings
+from .runs import Run
+from .stamps import Stamp, announce_skip, guard
 from .utils import CLASSES, PipelineError, cli_main, write_csv, write_json, write_npy
 
 
 @dataclass
 class PredictConfig:
-    run: str = positional(None)       # run folder (OUT/runs/<run>, holding fold*/best.pth)
+    run: str = positional(None)       # run folder (OUT/runs/<run>, holding fold*/best.pth), or a bundle (--dicom-dir)
     dicom_dir: str = ""               # predict this folder of DICOMs instead of the cache's test images
     pred_dir: str = ""                # with --dicom-dir: where to write (default RUN/predict_folder)
     device: str = "auto"              # auto (CUDA when available), cpu, cuda
@@ -46,29 +49,33 @@ def write_fold_outputs(out_dir: Path, ids_ok, probs, emb, ids_missing, prior):
         df = pd.concat([df, pd.DataFrame([prior] * len(ids_missing), columns=CLASSES, index=pd.Index(ids_missing, name="ID"))])
         emb = np.concatenate([emb, np.zeros((len(ids_missing), emb.shape[1]), emb.dtype)])
     df.insert(0, "source", ["model"] * len(ids_ok) + ["prior"] * len(ids_missing))
-    write_npy(emb, out_dir / runs.TEST_EMB)
-    write_csv(df, out_dir / runs.TEST, float_format="%.6g")
+    write_npy(emb, out_dir / layout.TEST_EMB)
+    write_csv(df, out_dir / layout.TEST, float_format="%.6g")
 
 
 def predict_run(run_dir, dicom_dir=None, out=None, device="auto", batch_size=64, workers=4, overwrite=False, quiet=False):
-    run = runs.Run(run_dir)
+    from .predictor import Predictor, list_inputs  # torch and timm: after the up-to-date check, not before
+    run = Run(run_dir)
     workers = max(0, min(workers, (os.cpu_count() or 1) - 1))  # leave a core to the model
+    if is_bundle(run_dir) and not (dicom_dir and out):
+        raise PipelineError(f"{run_dir} is a bundle: it predicts DICOM files, --dicom-dir DIR --pred-dir OUT "
+                            f"(a run folder also predicts its data's cached test set)")
     if dicom_dir:
         p = Predictor.load(run.path, device, stage2=False, batch_size=batch_size, workers=0)
         images, meta = decode_files(list_inputs([dicom_dir]), windows_from_settings(p.settings), p.settings["size"])
         out, prior, stamp = Path(out) if out else run.path / "predict_folder", np.full(len(CLASSES), np.nan), None
     else:
         data_dir, out_dir = run.data()
-        cache = runs.cache_dir(data_dir, out_dir)
+        cache = layout.cache_dir(data_dir, out_dir)
         ks = run.finished_folds()
-        stamp = runs.Stamp("predict", {"tta": run.config().get("tta", "hflip")},
+        stamp = Stamp("predict", {"tta": run.config().get("tta", "hflip")},
                            {"run": run.fingerprint(with_test=False), "cache": cache_fingerprint(cache, "test")})
-        done = bool(ks) and all((run.fold_dir(k) / runs.TEST).exists() for k in ks)
-        if runs.guard(stamp, run.path / runs.PREDICT, done, overwrite, f"the test predictions of {run.path}",
-                      clear=[run.fold_dir(k) / f for k in ks for f in (runs.TEST, runs.TEST_EMB)] + [run.path / runs.PREDICT],
+        done = bool(ks) and all((run.fold_dir(k) / layout.TEST).exists() for k in ks)
+        if guard(stamp, run.path / layout.PREDICT, done, overwrite, f"the test predictions of {run.path}",
+                      clear=[run.fold_dir(k) / f for k in ks for f in (layout.TEST, layout.TEST_EMB)] + [run.path / layout.PREDICT],
                       redo="add --overwrite to this command"):
             if not quiet:
-                runs.announce_skip(f"test predictions of {run.name}")
+                announce_skip(f"test predictions of {run.name}")
             return run.path
         p = Predictor.load(run.path, device, stage2=False, batch_size=batch_size, workers=workers)
         images, meta = load_cache(cache)
@@ -76,17 +83,17 @@ def predict_run(run_dir, dicom_dir=None, out=None, device="auto", batch_size=64,
         if meta.empty:
             raise PipelineError(f"the cache in {cache} has no test images")
         out = run.path
-        labels, _ = runs.labels(data_dir, out_dir)
+        labels, _ = cached_labels(data_dir, out_dir)
         prior = labels[CLASSES].mean().to_numpy()
     missing = meta[meta.status != "ok"]
     if stamp:  # the stamp first: a kill before the last test.csv leaves a stamped, unfinished step that reruns
-        write_json({"stamp": stamp.to_dict(), "status": "running"}, out / runs.PREDICT)
+        write_json({"stamp": stamp.to_dict(), "status": "running"}, out / layout.PREDICT)
     for name, o in p.iter_fold_predictions(images, meta, progress=not quiet):
         write_fold_outputs(out / name, o.ids, o.probs, o.emb, missing["ID"].tolist(), prior)
     report = {"images": len(meta), "predicted": int((meta.status == "ok").sum()), "folds": [f.name for f in p.folds],
               "tta": p.folds[0].config.get("tta", "hflip"), "without_pixels": dict(zip(missing["ID"], missing["reason"])),
               "note": "images without usable pixel data got the training label frequencies (prior)" if len(missing) else ""}
-    write_json({**report, "stamp": stamp.to_dict()} if stamp else report, out / runs.PREDICT)
+    write_json({**report, "stamp": stamp.to_dict()} if stamp else report, out / layout.PREDICT)
     if not quiet:
         print(f"predicted {report['predicted']} of {report['images']} images with {len(p.folds)} fold model(s), "
               f"tta={report['tta']} -> {out}"

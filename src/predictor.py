@@ -18,7 +18,6 @@ this class.
 """
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +28,12 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from . import runs
+from .boost import BoostFold
+from .bundle import Trained, is_bundle, read_bundle, read_run
 from .data import EpochSampler, SliceDataset, collate, neighbour_rows
 from .engine import amp_settings, configure_backend, pick_device, predict_loader
-from .model import Net, model_from_checkpoint
+from .model import Net, net_from_state
 from .prepare import decode_files, windows_from_settings
-from .boost import BoostFold
 from .sequence import SeqFold
 from .utils import CLASSES, PipelineError
 
@@ -110,7 +109,7 @@ def grad_cam(model: Net, x: torch.Tensor, class_idx: int) -> np.ndarray:
 
 @dataclass
 class Predictor:
-    run: runs.Run
+    name: str                         # the run's name
     folds: list[FoldModel]
     settings: dict                    # the cache's size and windows the run was trained on
     sequence: list[SeqFold] = field(default_factory=list)
@@ -119,39 +118,30 @@ class Predictor:
     card: dict = field(default_factory=dict)
     batch_size: int = 64
     workers: int = 0
+    blend: dict = field(default_factory=dict)  # stage1/seq/boost -> 6 weights fitted by src.blend ({}: none)
 
     @classmethod
-    def load(cls, run_dir, device="auto", stage2=True, batch_size=64, workers=0) -> Predictor:
-        """Every finished stage-1 fold of the run (best.pth), and its sequence stage when there is one."""
-        run = runs.Run(run_dir)
-        if not run.path.is_dir():
-            raise PipelineError(f"run folder not found: {run.path}")
-        if run.name.startswith(tuple(f"{k}_" for k in runs.STAGE2_KINDS)) and "stage1" in run.config():
-            raise PipelineError(f"{run.path} is a stage-2 run: load its stage-1 run ({run.config()['stage1']})")
+    def load(cls, source, device="auto", stage2=True, batch_size=64, workers=0) -> Predictor:
+        """Every finished stage-1 fold of a run folder (best.pth) and its stage-2 models, or a bundle's (a file)."""
+        t = read_bundle(source, stage2) if is_bundle(source) else read_run(source, stage2)
+        return cls.from_parts(t, device, stage2, batch_size, workers)
+
+    @classmethod
+    def from_parts(cls, t: Trained, device="auto", stage2=True, batch_size=64, workers=0) -> Predictor:
         device = pick_device(device)
         configure_backend(device)
-        ks = [k for k in run.finished_folds() if (run.fold_dir(k) / runs.BEST).exists()]
-        if not ks:
-            raise PipelineError(f"no trained fold in {run.path} (fold*/best.pth with oof.csv): train first")
-        folds = []
-        for k in ks:
-            model, cfg = model_from_checkpoint(run.fold_dir(k) / runs.BEST)
-            folds.append(FoldModel(f"fold{k}", model.to(device).to(memory_format=torch.channels_last), cfg))
-        settings = json.loads((run.fold_dir(ks[0]) / runs.PREPROCESS).read_text())
-        seq, boost = [], []
-        if stage2:
-            s2, b2 = run.stage2("seq"), run.stage2("boost")
-            seq = [SeqFold.load(s2.fold_dir(k), device) for k in ks if (s2.fold_dir(k) / runs.OOF).exists()]
-            boost = [BoostFold.load(b2.fold_dir(k)) for k in ks if (b2.fold_dir(k) / runs.OOF).exists()]
-        return cls(run, folds, settings, seq, boost, device, runs.run_card(run), batch_size, workers)
+        folds = [FoldModel(name, net_from_state(cfg, sd).to(device).to(memory_format=torch.channels_last), cfg)
+                 for name, cfg, sd in t.stage1]
+        seq = [SeqFold.from_checkpoint(name, ck, device) for name, ck in t.seq] if stage2 else []
+        boost = [BoostFold.from_texts(name, cfg, texts) for name, cfg, texts in t.boost] if stage2 else []
+        return cls(t.name, folds, t.settings, seq, boost, device, t.card, batch_size, workers, dict(t.blend))
 
     @property
     def weights(self) -> dict[str, np.ndarray]:
-        """How stage 1 and the stage-2 models are combined, per class: the report's OOF-fitted blend, else the
-        stage-2 models' mean, else stage 1 alone (renormalised over the parts this Predictor has)."""
+        """How stage 1 and the stage-2 models are combined, per class: the OOF-fitted blend of the run's stages
+        (src.blend), else the stage-2 models' mean, else stage 1 alone (renormalised over the parts it has)."""
         have = {"stage1": True, "seq": bool(self.sequence), "boost": bool(self.boost)}
-        w = {k: np.broadcast_to(np.asarray(v, float), (len(CLASSES),)) for k, v in
-             (self.card.get("blend_weights") or {}).items() if have.get(k)}
+        w = {k: np.broadcast_to(np.asarray(v, float), (len(CLASSES),)) for k, v in self.blend.items() if have.get(k)}
         if not w or (sum(w.values()) <= 0).any():
             w = {k: np.ones(len(CLASSES)) for k in ("seq", "boost") if have[k]} or {"stage1": np.ones(len(CLASSES))}
         total = sum(w.values())
@@ -161,7 +151,7 @@ class Predictor:
     def description(self) -> str:
         cfg = self.folds[0].config
         parts = ", ".join(f"{k} {v.mean():.2f}" for k, v in self.weights.items())
-        return (f"{self.run.name}: {cfg['model']} @ {cfg['img_size']}px, {cfg['input_mode']}, "
+        return (f"{self.name}: {cfg['model']} @ {cfg['img_size']}px, {cfg['input_mode']}, "
                 f"{len(self.folds)} fold(s); stages combined as {parts} (mean weight over the classes)")
 
     # ---- stage 1
@@ -188,12 +178,18 @@ class Predictor:
         paths = list_inputs(inputs)
         images, meta = decode_files(paths, windows_from_settings(self.settings), self.settings["size"])
         skipped = meta.loc[meta.status != "ok", ["path", "reason"]].reset_index(drop=True)
+        return Analysis(self.score(images, meta, progress), skipped, images, meta)
+
+    def score(self, images, meta: pd.DataFrame, progress=False) -> pd.DataFrame:
+        """One row per readable slice of `meta` (rows of `images`, decoded with this model's preprocessing: files
+        decoded here, or an image cache built with the same size and windows), in series and z order: the stage-1
+        folds averaged, each stage-2 model applied fold by fold to its own stage-1 fold's outputs, combined with
+        the blend weights."""
         cols = ["ID", "file", "series", "slice", "z", *CLASSES]
         if (meta.status != "ok").all():
-            return Analysis(pd.DataFrame(columns=cols), skipped, images, meta)
+            return pd.DataFrame(columns=cols)
         per_fold = self.fold_predictions(images, meta, progress)
-        ok = meta[meta.status == "ok"].set_index("ID")
-        order = ok.sort_values(["SeriesInstanceUID", "slice_index"])
+        order = meta[meta.status == "ok"].set_index("ID").sort_values(["SeriesInstanceUID", "slice_index"])
         ids = order.index.to_numpy()
         stage1 = {n: pd.DataFrame(o.probs, index=o.ids, columns=CLASSES) for n, o in per_fold.items()}
         parts = {"stage1": sum(s.loc[ids].to_numpy() for s in stage1.values()) / len(stage1)}
@@ -217,14 +213,13 @@ class Predictor:
                     pos, o = per_series(bf.name)
                     outs.append(np.concatenate(bf.predict([o.probs[p] for p in pos])))
                 parts["boost"] = np.mean(outs, axis=0)
-        probs = sum(w * parts[k] for k, w in self.weights.items())
-        table = pd.DataFrame(probs, columns=CLASSES)
+        table = pd.DataFrame(sum(w * parts[k] for k, w in self.weights.items()), columns=CLASSES)
         table.insert(0, "z", order["z"].to_numpy())
         table.insert(0, "slice", order["slice_index"].to_numpy() + 1)
         table.insert(0, "series", order["SeriesInstanceUID"].astype(str).to_numpy())
         table.insert(0, "file", [Path(p).name for p in order["path"]])
         table.insert(0, "ID", ids)
-        return Analysis(table, skipped, images, meta)
+        return table
 
     def predict(self, inputs, progress=False) -> pd.DataFrame:
         """One row per readable slice (ID, file, series, slice in z order, z, six probabilities); files that gave

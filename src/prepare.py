@@ -7,7 +7,7 @@ The cache is one uint8 array `images.npy` of shape (N, size, size, 3) that the d
 (a sample is one slice of it: no decoding, no windowing, no resizing per epoch), and `metadata.csv`,
 one row per file: ID, split, row in the array, status and reason, PatientID, Study/Series UIDs, z,
 the slice's index in its series ordered by z, the series length, and the previous/next slice IDs.
-The label file is parsed here once into `labels.csv` beside them (see runs.labels).
+The label file is parsed here once into `labels.csv` beside them (see labels.cached_labels).
 
 Work is split into chunks of rows decoded in parallel (joblib, all cores). Each chunk writes its rows
 straight into `images.partial.npy` and then records itself in `chunks/` (atomically); a rerun after a
@@ -37,13 +37,13 @@ import pandas as pd
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
-from . import runs
+from . import layout
 from .config import parse_config, positional
 from .dicom import DEFAULT_WINDOWS, DicomError, dicom_to_image, header_fields, image_id_from_path, read_dicom
-from .synth import SYNTHETIC_MARKER  # src.synth leaves it in the data folders it writes
+from .labels import cached_labels
+from .layout import SPLITS, SYNTHETIC_MARKER
+from .stamps import Stamp, announce_skip, fingerprint, guard
 from .utils import PipelineError, cli_main, write_csv, write_json
-
-SPLITS = {"train": "stage_2_train_images", "test": "stage_2_test_images"}
 META_COLUMNS = ["ID", "split", "row", "status", "reason", "path", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
                 "Modality", "z", "z_source", "rows", "cols"]
 
@@ -157,22 +157,22 @@ def cache_paths(cache_dir: Path) -> dict:
 
 def files_fingerprint(files: pd.DataFrame) -> str:
     """Of the files' split, names and sizes: a file added, removed, renamed or rewritten changes it."""
-    return runs.fingerprint("\n".join(f"{sp}/{Path(p).name}:{n}" for sp, p, n in
+    return fingerprint("\n".join(f"{sp}/{Path(p).name}:{n}" for sp, p, n in
                                        files[["split", "path", "bytes"]].itertuples(index=False)))
 
 
-def prepare_stamp(files: pd.DataFrame, size: int, windows, limit=0) -> runs.Stamp:
+def prepare_stamp(files: pd.DataFrame, size: int, windows, limit=0) -> Stamp:
     """Train and test files are fingerprinted apart: training depends on the train part only, so a changed
     test set (the stage-2 test folder added later, a corrupt test file replaced) never makes a trained fold stale."""
-    return runs.Stamp("prepare", {"size": size, "windows": [list(w) if w else "file" for w in windows],
+    return Stamp("prepare", {"size": size, "windows": [list(w) if w else "file" for w in windows],
                                   "limit": int(limit or 0)},
                       {f"{split}_files": files_fingerprint(files[files.split == split]) for split in SPLITS})
 
 
-def cache_stamp(cache_dir) -> runs.Stamp:
+def cache_stamp(cache_dir) -> Stamp:
     """The stamp of a finished cache."""
     P = cache_paths(Path(cache_dir))
-    stamp = runs.Stamp.load(P["config"]) if P["images"].exists() else None
+    stamp = Stamp.load(P["config"]) if P["images"].exists() else None
     if stamp is None:
         raise PipelineError(f"no finished image cache in {cache_dir}: run `python -m src.prepare DATA_DIR` first")
     return stamp
@@ -182,7 +182,7 @@ def cache_fingerprint(cache_dir, split: str) -> str:
     """What a step that reads one split of the cache records as its `cache` input: the cache's settings and
     that split's files (training: train; test predictions: test)."""
     stamp = cache_stamp(cache_dir)
-    return runs.fingerprint({"settings": stamp.settings, "files": stamp.inputs.get(f"{split}_files")})
+    return fingerprint({"settings": stamp.settings, "files": stamp.inputs.get(f"{split}_files")})
 
 
 def check_disk(path: Path, need: int, have_already: int = 0) -> None:
@@ -199,7 +199,7 @@ def labelled_but_missing(data_dir: Path, cache_dir: Path, files: pd.DataFrame) -
     """IDs in stage_2_train.csv without a file in stage_2_train_images (dropped from training: said, not silent)."""
     if not (data_dir / "stage_2_train.csv").exists():
         return []
-    labels, _ = runs.labels(data_dir, cache=cache_dir)  # parsed once here; later steps read the cached table
+    labels, _ = cached_labels(data_dir, cache=cache_dir)  # parsed once here; later steps read the cached table
     return sorted(labels.index.difference(files.loc[files.split == "train", "ID"]))
 
 
@@ -208,38 +208,23 @@ def prepare(data_dir, cache_dir=None, size=256, windows=DEFAULT_WINDOWS, jobs=-1
     """Build (or finish) the cache; returns the summary dict. A finished cache made with the same settings
     and files is kept; one made with others stops the build (`overwrite` rebuilds it)."""
     data_dir = Path(data_dir)
-    cache_dir = Path(cache_dir) if cache_dir else runs.cache_dir(data_dir, out_dir)
+    cache_dir = Path(cache_dir) if cache_dir else layout.cache_dir(data_dir, out_dir)
     P = cache_paths(cache_dir)
     t0 = time.time()
     files = list_files(data_dir)
     if limit:
         files = files.iloc[:limit]
     stamp = prepare_stamp(files, size, windows, limit)
-    if runs.guard(stamp, P["config"], P["images"].exists(), overwrite, f"the image cache {cache_dir}",
+    if guard(stamp, P["config"], P["images"].exists(), overwrite, f"the image cache {cache_dir}",
                   exists=P["images"].exists(), clear=[P["images"], P["meta"], P["summary"]],
                   redo="--overwrite (rebuilds the whole cache)"):
         if not quiet:
-            runs.announce_skip(f"image cache {cache_dir}")
+            announce_skip(f"image cache {cache_dir}")
         return json.loads(P["summary"].read_text())
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     shape = (len(files), size, size, 3)
-    build = json.loads(P["config"].read_text()) if P["config"].exists() else {}
-    partial_ok = P["partial"].exists() and (runs.Stamp.load(P["config"]) or stamp).id == stamp.id \
-        and build.get("chunk") == chunk  # chunk markers name their first row: another --chunk cannot resume them
-    if not partial_ok:  # settings changed or first run: start clean (a partial build is never reused)
-        if P["partial"].exists() and not quiet:
-            print("a partial cache made with other settings or files is discarded")
-        shutil.rmtree(P["chunks"], ignore_errors=True)
-        P["partial"].unlink(missing_ok=True)
-        check_disk(cache_dir, int(np.prod(shape)))
-        write_json({**stamp.to_dict(), "data_dir": str(data_dir.resolve()), "n_files": len(files), "chunk": chunk,
-                    "format": "uint8 (N, size, size, 3) npy, rows as metadata.csv"}, P["config"])
-        np.lib.format.open_memmap(P["partial"], mode="w+", dtype=np.uint8, shape=shape).flush()  # sparse, zeros
-    else:
-        check_disk(cache_dir, int(np.prod(shape)), P["partial"].stat().st_blocks * 512)
-    P["chunks"].mkdir(exist_ok=True)
-
+    open_partial(P, stamp, shape, chunk, data_dir, quiet)
     starts = list(range(0, len(files), chunk))
     markers = {s: P["chunks"] / f"{s:09d}.csv" for s in starts}
     todo = [s for s in starts if not markers[s].exists()]
@@ -252,9 +237,34 @@ def prepare(data_dir, cache_dir=None, size=256, windows=DEFAULT_WINDOWS, jobs=-1
               mininterval=1.0) as bar:
         for n in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(tasks):
             bar.update(n)
+    return finish(P, files, [markers[s] for s in starts], data_dir, cache_dir, size, t0, quiet)
 
-    meta = pd.concat([pd.read_csv(markers[s], dtype={"reason": str, "PatientID": str}, keep_default_na=False,
-                                  na_values={"z": [""]}) for s in starts], ignore_index=True)
+
+def open_partial(P: dict, stamp: Stamp, shape, chunk: int, data_dir: Path, quiet: bool) -> None:
+    """images.partial.npy and chunks/ of this build: kept when a killed build with the same stamp left them, else
+    made anew (a partial build of other settings is never reused), after the disk check."""
+    build = json.loads(P["config"].read_text()) if P["config"].exists() else {}
+    partial_ok = P["partial"].exists() and (Stamp.load(P["config"]) or stamp).id == stamp.id \
+        and build.get("chunk") == chunk  # chunk markers name their first row: another --chunk cannot resume them
+    if not partial_ok:
+        if P["partial"].exists() and not quiet:
+            print("a partial cache made with other settings or files is discarded")
+        shutil.rmtree(P["chunks"], ignore_errors=True)
+        P["partial"].unlink(missing_ok=True)
+        check_disk(P["partial"].parent, int(np.prod(shape)))
+        write_json({**stamp.to_dict(), "data_dir": str(data_dir.resolve()), "n_files": shape[0], "chunk": chunk,
+                    "format": "uint8 (N, size, size, 3) npy, rows as metadata.csv"}, P["config"])
+        np.lib.format.open_memmap(P["partial"], mode="w+", dtype=np.uint8, shape=shape).flush()  # sparse, zeros
+    else:
+        check_disk(P["partial"].parent, int(np.prod(shape)), P["partial"].stat().st_blocks * 512)
+    P["chunks"].mkdir(exist_ok=True)
+
+
+def finish(P: dict, files: pd.DataFrame, markers: list, data_dir: Path, cache_dir: Path, size: int, t0: float,
+           quiet: bool) -> dict:
+    """Join the chunks' records into metadata.csv, write summary.json, and rename the array: the cache is complete."""
+    meta = pd.concat([pd.read_csv(m, dtype={"reason": str, "PatientID": str}, keep_default_na=False,
+                                  na_values={"z": [""]}) for m in markers], ignore_index=True)
     if len(meta) != len(files) or not (meta["row"].to_numpy() == np.arange(len(files))).all():
         raise PipelineError(f"{cache_dir}: the chunk records cover {len(meta)} of {len(files)} files; the partial build "
                             f"is inconsistent: delete {P['partial']} and {P['chunks']} and run again")
@@ -340,7 +350,7 @@ class PrepareConfig:
 
 def main():
     c = parse_config(PrepareConfig, description=__doc__, prog="python -m src.prepare")
-    prepare(c.data_dir, runs.cache_dir(c.data_dir, c.out_dir), c.cache_size, parse_windows(c.windows), c.workers,
+    prepare(c.data_dir, layout.cache_dir(c.data_dir, c.out_dir), c.cache_size, parse_windows(c.windows), c.workers,
             c.chunk, c.limit, overwrite=c.overwrite)
 
 

@@ -16,19 +16,13 @@ Early stopping: training ends when the validation loss has not improved for `--p
 the best epoch's weights make the outputs (the validation fold is the fold whose OOF rows these are,
 as for stage 1's choice of best epoch).
 
-No leakage. Every stage-2 input of an image is a stage-1 output from a model that never trained on
-that image: train and validation rows use the stage-1 OOF files (image in fold j <- stage-1 model of
-fold j), stage-2 fold K trains on folds != K and is validated on fold K, and its test inputs are the
-test embeddings of stage-1 fold K. `check_no_leak` checks this from the files and refuses otherwise.
-
-Outputs in OUT/runs/<run_name>/fold<K>/ (run_name defaults to seq_<stage-1 run name>): fingerprint.json,
-config.yaml, epochs.csv, train.log, best.pth, oof.csv and test.csv in stage 1's format, so src.evaluate and
-src.ensemble treat stage 2 as one more run.
+Inputs, leakage checks and the per-fold skeleton are src/stage2.py's, shared with the trees (src/boost.py).
+Outputs in OUT/runs/seq_<stage-1 run>/fold<K>/: fingerprint.json, config.yaml, epochs.csv, train.log, best.pth
+(src.checkpoint's GRU dict), test.csv and oof.csv in stage 1's format.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +32,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import runs
-from .config import parse_config, result_settings, save_yaml
+from . import checkpoint, layout
+from .config import parse_config
 from .engine import pick_device
 from .metrics import WeightedBCE, weighted_log_loss
-from .model import load_checkpoint, save_checkpoint
-from .prepare import load_cache
-from .utils import CLASSES, PipelineError, cli_main, get_logger, write_csv
+from .stage2 import FoldContext, FoldResult, SeriesSet, Stage1Inputs, logit, run_fold
+from .utils import CLASSES, PipelineError, cli_main, write_csv
 
 
 @dataclass
@@ -74,11 +67,6 @@ class SeqConfig:
             raise PipelineError(f"features must be both, emb or logits, not {self.features!r}")
 
 
-def logit(p):
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
-
-
 class SeqModel(nn.Module):
     def __init__(self, emb_dim: int, hidden=64, layers=2, dropout=0.2, features="both"):
         super().__init__()
@@ -102,62 +90,6 @@ class SeqModel(nn.Module):
         out, _ = self.gru(packed)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
         return logits + self.head(out)
-
-
-@dataclass
-class SeriesSet:
-    """The slices of many series in flat arrays, series after series, each in z order."""
-    ids: np.ndarray                   # (N,) image IDs
-    emb: np.ndarray | None            # (N, E) float16 stage-1 embeddings, or None when unused
-    logits: np.ndarray                # (N, 6) float32 stage-1 logits
-    labels: np.ndarray | None         # (N, 6) float32, or None (test)
-    starts: np.ndarray                # (S,) first row of each series
-    lengths: np.ndarray               # (S,) slices per series
-
-    def __len__(self):
-        return len(self.starts)
-
-    @classmethod
-    def build(cls, preds: pd.DataFrame, emb, order: pd.DataFrame, labels: pd.DataFrame | None = None,
-              rows=None) -> SeriesSet:
-        """preds: stage-1 probabilities (index ID); emb: their embeddings, row rows[i] for preds row i (rows
-        default: 0..n-1; emb may be a StackedRows of per-fold memory maps); order: SeriesInstanceUID and
-        slice_index by ID. Slices without a series (unreadable) are left out. Embeddings are copied once."""
-        m = order.reindex(preds.index)
-        keep = np.flatnonzero(m["SeriesInstanceUID"].notna().to_numpy() & (m["SeriesInstanceUID"] != "").to_numpy())
-        m = m.iloc[keep]
-        srt = np.lexsort((m["slice_index"].to_numpy(), pd.factorize(m["SeriesInstanceUID"], sort=True)[0]))
-        pos = keep[srt]
-        uid = m["SeriesInstanceUID"].to_numpy()[srt]
-        starts = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]]) if len(uid) else np.zeros(0, np.int64)
-        ids = preds.index.to_numpy()[pos]
-        src = pos if rows is None else np.asarray(rows)[pos]
-        return cls(ids, None if emb is None else (emb.take(src) if isinstance(emb, StackedRows) else np.asarray(emb)[src]),
-                   logit(preds[CLASSES].to_numpy()[pos]).astype(np.float32),
-                   None if labels is None else labels.loc[ids, CLASSES].to_numpy(np.float32),
-                   starts, np.diff(np.r_[starts, len(uid)]))
-
-
-class StackedRows:
-    """Several row arrays (the folds' memory-mapped embeddings) read as one, without concatenating them:
-    at full scale the OOF embeddings are ~3 GB, and each copy of them costs as much."""
-
-    def __init__(self, parts):
-        self.parts = parts
-        self.starts = np.cumsum([0] + [len(p) for p in parts])
-
-    def __len__(self):
-        return int(self.starts[-1])
-
-    def take(self, pos) -> np.ndarray:
-        pos = np.asarray(pos, np.int64)
-        out = np.empty((len(pos), self.parts[0].shape[1]), self.parts[0].dtype)
-        which = np.searchsorted(self.starts, pos, side="right") - 1
-        for k, part in enumerate(self.parts):
-            sel = np.flatnonzero(which == k)
-            if len(sel):
-                out[sel] = part[pos[sel] - self.starts[k]]
-        return out
 
 
 class Batcher:
@@ -221,90 +153,42 @@ def embedding_stats(emb: np.ndarray, chunk=65536) -> tuple[np.ndarray, np.ndarra
     return mu.astype(np.float32), np.sqrt(np.maximum(s[1] / max(len(emb), 1) - mu * mu, 0) + 1e-12).astype(np.float32) + 1e-6
 
 
-def check_no_leak(rows: pd.DataFrame, folds: pd.Series, fold: int, split: str) -> None:
-    """Every stage-1 output used by stage-2 fold `fold` must come from a model that never saw the image."""
-    if split == "test":
-        bad = rows.index[rows["source_fold"] != fold]
-        if len(bad):
-            raise PipelineError(f"leak: test inputs of stage-2 fold {fold} must come from stage-1 fold {fold}; "
-                                f"{len(bad)} do not, e.g. {list(bad[:3])}")
-        return
-    image_fold = folds.reindex(rows.index)
-    unknown = rows.index[image_fold.isna()]
-    if len(unknown):
-        raise PipelineError(f"{len(unknown)} stage-1 OOF image(s) are not in the folds file, e.g. {list(unknown[:3])}")
-    bad = np.flatnonzero(rows["source_fold"].to_numpy() != image_fold.to_numpy())
-    if len(bad):
-        i = bad[0]
-        raise PipelineError(f"leak: {len(bad)} stage-1 input(s) come from a model trained on that image "
-                            f"(e.g. {rows.index[i]}: image in fold {int(image_fold.iloc[i])}, output of stage-1 fold "
-                            f"{int(rows['source_fold'].iloc[i])}); stage-2 inputs must be out-of-fold")
-
-
-def stage1_inputs(stage1: runs.Run, fold: int, with_emb=True):
-    """The stage-1 outputs stage-2 fold `fold` may use, leak-checked: (oof rows, oof emb, test rows, test emb,
-    fold of each image, labels, series order). Rows carry `source_fold`, the stage-1 fold that made them."""
-    s1 = stage1.config()
-    _, meta = load_cache(runs.cache_dir(s1["data_dir"], s1.get("out_dir")))
-    order = meta[meta.status == "ok"].set_index("ID")[["SeriesInstanceUID", "slice_index"]]
-    folds = runs.load_folds(runs.run_folds_file(s1["data_dir"], s1["k"], s1["fold_seed"], s1.get("folds_file")))["fold"]
-    labels, _ = runs.labels(s1["data_dir"], s1.get("out_dir"))
-    parts, embs = [], []
-    for k in stage1.folds():
-        df, emb = stage1.fold_outputs("oof", k)
-        parts.append(df[CLASSES].assign(source_fold=k))
-        embs.append(emb)
-    oof = pd.concat(parts)
-    check_no_leak(oof, folds, fold, "oof")
-    test, test_emb = stage1.fold_outputs("test", fold)
-    test = test[CLASSES].assign(source_fold=fold)
-    check_no_leak(test, folds, fold, "test")
-    return oof, StackedRows(embs) if with_emb else None, test, (test_emb if with_emb else None), folds, labels, order
-
-
-def seq_stamp(cfg: SeqConfig) -> runs.Stamp:
-    return runs.Stamp("sequence", result_settings(cfg), {"stage1": runs.Run(cfg.stage1).fingerprint()})
-
-
-def train_sequence(cfg: SeqConfig) -> Path:
-    stage1 = runs.Run(cfg.stage1)
-    run = runs.Run(stage1.path.parent / (cfg.run_name or f"seq_{stage1.name}"))
-    run_dir = run.fold_dir(cfg.fold)
-    stamp = seq_stamp(cfg)
-    if runs.guard(stamp, run_dir / runs.STAMP, (run_dir / runs.OOF).exists(), cfg.overwrite,
-                  f"stage-2 fold {cfg.fold} ({run_dir})", clear=[run_dir], redo="add --overwrite to this command"):
-        runs.announce_skip(f"stage-2 fold {cfg.fold} of {run.name} ({run_dir / runs.OOF})")
-        return run_dir
-    use_emb = cfg.features != "logits"
-    oof, oof_emb, test, test_emb, folds, labels, order = stage1_inputs(stage1, cfg.fold, use_emb)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stamp.save(run_dir / runs.STAMP)
-    save_yaml(cfg, run_dir / runs.CONFIG)
-    log = get_logger(f"seq.{run.name}.{cfg.fold}", run_dir / runs.LOG)
-    device = pick_device(cfg.device)
-
+def fit(cfg: SeqConfig, inputs: Stage1Inputs, ctx: FoldContext) -> FoldResult:
+    """Train the GRU of one fold (early-stopped on its validation fold), save its best weights, predict."""
+    use_emb, device = cfg.features != "logits", pick_device(cfg.device)
+    oof, folds = inputs.oof, inputs.folds
     in_val = (folds.reindex(oof.index) == cfg.fold).to_numpy()
-    tr = SeriesSet.build(oof[~in_val], oof_emb, order, labels, rows=np.flatnonzero(~in_val))
-    va = SeriesSet.build(oof[in_val], oof_emb, order, labels, rows=np.flatnonzero(in_val))
-    te = SeriesSet.build(test, test_emb, order)
+    tr = SeriesSet.build(oof[~in_val], inputs.oof_emb, inputs.order, inputs.labels, rows=np.flatnonzero(~in_val))
+    va = SeriesSet.build(oof[in_val], inputs.oof_emb, inputs.order, inputs.labels, rows=np.flatnonzero(in_val))
+    te = SeriesSet.build(inputs.test, inputs.test_emb, inputs.order)
     mu, sd = embedding_stats(tr.emb) if use_emb else (None, None)
     btr, bva, bte = (Batcher(s, device, mu, sd) for s in (tr, va, te))
-    log.info(f"stage 2 fold {cfg.fold}: {len(tr)} train / {len(va)} val / {len(te)} test series from {stage1.path}; "
-             f"device {device}; {max(1, min(cfg.batch_size, len(tr) // cfg.min_steps))} series a step")
-
+    batch = max(1, min(cfg.batch_size, len(tr) // cfg.min_steps))
+    ctx.log.info(f"stage 2 fold {cfg.fold}: {len(tr)} train / {len(va)} val / {len(te)} test series from {cfg.stage1}; "
+             f"device {device}; {batch} series a step")
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     emb_dim = tr.emb.shape[1] if use_emb else 0
     model = SeqModel(max(emb_dim, 1), cfg.hidden, cfg.layers, cfg.dropout, cfg.features).to(device)
+    best, best_state, history = train_epochs(cfg, model, btr, bva, va.labels, batch, device, ctx.log)
+    model.load_state_dict(best_state)
+    epoch = int(np.argmin([h["val_wll"] for h in history])) + 1
+    checkpoint.save(checkpoint.gru(best_state, cfg, emb_dim, mu, sd, epoch, best, ctx.stamp), ctx.run_dir / layout.BEST)
+    write_csv(pd.DataFrame(history), ctx.run_dir / layout.EPOCHS, index=False, float_format="%.6g")
+    return FoldResult(va.ids, predict_series(model, bva, cfg.tta_reverse), va.labels, 1 / (1 + np.exp(-va.logits)),
+                      te.ids, predict_series(model, bte, cfg.tta_reverse))
+
+
+def train_epochs(cfg: SeqConfig, model, btr: Batcher, bva: Batcher, y_val, batch: int, device, log):
+    """Epochs until the validation loss stops improving for `patience` epochs: (best loss, its weights, history)."""
+    rng = np.random.default_rng(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     loss_fn = WeightedBCE(device)
     best, best_state, bad, history = float("inf"), None, 0, []
-    batch = max(1, min(cfg.batch_size, len(tr) // cfg.min_steps))
     for epoch in range(cfg.epochs):
         t0, loss_sum, n = time.time(), torch.zeros((), device=device), 0
         model.train()
-        perm = rng.permutation(len(tr))
+        perm = rng.permutation(len(btr.s))
         for b in range(0, len(perm), batch):
             idx = perm[b:b + batch]
             emb, lg, y, mask, lengths, _ = btr.batch(idx, rng.random(len(idx)) < cfg.reverse)
@@ -313,7 +197,7 @@ def train_sequence(cfg: SeqConfig) -> Path:
             loss_sum += loss.detach() * int(lengths.sum())
             n += int(lengths.sum())
         sched.step()
-        score = weighted_log_loss(va.labels, predict_series(model, bva, cfg.tta_reverse))
+        score = weighted_log_loss(y_val, predict_series(model, bva, cfg.tta_reverse))
         history.append({"epoch": epoch + 1, "train_loss": loss_sum.item() / max(n, 1), "val_wll": score,
                         "seconds": time.time() - t0})
         if score < best - 1e-6:
@@ -323,24 +207,12 @@ def train_sequence(cfg: SeqConfig) -> Path:
             if bad >= cfg.patience:
                 log.info(f"early stop after epoch {epoch + 1}: no improvement for {cfg.patience} epochs")
                 break
-    model.load_state_dict(best_state)
-    save_checkpoint({"model": {k: v.cpu() for k, v in best_state.items()}, "config": dataclasses.asdict(cfg),
-                     "emb_dim": emb_dim, "emb_mean": None if mu is None else torch.from_numpy(mu),
-                     "emb_std": None if sd is None else torch.from_numpy(sd), "epoch": int(np.argmin([h["val_wll"] for h in history])) + 1,
-                     "best_score": best, "stamp": stamp.id}, run_dir / runs.BEST)
-    write_csv(pd.DataFrame(history), run_dir / runs.EPOCHS, index=False, float_format="%.6g")
+    log.info(f"best validation loss {best:.5f} after {len(history)} epochs")
+    return best, best_state, history
 
-    oof_out = pd.DataFrame(predict_series(model, bva, cfg.tta_reverse), columns=CLASSES, index=pd.Index(va.ids, name="ID"))
-    oof_out.insert(0, "fold", cfg.fold)
-    test_out = pd.DataFrame(predict_series(model, bte, cfg.tta_reverse), columns=CLASSES, index=pd.Index(te.ids, name="ID"))
-    # test images outside any readable series keep their stage-1 prediction (the predict step's prior)
-    rest = test.index.difference(test_out.index)
-    write_csv(pd.concat([test_out, test.loc[rest, CLASSES]]), run_dir / runs.TEST, float_format="%.6g")
-    write_csv(oof_out, run_dir / runs.OOF, float_format="%.6g")  # last: its presence means the fold is finished
-    stage1_val = weighted_log_loss(va.labels, 1 / (1 + np.exp(-va.logits)))
-    log.info(f"stage 2 fold {cfg.fold}: val weighted log loss {best:.5f} after {len(history)} epochs "
-             f"(stage 1 on the same slices: {stage1_val:.5f}) -> {run_dir / runs.OOF}")
-    return run_dir
+
+def train_sequence(cfg: SeqConfig) -> Path:
+    return run_fold("seq", cfg, fit, with_emb=cfg.features != "logits", step="sequence")
 
 
 @dataclass
@@ -355,12 +227,16 @@ class SeqFold:
 
     @classmethod
     def load(cls, fold_dir, device=torch.device("cpu")) -> SeqFold:
-        ck = load_checkpoint(Path(fold_dir) / runs.BEST)
+        return cls.from_checkpoint(Path(fold_dir).name, checkpoint.load(Path(fold_dir) / layout.BEST), device)
+
+    @classmethod
+    def from_checkpoint(cls, name: str, ck: dict, device=torch.device("cpu")) -> SeqFold:
+        """A GRU fold from src.checkpoint's dict (a best.pth, or the same tensors read from a bundle)."""
         c = ck["config"]
         m = SeqModel(max(ck["emb_dim"], 1), c["hidden"], c["layers"], c["dropout"], c["features"])
         m.load_state_dict(ck["model"])
         as_np = lambda t: None if t is None else t.numpy()  # noqa: E731
-        return cls(Path(fold_dir).name, m.to(device).eval(), as_np(ck["emb_mean"]), as_np(ck["emb_std"]), c, device)
+        return cls(name, m.to(device).eval(), as_np(ck["emb_mean"]), as_np(ck["emb_std"]), c, device)
 
     def predict(self, series: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         """series: [(stage-1 embeddings (L, E), stage-1 probabilities (L, 6)) in z order] -> [(L, 6)]."""
@@ -374,10 +250,7 @@ class SeqFold:
 
 
 def main():
-    cfg = parse_config(SeqConfig, description=__doc__, prog="python -m src.sequence")
-    if not cfg.stage1:
-        raise PipelineError("--stage1 RUN_DIR is required (a stage-1 run with OOF and test outputs)")
-    train_sequence(cfg)
+    train_sequence(parse_config(SeqConfig, description=__doc__, prog="python -m src.sequence"))
 
 
 if __name__ == "__main__":

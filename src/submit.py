@@ -21,7 +21,8 @@ from pathlib import Path
 
 from . import submission
 from .config import parse_config, positional, short
-from .utils import ROOT, PipelineError, cli_main
+from .layout import SAMPLE_CSV
+from .utils import PipelineError, cli_main
 
 COMPETITION = "rsna-intracranial-hemorrhage-detection"
 
@@ -69,7 +70,8 @@ def submit(path, message, sample, dry_run=False) -> int:
 class SubmitConfig:
     file: str = positional(None)      # the submission CSV (submissions/stage_2_<name>.csv)
     message: str = short("", "-m")    # the submission's description on Kaggle (required)
-    sample: str = str(ROOT / "input" / "stage_2_sample_submission.csv")  # the data's sample submission
+    sample: str = ""                  # the data's sample submission (default: DATA_DIR/stage_2_sample_submission.csv)
+    data_dir: str = "input"           # the Kaggle-layout data folder whose sample submission the file must match
     dry_run: bool = False             # validate and print the upload command without running it
 
 
@@ -77,7 +79,7 @@ def main():
     a = parse_config(SubmitConfig, description=__doc__, prog="python -m src.submit")
     if not a.file or not a.message:
         raise PipelineError("give the submission file and a message: python -m src.submit FILE -m \"message\"")
-    sys.exit(submit(a.file, a.message, a.sample, a.dry_run))
+    sys.exit(submit(a.file, a.message, a.sample or str(Path(a.data_dir) / SAMPLE_CSV), a.dry_run))
 
 
 if __name__ == "__main__":

@@ -45,14 +45,16 @@ import pandas as pd
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
-from . import runs
+from . import layout
 from .config import parse_config, positional
 from .dicom import DicomError, read_dicom
-from .prepare import SPLITS, cache_paths, files_fingerprint, list_files
-from .synth import SYNTHETIC_MARKER
-from .utils import CLASSES, ROOT, PipelineError, atomic_write, cli_main, dataset_tag, write_csv, write_json
+from .labels import cached_labels
+from .layout import LABELS_CSV, SAMPLE_CSV, SPLITS, SYNTHETIC_MARKER, dataset_tag
+from .prepare import cache_paths, files_fingerprint, list_files
+from .stamps import Stamp, guard
+from .utils import CLASSES, PipelineError, atomic_write, cli_main, write_csv, write_json
 
-LABELS, SAMPLE, INFO = "stage_2_train.csv", "stage_2_sample_submission.csv", "subset.json"
+INFO = "subset.json"
 METHOD = "iterative stratification on per-patient label presence, demand in slices"
 
 
@@ -65,7 +67,7 @@ def subset_name(tag: str, n: int, seed: int = 0) -> str:
 
 
 def check_layout(data_dir: Path) -> None:
-    need = [LABELS, SAMPLE, SPLITS["train"] + "/", SPLITS["test"] + "/"]
+    need = [LABELS_CSV, SAMPLE_CSV, SPLITS["train"] + "/", SPLITS["test"] + "/"]
     missing = [p for p in need if not (data_dir / p).exists()]
     if missing:
         raise PipelineError(f"{data_dir} is not a Kaggle-layout data folder: it lacks {', '.join(missing)} "
@@ -100,7 +102,7 @@ def read_patient_ids(paths, jobs: int = -1, chunk: int = 500, quiet: bool = Fals
 def _from_cache(cache: Path, files: pd.DataFrame) -> pd.Series | None:
     """PatientID by ID from a finished image cache built from exactly these training files, else None."""
     P = cache_paths(cache)
-    stamp = runs.Stamp.load(P["config"])
+    stamp = Stamp.load(P["config"])
     if not (P["images"].exists() and P["meta"].exists() and stamp is not None
             and stamp.inputs.get("train_files") == files_fingerprint(files[files.split == "train"])):
         return None
@@ -119,7 +121,7 @@ def patient_ids(data_dir, files: pd.DataFrame, table: Path, out_dir=None, jobs=-
     todo = train.index.difference(known.index)
     if todo.empty:
         return known.reindex(train.index), f"the table saved by an earlier subset ({table})"
-    cache = runs.cache_dir(data_dir, out_dir)
+    cache = layout.cache_dir(data_dir, out_dir)
     cached = _from_cache(cache, files)
     if cached is not None:
         pid, source = cached.reindex(train.index).fillna(""), f"the image cache's metadata ({cache}/metadata.csv)"
@@ -191,13 +193,13 @@ def make_subset(data_dir, n: int, seed: int = 0, subsets_dir=None, out_dir=None,
     train = files[files.split == "train"].set_index("ID")
     if n > len(train):
         raise PipelineError(f"--n {n} is more than the {len(train)} training files in {data_dir}")
-    labels, label_sha = runs.labels(data_dir, out_dir)
+    labels, label_sha = cached_labels(data_dir, out_dir)
     tag = dataset_tag(data_dir)
-    subsets_dir = Path(subsets_dir) if subsets_dir else ROOT / "outputs" / "subsets"
+    subsets_dir = layout.subsets_dir(subsets_dir)
     dest = subsets_dir / subset_name(tag, n, seed)
-    stamp = runs.Stamp("subset", {"n": n, "seed": seed, "method": METHOD},
+    stamp = Stamp("subset", {"n": n, "seed": seed, "method": METHOD},
                        {"train_files": files_fingerprint(train.reset_index()), "labels": label_sha})
-    if runs.guard(stamp, dest / INFO, (dest / INFO).exists(), overwrite, f"the subset folder {dest}",
+    if guard(stamp, dest / INFO, (dest / INFO).exists(), overwrite, f"the subset folder {dest}",
                   exists=dest.exists(), clear=[dest], redo="--overwrite (remakes the subset folder; "
                   "the outputs made from the old one then stop at their own fingerprint checks)"):
         if not quiet:
@@ -219,38 +221,42 @@ def make_subset(data_dir, n: int, seed: int = 0, subsets_dir=None, out_dir=None,
     chosen_patients = pick_patients(per.groupby(patients.to_numpy())[CLASSES].max(),
                                     patients.value_counts(), n, seed)
     chosen = usable[patients.isin(chosen_patients).to_numpy()].sort_values()
-
-    tmp = dest.with_name(dest.name + ".partial")  # renamed when complete: a killed build never looks finished
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / SPLITS["train"]).mkdir(parents=True)
-    src = data_dir.resolve()
-    for name in train.loc[chosen, "path"].map(lambda p: Path(p).name):
-        os.symlink(src / SPLITS["train"] / name, tmp / SPLITS["train"] / name)
-    os.symlink(src / SPLITS["test"], tmp / SPLITS["test"], target_is_directory=True)
-    os.symlink(src / SAMPLE, tmp / SAMPLE)
-    if (src / SYNTHETIC_MARKER).exists():
-        shutil.copy2(src / SYNTHETIC_MARKER, tmp / SYNTHETIC_MARKER)
-    keep = set(chosen)
-    with open(src / LABELS, newline="") as f, atomic_write(tmp / LABELS, newline="") as out:
-        out.write(next(f))
-        out.writelines(line for line in f if line.split(",", 1)[0].rpartition("_")[0] in keep)
     rates = pd.concat({"subset": label_rates(labels.loc[chosen], patients), "full": label_rates(per, patients)}, axis=1)
-    info = {"stamp": stamp.to_dict(), "source": str(src), "n_asked": n, "seed": seed, "method": METHOD,
+    info = {"stamp": stamp.to_dict(), "source": str(data_dir.resolve()), "n_asked": n, "seed": seed, "method": METHOD,
             "slices": len(chosen), "patients": len(chosen_patients),
             "full": {"slices": len(usable), "patients": int(patients.nunique())}, "patient_ids_from": pid_source,
             "left_out": left_out, "label_rates": {k: rates[k].to_dict() for k in ("subset", "full")}}
-    write_json(info, tmp / INFO)
-    os.replace(tmp, dest)
+    write_folder(dest, data_dir, train.loc[chosen, "path"], set(chosen), info)
     if not quiet:
         lo = left_out
         say(f"subset {dest.name}: {len(chosen)} labelled slices of {len(chosen_patients)} patients, asked for about {n} "
             f"(the full set: {len(usable)} slices of {info['full']['patients']} patients), seed {seed}\n"
-            f"  PatientIDs from {pid_source}\n"
-            f"  left out: {lo['files_without_readable_patient_id']} file(s) without a readable PatientID "
-            f"({lo['of_which_labelled']} labelled), {lo['labelled_without_file']} labelled image(s) without a file, "
-            f"{lo['files_without_labels']} file(s) without labels\n"
+            f"  PatientIDs from {pid_source}\n  left out: {lo['files_without_readable_patient_id']} file(s) without a "
+            f"readable PatientID ({lo['of_which_labelled']} labelled), {lo['labelled_without_file']} labelled image(s) "
+            f"without a file, {lo['files_without_labels']} file(s) without labels\n"
             f"  label rates in % of slices and of patients:\n{rates.round(2).to_string()}\n  written to {dest}")
     return dest
+
+
+def write_folder(dest: Path, data_dir: Path, train_paths: pd.Series, keep: set, info: dict) -> None:
+    """The subset folder: links to the chosen training files, the whole test folder and the sample submission, the
+    chosen images' rows of the label file, the generated-data marker, subset.json. Built under a temporary name
+    and renamed when complete, so a killed build never looks finished."""
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / SPLITS["train"]).mkdir(parents=True)
+    src = data_dir.resolve()
+    for name in train_paths.map(lambda p: Path(p).name):
+        os.symlink(src / SPLITS["train"] / name, tmp / SPLITS["train"] / name)
+    os.symlink(src / SPLITS["test"], tmp / SPLITS["test"], target_is_directory=True)
+    os.symlink(src / SAMPLE_CSV, tmp / SAMPLE_CSV)
+    if (src / SYNTHETIC_MARKER).exists():
+        shutil.copy2(src / SYNTHETIC_MARKER, tmp / SYNTHETIC_MARKER)
+    with open(src / LABELS_CSV, newline="") as f, atomic_write(tmp / LABELS_CSV, newline="") as out:
+        out.write(next(f))
+        out.writelines(line for line in f if line.split(",", 1)[0].rpartition("_")[0] in keep)
+    write_json(info, tmp / INFO)
+    os.replace(tmp, dest)
 
 
 @dataclass

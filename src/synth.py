@@ -18,7 +18,7 @@ A slice's label for a subtype is 1 exactly when that subtype's drawn region cove
 The real data's oddities are reproduced: 12-bit unsigned implicit-VR files and 16-bit signed
 explicit-VR files (air at -3024 HU outside the scan circle), multi-valued windows, a few files with the
 intercept bug, one truncated (corrupt) file, a few exactly duplicated label rows, a series whose
-images are not 256 px. Everything follows from the seed. A marker file (prepare.SYNTHETIC_MARKER) says
+images are not 256 px. Everything follows from the seed. A marker file (layout.SYNTHETIC_MARKER) says
 the folder is generated, so models trained on it are labelled as such wherever they are shown.
 """
 from __future__ import annotations
@@ -37,9 +37,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 from . import dicom  # noqa: F401  (installs the filter for the IDs we write into UID fields, as the real files have)
 from .config import parse_config
 from .labels import to_long
+from .layout import SYNTHETIC_MARKER
 from .utils import CLASSES, PipelineError, atomic_write, cli_main, write_csv
 
-SYNTHETIC_MARKER = "GENERATED_BY_SRC_SYNTH.txt"  # also known to src.prepare, which records it in the cache summary
 
 MIN_PIXELS = 12            # a drawn cross-section smaller than this is left out (and not labelled)
 SLICE_GAP_MM = 5.0
@@ -73,7 +73,10 @@ def _ids(rng, n, hexlen):
 
 
 def draw_slice(rng, n_px: int, k: int, n_slices: int, head: dict, bleeds: list[Bleed]):
-    """One slice in HU (float32, n_px x n_px) and its label vector (5 subtypes + any)."""
+    """One slice in HU (float32, n_px x n_px) and its label vector (5 subtypes + any).
+
+    Long because it is one drawing, anatomy first and then each bleed type in turn over it; split, each piece
+    would need the whole coordinate frame passed to it."""
     spacing = FOV_MM / n_px
     c = (np.arange(n_px) - n_px / 2 + 0.5) * spacing
     X, Y = np.meshgrid(c - head["dx"], c - head["dy"])
@@ -215,7 +218,10 @@ def write_ct(path, hu: np.ndarray, *, image_id, patient, study, series, z, spaci
 
 def generate(out_dir, n_patients=40, n_test_series=8, slices=(20, 28), image_size=256, positive_rate=0.6, seed=0,
              overwrite=False, quiet=False):
-    """Write a synthetic Kaggle-layout dataset; returns the wide label table of the train images."""
+    """Write a synthetic Kaggle-layout dataset; returns the wide label table of the train images.
+
+    Long because the real data's oddities (file styles, windows, the intercept bug, a truncated file, duplicated
+    label rows, another matrix size) are each placed here, in the order the seed draws them."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:

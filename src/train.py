@@ -3,9 +3,10 @@
     python -m src.train --fold 0 --data-dir input --model resnet18 --img-size 256 --epochs 5
     python -m src.train --fold 0 --config configs/seresnext50_256.yaml       # a model spec; run name from the file
     python -m src.train --fold 0 --config configs/resnet10t_128.yaml --resume  # continue a killed run
+    python -m src.train --fold 0 --config configs/resnet10t_128.yaml --weights model.ichbundle  # fine-tune a bundle
     torchrun --nproc_per_node=4 -m src.train --fold 0 ...                     # several GPUs (DistributedDataParallel)
 
-Outputs in OUT/runs/<run_name>/fold<K>/ (see src/runs.py): fingerprint.json (the settings and inputs that
+Outputs in OUT/runs/<run_name>/fold<K>/ (see src/layout.py): fingerprint.json (the settings and inputs that
 made the fold), config.yaml, preprocess.json (the cache's size and windows), train.log (starts with the
 command line), epochs.csv, best.pth and last.pth (one dict each: model, optimizer, scaler, epoch, best
 score, history, config, RNG states), oof_emb.npy and, last, oof.csv: the validation fold's predictions by the
@@ -21,50 +22,50 @@ import dataclasses
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
-from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader
 
-from . import runs
+# torch, timm and the modules built on them are imported where they are used, not here: `python -m src.train` on a
+# fold that is already finished then says so in about a second instead of the ~7 s those imports cost on 2 cores
+from . import checkpoint, layout
+from .bundle import looks_like_bundle, stage1_weights
 from .config import TrainConfig, parse_config, result_settings, save_yaml
-from .data import Augment, EpochSampler, SliceDataset, collate, neighbour_rows
-from .engine import adamw, amp_settings, configure_backend, pick_device, predict_loader, train_one_epoch, warmup_cosine
+from .labels import cached_labels
 from .metrics import WeightedBCE, per_class_log_loss, weighted_log_loss
-from .model import create_model, load_checkpoint, previous, save_checkpoint
 from .prepare import cache_fingerprint, cache_settings, load_cache
+from .runs import Run, load_folds
+from .stamps import Stamp, announce_skip, file_fingerprint, guard
 from .utils import CLASSES, PipelineError, cli_main, get_logger, write_csv, write_json, write_npy
 
 
-def fold_stamp(cfg: TrainConfig, labels_sha: str) -> runs.Stamp:
+def fold_stamp(cfg: TrainConfig, labels_sha: str) -> Stamp:
     """What a fold's trained weights depend on: its settings (all but the TTA, which only changes the final
     OOF pass: oof.json records it), the cache's train part, the folds file, the labels (`labels_sha`, the
-    label file's fingerprint from runs.labels) and a weights file."""
-    folds_file = runs.run_folds_file(cfg.data_dir, cfg.k, cfg.fold_seed, cfg.folds_file)
+    label file's fingerprint from labels.cached_labels) and a weights file."""
+    folds_file = layout.run_folds_file(cfg.data_dir, cfg.k, cfg.fold_seed, cfg.folds_file)
     if not folds_file.exists():
-        runs.load_folds(folds_file)  # the standard message
-    inputs = {"cache": cache_fingerprint(runs.cache_dir(cfg.data_dir, cfg.out_dir), "train"),
-              "folds": runs.file_fingerprint(folds_file), "labels": labels_sha}
+        load_folds(folds_file)  # the standard message
+    inputs = {"cache": cache_fingerprint(layout.cache_dir(cfg.data_dir, cfg.out_dir), "train"),
+              "folds": file_fingerprint(folds_file), "labels": labels_sha}
     if cfg.weights:
-        inputs["weights"] = runs.file_fingerprint(cfg.weights) if Path(cfg.weights).exists() else "missing"
-    return runs.Stamp("train", {k: v for k, v in result_settings(cfg).items() if k != "tta"}, inputs)
+        inputs["weights"] = file_fingerprint(cfg.weights) if Path(cfg.weights).exists() else "missing"
+    return Stamp("train", {k: v for k, v in result_settings(cfg).items() if k != "tta"}, inputs)
 
 
 def oof_tta(run_dir: Path) -> str | None:
     """The TTA the fold's OOF files were made with (None: no finished OOF pass)."""
-    p = run_dir / runs.OOF_INFO
-    return json.loads(p.read_text()).get("tta") if p.exists() and (run_dir / runs.OOF).exists() else None
+    p = run_dir / layout.OOF_INFO
+    return json.loads(p.read_text()).get("tta") if p.exists() and (run_dir / layout.OOF).exists() else None
 
 
 def load_fold_data(cfg: TrainConfig, labels: pd.DataFrame):
     """Cache, labels and the fold split -> (images, train table, val table); tables hold ID, row, neighbours, labels."""
-    images, meta = load_cache(runs.cache_dir(cfg.data_dir, cfg.out_dir))
-    folds = runs.load_folds(runs.run_folds_file(cfg.data_dir, cfg.k, cfg.fold_seed, cfg.folds_file))
+    from .data import neighbour_rows
+    images, meta = load_cache(layout.cache_dir(cfg.data_dir, cfg.out_dir))
+    folds = load_folds(layout.run_folds_file(cfg.data_dir, cfg.k, cfg.fold_seed, cfg.folds_file))
     if cfg.fold not in set(folds["fold"]):
         raise PipelineError(f"--fold {cfg.fold} is not in the folds file (folds {sorted(set(folds['fold']))})")
     prev_row, next_row = neighbour_rows(meta)
@@ -78,55 +79,40 @@ def load_fold_data(cfg: TrainConfig, labels: pd.DataFrame):
     return images, table[table.fold != cfg.fold], table[table.fold == cfg.fold]
 
 
-def make_dataset(images, table, cfg: TrainConfig, train: bool) -> SliceDataset:
+def make_dataset(images, table, cfg: TrainConfig, train: bool):
+    from .data import Augment, SliceDataset
     aug = Augment(cfg.hflip, cfg.vflip, cfg.affine, cfg.max_shift, cfg.max_scale, cfg.max_rotate) if train else None
     return SliceDataset(images, table["row"], table[CLASSES].to_numpy(), table["prev_row"], table["next_row"],
                         cfg.input_mode, cfg.img_size, aug, cfg.crop_border, cfg.seed)
 
 
+def make_model(cfg: TrainConfig):
+    """The network a fold starts from: random, ImageNet or a weights file's backbone, or a bundle's fold (fine-tuning
+    a published model: the whole network, head included)."""
+    from .model import create_model
+    if cfg.weights and looks_like_bundle(cfg.weights):
+        fold = f"fold{cfg.fold if cfg.weights_fold < 0 else cfg.weights_fold}"
+        model = create_model(cfg.model, cfg.in_chans, drop_rate=cfg.drop_rate)
+        model.load_state_dict(stage1_weights(cfg.weights, fold, cfg.model, cfg.in_chans))
+        return model
+    return create_model(cfg.model, cfg.in_chans, cfg.pretrained, cfg.weights, cfg.drop_rate)
+
+
 def make_optimizer(model, cfg: TrainConfig, device):
     """AdamW without weight decay on biases and norms."""
+    from .engine import adamw
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     return adamw([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                  cfg.lr, device)
 
 
-def checkpoint(model, ema, opt, scaler, epoch, best, best_epoch, history, cfg, stamp, device) -> dict:
-    """One dict: `model` is the weights the run predicts with (the average when EMA is on), `raw` the trained ones."""
-    return {"model": (ema.module if ema else model).state_dict(), "raw": model.state_dict() if ema else None,
-            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-            "best_score": best, "best_epoch": best_epoch, "history": history, "config": dataclasses.asdict(cfg),
-            "stamp": stamp.id, "rng": {"torch": torch.get_rng_state(),
-                                       "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
-
-
-def restore(path, model, ema, opt, scaler, stamp, device, log=None):
-    """Load a last.pth (or, when it is corrupt, the one before it) into the live objects and RNG; returns
-    (epochs done, best score, best epoch, history)."""
-    try:
-        ck = load_checkpoint(path)
-    except PipelineError as e:
-        if "corrupt" not in str(e) or not previous(path).exists():
-            raise
-        if log:
-            log.info(f"{e}; resuming from the checkpoint before it, {previous(path).name}")
-        ck = load_checkpoint(previous(path))
-    if ck.get("stamp") != stamp.id:
-        raise PipelineError(f"{path} was made with other settings than this run's; --overwrite starts the fold again")
-    model.load_state_dict(ck["raw"] if ema else ck["model"])
-    if ema:
-        ema.module.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"]), scaler.load_state_dict(ck["scaler"])
-    torch.set_rng_state(ck["rng"]["torch"])
-    if device.type == "cuda":  # as many GPU generators as both runs have: resuming on another GPU count works
-        for i, state in enumerate(ck["rng"].get("cuda", [])[:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(state, i)
-    return ck["epoch"], ck["best_score"], ck["best_epoch"], ck["history"]
-
-
 def setup_distributed(device_name: str):
     """(rank, world size, device); initialises the process group when launched by torchrun."""
+    import torch
+    import torch.distributed as dist
+    
+    from .engine import pick_device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_name)
@@ -146,6 +132,9 @@ def validate(model, loader, device, amp_dtype, world, cfg, final=False, run_dir=
     Per epoch: probabilities only (a few MB, all-gathered). The final pass adds the run's TTA and the
     embeddings, which are large (~600 MB at full scale): each rank writes its shard to a file and rank 0
     joins them, instead of sending every rank everyone's embeddings."""
+    import torch.distributed as dist
+    
+    from .engine import predict_loader
     idx, probs, emb = predict_loader(model, loader, device, amp_dtype, hflip_tta=final and cfg.tta == "hflip",
                                      channels_last=cfg.channels_last, progress=rank == 0,
                                      desc="OOF" if final else "validate", embeddings=final)
@@ -170,6 +159,7 @@ def validate(model, loader, device, amp_dtype, world, cfg, final=False, run_dir=
 
 
 def train(cfg: TrainConfig) -> Path:
+    import torch.distributed as dist
     rank, world, device = setup_distributed(cfg.device)
     try:
         return _train(cfg, rank, world, device)
@@ -178,54 +168,133 @@ def train(cfg: TrainConfig) -> Path:
             dist.destroy_process_group()
 
 
+@dataclass
+class Fold:
+    """One invocation's fold: its settings, where it runs, where it writes, and what it records."""
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    run_dir: Path
+    stamp: Stamp
+    labels: pd.DataFrame
+    log: object = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sync(self, value):
+        """Rank 0's value on every rank (a no-op on one process)."""
+        import torch.distributed as dist
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, 0)
+        return box[0]
+
+
 def _train(cfg: TrainConfig, rank: int, world: int, device) -> Path:
-    main_proc, run = rank == 0, runs.Run.of(cfg.data_dir, cfg.out_dir, cfg.run_name)
-    run_dir = run.fold_dir(cfg.fold)
-    # ---- before anything is written: same settings as what is there, or stop (or redo with --overwrite)
-    labels, labels_sha = runs.labels(cfg.data_dir, cfg.out_dir)
+    fold = plan_fold(cfg, rank, world, device)
+    if fold is None:
+        return Run.of(cfg.data_dir, cfg.out_dir, cfg.run_name).fold_dir(cfg.fold)
+    start_fold(fold)
+    images, tr, va = load_fold_data(fold.cfg, fold.labels)
+    parts = build(fold, images, tr, va)
+    y_val = va[CLASSES].to_numpy()
+    if not fit(fold, parts, y_val):
+        return fold.run_dir  # stopped after --stop-after-epochs; --resume continues
+    write_oof(fold, parts, va, y_val)
+    return fold.run_dir
+
+
+def plan_fold(cfg: TrainConfig, rank: int, world: int, device) -> Fold | None:
+    """Before anything is written: same settings as what is there, or stop (or redo with --overwrite). None: the
+    fold is finished with these settings (skip). Only the TTA changed: the training is kept and the final OOF pass
+    is redone from last.pth."""
+    import torch.distributed as dist
+    
+    from .model import pretrained_file
+    run_dir = Run.of(cfg.data_dir, cfg.out_dir, cfg.run_name).fold_dir(cfg.fold)
+    if cfg.pretrained and not cfg.weights:  # offline without cached ImageNet weights: stop before anything is written
+        pretrained_file(cfg.model)
+    elif cfg.weights and not Path(cfg.weights).is_file():
+        raise PipelineError(f"weights file not found: {cfg.weights}")
+    elif cfg.weights and looks_like_bundle(cfg.weights):  # a bundle that cannot give this fold: stop before writing
+        stage1_weights(cfg.weights, f"fold{cfg.fold if cfg.weights_fold < 0 else cfg.weights_fold}", cfg.model, cfg.in_chans)
+    labels, labels_sha = cached_labels(cfg.data_dir, cfg.out_dir)
     stamp = fold_stamp(cfg, labels_sha)
-    trained_as_asked = (runs.Stamp.load(run_dir / runs.STAMP) or stamp).id == stamp.id and (run_dir / runs.LAST).exists()
+    trained_as_asked = (Stamp.load(run_dir / layout.STAMP) or stamp).id == stamp.id and (run_dir / layout.LAST).exists()
     oof_was = oof_tta(run_dir)
     redo_oof = trained_as_asked and oof_was not in (None, cfg.tta)
+    fold = Fold(cfg, rank, world, device, run_dir, stamp, labels)
     if world > 1:
         dist.barrier()  # every rank has read the files before rank 0 changes them
-    if redo_oof:  # only the TTA changed: keep the training, redo the final OOF pass from last.pth (all epochs done)
-        cfg = dataclasses.replace(cfg, resume=True)
-        if main_proc:
+    if redo_oof:
+        fold.cfg = dataclasses.replace(cfg, resume=True)
+        if fold.main:
             print(f"fold {cfg.fold}: redoing the OOF pass with tta {cfg.tta} (was {oof_was}); the training is kept")
-            for f in (runs.OOF, runs.OOF_EMB, runs.OOF_INFO):
+            for f in (layout.OOF, layout.OOF_EMB, layout.OOF_INFO):
                 (run_dir / f).unlink(missing_ok=True)
-    skip = runs.guard(stamp, run_dir / runs.STAMP, not redo_oof and oof_was == cfg.tta, cfg.overwrite,
-                      f"fold {cfg.fold} of run {cfg.run_name} ({run_dir})", clear=[run_dir],
-                      exists=any((run_dir / f).exists() for f in (runs.LAST, runs.OOF, runs.STAMP)),
-                      redo="add --overwrite to this command") if main_proc else False
-    if world > 1:
-        flag = [skip]
-        dist.broadcast_object_list(flag, 0)
-        skip = flag[0]
-    if skip:
-        if main_proc:
-            runs.announce_skip(f"fold {cfg.fold} of {cfg.run_name} ({run_dir / runs.OOF})")
-        return run_dir
-    log = get_logger(f"train.{cfg.run_name}.{cfg.fold}", run_dir / runs.LOG if main_proc else None)
-    if main_proc:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log.info("command: " + " ".join([Path(sys.executable).name, "-m", "src.train", *sys.argv[1:]]))
-        stamp.save(run_dir / runs.STAMP)
-        save_yaml(cfg, run_dir / runs.CONFIG)
+    skip = guard(stamp, run_dir / layout.STAMP, not redo_oof and oof_was == cfg.tta, cfg.overwrite,
+                 f"fold {cfg.fold} of run {cfg.run_name} ({run_dir})", clear=[run_dir],
+                 exists=any((run_dir / f).exists() for f in (layout.LAST, layout.OOF, layout.STAMP)),
+                 redo="add --overwrite to this command") if fold.main else False
+    if fold.sync(skip):
+        if fold.main:
+            announce_skip(f"fold {cfg.fold} of {cfg.run_name} ({run_dir / layout.OOF})")
+        return None
+    return fold
+
+
+def start_fold(fold: Fold) -> None:
+    """The fold's folder: its log (starting with the command line), stamp, resolved config and preprocessing."""
+    cfg = fold.cfg
+    fold.log = get_logger(f"train.{cfg.run_name}.{cfg.fold}", fold.run_dir / layout.LOG if fold.main else None)
+    if fold.main:
+        fold.run_dir.mkdir(parents=True, exist_ok=True)
+        fold.log.info("command: " + " ".join([Path(sys.executable).name, "-m", "src.train", *sys.argv[1:]]))
+        fold.stamp.save(fold.run_dir / layout.STAMP)
+        save_yaml(cfg, fold.run_dir / layout.CONFIG)
         # the cache's size and windows: predict and the demo repeat exactly this preprocessing on new files
-        write_json(cache_settings(runs.cache_dir(cfg.data_dir, cfg.out_dir)), run_dir / runs.PREPROCESS)
-    images, tr, va = load_fold_data(cfg, labels)
+        write_json(cache_settings(layout.cache_dir(cfg.data_dir, cfg.out_dir)), fold.run_dir / layout.PREPROCESS)
+
+
+@dataclass
+class Parts:
+    """What the epochs work with."""
+    model: torch.nn.Module            # the trained weights
+    net: torch.nn.Module              # the model, wrapped in DistributedDataParallel on several processes
+    ema: ModelEmaV3 | None
+    eval_model: torch.nn.Module       # the weights that are validated, kept and used for the OOF pass
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: WeightedBCE
+    sampler: EpochSampler
+    tr_dl: DataLoader
+    va_dl: DataLoader
+    steps: int                        # batches per epoch
+    amp_dtype: torch.dtype | None
+
+
+def build(fold: Fold, images, tr: pd.DataFrame, va: pd.DataFrame) -> Parts:
+    """Model, data and optimisation of a fold."""
+    import torch
+    from timm.utils import ModelEmaV3
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader
+    
+    from .data import EpochSampler, collate
+    from .engine import amp_settings, configure_backend
+    cfg, device, rank, world = fold.cfg, fold.device, fold.rank, fold.world
     amp_dtype, use_scaler = amp_settings(device, cfg.amp)
     configure_backend(device)
-    if main_proc:
-        log.info(f"fold {cfg.fold}: {len(tr)} train / {len(va)} val slices; device {device} x{world}; "
-                 f"amp {amp_dtype or 'off'}{' + GradScaler' if use_scaler else ''}; model {cfg.model} @ {cfg.img_size}px")
-
-    # ---- model, data, optimisation
+    if fold.main:
+        fold.log.info(f"fold {cfg.fold}: {len(tr)} train / {len(va)} val slices; device {device} x{world}; amp "
+                      f"{amp_dtype or 'off'}{' + GradScaler' if use_scaler else ''}; model {cfg.model} @ {cfg.img_size}px")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and in a resumed run
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = create_model(cfg.model, cfg.in_chans, cfg.pretrained, cfg.weights, cfg.drop_rate).to(device, memory_format=fmt)
+    model = make_model(cfg).to(device, memory_format=fmt)
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     tr_ds, va_ds = make_dataset(images, tr, cfg, True), make_dataset(images, va, cfg, False)
     sampler = EpochSampler(len(tr_ds), True, cfg.seed, rank, world, positives=tr["any"].to_numpy() > 0,
@@ -235,73 +304,133 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> Path:
     tr_dl = DataLoader(tr_ds, cfg.batch_size, sampler=sampler, drop_last=len(tr_ds) > cfg.batch_size * world, **loader_kw)
     va_dl = DataLoader(va_ds, cfg.batch_size * 2, sampler=EpochSampler(len(va_ds), False, rank=rank, world=world, pad=False),
                        **loader_kw)
-    steps = min(len(tr_dl), cfg.max_steps_per_epoch or len(tr_dl))
-    opt, loss_fn = make_optimizer(model, cfg, device), WeightedBCE(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True) if cfg.ema else None
-    eval_model = ema.module if ema else model  # the weights that are validated, kept and used for the OOF pass
-    start, best, best_epoch, history = 0, float("inf"), -1, []
-    if cfg.resume and (run_dir / runs.LAST).exists():
-        start, best, best_epoch, history = restore(run_dir / runs.LAST, model, ema, opt, scaler, stamp, device,
-                                                   log if main_proc else None)
-        if main_proc:
-            log.info(f"resumed from {run_dir / runs.LAST} after epoch {start} (best {best:.5f})")
-    y_val = va[CLASSES].to_numpy()
+    return Parts(model, net, ema, ema.module if ema else model, make_optimizer(model, cfg, device), torch.amp.GradScaler(
+        device.type, enabled=use_scaler), WeightedBCE(device), sampler, tr_dl, va_dl,
+        min(len(tr_dl), cfg.max_steps_per_epoch or len(tr_dl)), amp_dtype)
 
-    # ---- epochs: train, validate, checkpoint (best.pth before last.pth: a kill between the two redoes the epoch)
+
+def fit(fold: Fold, m: Parts, y_val: np.ndarray) -> bool:
+    """The epochs: train, validate (the averaged weights, and the raw ones under EMA), checkpoint (best.pth before
+    last.pth: a kill between the two redoes the epoch). False when stopped early by --stop-after-epochs."""
+    from .engine import train_one_epoch, warmup_cosine
+    cfg, device, world, last = fold.cfg, fold.device, fold.world, fold.run_dir / layout.LAST
+    start, best, best_epoch, history = 0, float("inf"), -1, []
+    if cfg.resume and last.exists():
+        start, best, best_epoch, history = checkpoint.restore(last, m.model, m.ema, m.opt, m.scaler, fold.stamp, device,
+                                                              fold.log if fold.main else None)
+        if fold.main:
+            fold.log.info(f"resumed from {last} after epoch {start} (best {best:.5f})")
+    tb = Curves(fold.run_dir / layout.TENSORBOARD if fold.main and cfg.tensorboard else None)
     for epoch in range(start, cfg.epochs):
         if cfg.stop_after_epochs and epoch - start >= cfg.stop_after_epochs:
-            if main_proc:
-                log.info(f"stopping after {cfg.stop_after_epochs} epoch(s) as asked; continue with --resume")
-            return run_dir
-        sampler.set_epoch(epoch)  # the epoch travels with each index to the workers
-        res = train_one_epoch(net, tr_dl, opt, scaler, loss_fn, device, amp_dtype, steps=steps,
+            if fold.main:
+                fold.log.info(f"stopping after {cfg.stop_after_epochs} epoch(s) as asked; continue with --resume")
+            tb.close()
+            return False
+        m.sampler.set_epoch(epoch)  # the epoch travels with each index to the workers
+        res = train_one_epoch(m.net, m.tr_dl, m.opt, m.scaler, m.loss_fn, device, m.amp_dtype, steps=m.steps,
                               accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, channels_last=cfg.channels_last,
-                              lr_at=lambda s, e=epoch: warmup_cosine((e * steps + s + 1) / (cfg.epochs * steps), cfg.warmup),
-                              ema=ema, ema_step0=epoch * -(-steps // cfg.accum_steps),
-                              log_every=cfg.log_every, progress=main_proc, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        probs, _ = validate(eval_model, va_dl, device, amp_dtype, world, cfg, rank=rank)
+                              lr_at=lambda s, e=epoch: warmup_cosine((e * m.steps + s + 1) / (cfg.epochs * m.steps), cfg.warmup),
+                              ema=m.ema, ema_step0=epoch * -(-m.steps // cfg.accum_steps),
+                              log_every=cfg.log_every, progress=fold.main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                              on_log=tb.step_logger(epoch * m.steps))
+        probs, _ = validate(m.eval_model, m.va_dl, device, m.amp_dtype, world, cfg, rank=fold.rank)
         score = weighted_log_loss(y_val, probs)
-        raw = {"val_wll_raw": weighted_log_loss(y_val, validate(model, va_dl, device, amp_dtype, world, cfg, rank=rank)[0])
-               } if ema else {}
+        raw = {"val_wll_raw": weighted_log_loss(y_val, validate(m.model, m.va_dl, device, m.amp_dtype, world, cfg,
+                                                                 rank=fold.rank)[0])} if m.ema else {}
         improved = score < best
         best, best_epoch = (score, epoch) if improved else (best, best_epoch)
         history.append({"epoch": epoch + 1, "train_loss": res.loss, "val_wll": score,
                         **{f"val_ll_{c}": float(v) for c, v in zip(CLASSES, per_class_log_loss(y_val, probs))},
-                        **raw, "lr": opt.param_groups[0]["lr"], "train_images_per_s": res.images_per_s * world,
+                        **raw, "lr": m.opt.param_groups[0]["lr"], "train_images_per_s": res.images_per_s * world,
                         "seconds": res.seconds})
-        if main_proc:
-            ck = checkpoint(model, ema, opt, scaler, epoch + 1, best, best_epoch, history, cfg, stamp, device)
+        tb.epoch(epoch + 1, history[-1], (epoch + 1) * m.steps)
+        if fold.main:
+            ck = checkpoint.stage1(m.model, m.ema, m.opt, m.scaler, epoch + 1, best, best_epoch, history, cfg,
+                                   fold.stamp, device)
             if improved:
-                save_checkpoint(ck, run_dir / runs.BEST)
-            save_checkpoint(ck, run_dir / runs.LAST, keep_previous=True)
-            write_csv(pd.DataFrame(history), run_dir / runs.EPOCHS, index=False, float_format="%.6g")
-            log.info(f"epoch {epoch + 1}: train loss {res.loss:.4f}, val wll {score:.4f}{' (best)' if improved else ''}"
-                     + (f" (raw weights {raw['val_wll_raw']:.4f})" if raw else "") + ", "
-                     f"{res.images_per_s * world:.0f} img/s, {res.seconds:.0f}s")
+                checkpoint.save(ck, fold.run_dir / layout.BEST)
+            checkpoint.save(ck, last, keep_previous=True)
+            write_csv(pd.DataFrame(history), fold.run_dir / layout.EPOCHS, index=False, float_format="%.6g")
+            fold.log.info(f"epoch {epoch + 1}: train loss {res.loss:.4f}, val wll {score:.4f}{' (best)' if improved else ''}"
+                          + (f" (raw weights {raw['val_wll_raw']:.4f})" if raw else "") + ", "
+                          f"{res.images_per_s * world:.0f} img/s, {res.seconds:.0f}s")
+    tb.close()
+    return True
 
-    # ---- out-of-fold predictions and embeddings of the best epoch's weights, with the run's TTA
-    if main_proc:
-        eval_model.load_state_dict(load_checkpoint(run_dir / runs.BEST)["model"])
-    if world > 1:  # every rank needs rank 0's best weights for the sharded final pass
-        for t in eval_model.state_dict().values():
+
+class Curves:
+    """TensorBoard event files of a fold (off: `folder` None): per logged step the training loss and the learning
+    rate, per epoch the validation figures of the weights the run keeps and, under EMA, of the raw ones."""
+
+    def __init__(self, folder):
+        self.w = None
+        if folder is not None:
+            from torch.utils.tensorboard import SummaryWriter  # here: the writer's import costs a second
+            self.w = SummaryWriter(str(folder))
+
+    def step_logger(self, step0: int):
+        if self.w is None:
+            return None
+        return lambda step, loss, lr: (self.w.add_scalar("train/loss", loss, step0 + step + 1),
+                                       self.w.add_scalar("train/lr", lr, step0 + step + 1))
+
+    def epoch(self, epoch: int, row: dict, step: int) -> None:
+        if self.w is None:
+            return
+        for k, v in row.items():
+            if k.startswith("val_"):
+                self.w.add_scalar(f"val/{k[4:]}", v, epoch)
+        self.w.add_scalar("train/epoch_loss", row["train_loss"], epoch)
+        self.w.add_scalar("train/images_per_s", row["train_images_per_s"], epoch)
+        self.w.flush()
+
+    def close(self) -> None:
+        if self.w is not None:
+            self.w.close()
+
+
+def write_oof(fold: Fold, m: Parts, va: pd.DataFrame, y_val: np.ndarray) -> None:
+    """Out-of-fold predictions and embeddings of the best epoch's weights, with the run's TTA; oof.csv last."""
+    import torch.distributed as dist
+    cfg, run_dir = fold.cfg, fold.run_dir
+    if fold.main:
+        m.eval_model.load_state_dict(checkpoint.load(run_dir / layout.BEST)["model"])
+    if fold.world > 1:  # every rank needs rank 0's best weights for the sharded final pass
+        for t in m.eval_model.state_dict().values():
             dist.broadcast(t, 0)
-    probs, emb = validate(eval_model, va_dl, device, amp_dtype, world, cfg, final=True, run_dir=run_dir, rank=rank)
-    if main_proc:
+    probs, emb = validate(m.eval_model, m.va_dl, fold.device, m.amp_dtype, fold.world, cfg, final=True, run_dir=run_dir,
+                          rank=fold.rank)
+    if fold.main:
         oof = pd.DataFrame(probs, columns=CLASSES, index=va.index)
         oof.insert(0, "fold", cfg.fold)
-        write_npy(emb, run_dir / runs.OOF_EMB)
-        write_json({"tta": cfg.tta, "best_epoch": best_epoch + 1}, run_dir / runs.OOF_INFO)
-        write_csv(oof, run_dir / runs.OOF, float_format="%.6g")  # last: its presence means the fold is finished
-        log.info(f"fold {cfg.fold} done: best epoch {best_epoch + 1}, OOF weighted log loss "
-                 f"{weighted_log_loss(y_val, probs):.5f} (tta {cfg.tta}) -> {run_dir / runs.OOF}")
-    if world > 1:
+        write_npy(emb, run_dir / layout.OOF_EMB)
+        best_epoch = checkpoint.load(run_dir / layout.BEST)["best_epoch"]
+        write_json({"tta": cfg.tta, "best_epoch": best_epoch + 1}, run_dir / layout.OOF_INFO)
+        write_csv(oof, run_dir / layout.OOF, float_format="%.6g")  # last: its presence means the fold is finished
+        fold.log.info(f"fold {cfg.fold} done: best epoch {best_epoch + 1}, OOF weighted log loss "
+                      f"{weighted_log_loss(y_val, probs):.5f} (tta {cfg.tta}) -> {run_dir / layout.OOF}")
+    if fold.world > 1:
         dist.barrier()
-    return run_dir
+
+
+def finished(cfg: TrainConfig, stamp: Stamp | None = None) -> bool:
+    """Whether the fold is trained with these settings and its OOF pass made with this TTA: nothing to do."""
+    run_dir = Run.of(cfg.data_dir, cfg.out_dir, cfg.run_name).fold_dir(cfg.fold)
+    if not (run_dir / layout.OOF).exists():
+        return False
+    stamp = stamp or fold_stamp(cfg, cached_labels(cfg.data_dir, cfg.out_dir)[1])
+    old = Stamp.load(run_dir / layout.STAMP)
+    return old is not None and old.id == stamp.id and oof_tta(run_dir) == cfg.tta
 
 
 def main():
-    train(parse_config(TrainConfig, description=__doc__, prog="python -m src.train"))
+    cfg = parse_config(TrainConfig, description=__doc__, prog="python -m src.train")
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and finished(cfg):  # decided before torch is imported
+        announce_skip(f"fold {cfg.fold} of {cfg.run_name}")
+        return
+    train(cfg)
 
 
 if __name__ == "__main__":

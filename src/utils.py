@@ -21,9 +21,6 @@ import pandas as pd
 CLASSES = ["epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"]
 CLASS_WEIGHTS = np.array([1, 1, 1, 1, 1, 2], dtype=np.float64)  # the competition metric's weights
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
 class PipelineError(RuntimeError):
     """An error in the user's data or command that the message explains; CLIs print it without a trace."""
 
@@ -90,11 +87,6 @@ def _json_default(o):
     if isinstance(o, (Path,)):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
-def dataset_tag(data_dir) -> str:
-    """Name that keeps the outputs of two datasets apart: the data folder's own name."""
-    return Path(data_dir).resolve().name
 
 
 def get_logger(name: str, log_file=None) -> logging.Logger:

@@ -23,6 +23,7 @@ import html
 import json
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -42,7 +43,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from .config import parse_config
-from .demo import SYNTHETIC_WARNING, THRESHOLD, analyse, model_notes, overlay, zplot
+from .demo import SYNTHETIC_WARNING, analyse, model_notes, overlay, zplot
 from .predictor import Predictor
 from .utils import PipelineError, cli_main
 
@@ -84,7 +85,9 @@ def too_large(how="") -> UploadError:
 
 async def receive_uploads(request: Request, folder: Path) -> tuple[list[Path], int]:
     """Stream a multipart body into folder, each file part straight into its own file, refusing as soon as the
-    body passes MAX_BYTES or the file parts pass MAX_FILES: (saved paths, body bytes)."""
+    body passes MAX_BYTES or the file parts pass MAX_FILES: (saved paths, body bytes).
+
+    Long because the streaming parser's callbacks share the current part's state; they live inside as closures."""
     ctype, params = parse_options_header(request.headers.get("content-type"))
     if ctype != b"multipart/form-data" or not params.get(b"boundary"):
         raise UploadError("not a file upload (expected multipart/form-data, as the page's form sends)", 415)
@@ -155,6 +158,11 @@ def unpack_zips(paths: list[Path], total: int) -> list[Path]:
             continue
         out = dest.parent.with_name(dest.parent.name + "-unzipped")
         out.mkdir()
+        declared = zip_entries(dest)  # from the end record, before zipfile reads a directory of that many entries
+        if declared is None or declared > MAX_FILES - len(saved):
+            raise UploadError(f"more than {MAX_FILES} files once unpacked: the zip archive declares "
+                              f"{declared if declared is not None else 'an unreadable number of'} entries "
+                              f"(the page takes {limits()})")
         with zipfile.ZipFile(dest) as z:
             for info in z.infolist():
                 if info.is_dir():
@@ -182,6 +190,16 @@ def unpack_zips(paths: list[Path], total: int) -> list[Path]:
     if not saved:
         raise UploadError("no files were uploaded")
     return saved
+
+
+def zip_entries(path: Path) -> int | None:
+    """The number of entries a zip's end-of-central-directory record declares (zip64 included), or None."""
+    try:
+        with open(path, "rb") as f:
+            rec = zipfile._EndRecData(f)  # the standard library's own reader of the end record
+    except (OSError, zipfile.BadZipFile, struct.error):
+        return None
+    return None if not rec else int(rec[zipfile._ECD_ENTRIES_TOTAL])
 
 
 def script_json(obj) -> str:
@@ -225,7 +243,7 @@ def result_html(results, skipped, p: Predictor) -> str:
     for si, r in enumerate(results):
         s = r.summary
         rows = "".join(
-            f"<tr class='{'pos' if t['max_probability'] >= THRESHOLD else ''}'><td>{c}</td><td>{t['max_probability']:.3f}</td>"
+            f"<tr class='{'pos' if t['max_probability'] >= s['threshold'] else ''}'><td>{c}</td><td>{t['max_probability']:.3f}</td>"
             f"<td>{t['slice_of_max']}</td><td>{', '.join(map(str, t['slices_above_threshold'])) or '-'}</td></tr>"
             for c, t in s["types"].items())
         frames = []
@@ -239,9 +257,10 @@ def result_html(results, skipped, p: Predictor) -> str:
         parts.append(f"""
 <section class="series" id="series{si}">
 <h2>Series {html.escape(r.series)}</h2>
-<div class="summary" id="summary{si}"><p><b>{s['slices']} slices</b>. Verdict at {THRESHOLD}: <b class="verdict">{s['verdict']}</b></p>
-<table><tr><th>type</th><th>highest probability</th><th>at slice</th><th>slices above {THRESHOLD}</th></tr>{rows}</table></div>
-<img alt="probabilities along z" src="data:image/png;base64,{base64.b64encode(zplot(r.table, None, f'series {r.series}')).decode()}">
+<div class="summary" id="summary{si}"><p><b>{s['slices']} slices</b>. Verdict at {s['threshold']:.3f}
+(<span class="threshold-from">{html.escape(s['threshold_from'])}</span>): <b class="verdict">{s['verdict']}</b></p>
+<table><tr><th>type</th><th>highest probability</th><th>at slice</th><th>slices at or above {s['threshold']:.3f}</th></tr>{rows}</table></div>
+<img alt="probabilities along z" src="data:image/png;base64,{base64.b64encode(zplot(r.table, None, f'series {r.series}', s['threshold'])).decode()}">
 <div class="viewer"><div><img id="slice{si}" alt="slice"><br>
 <input type="range" id="range{si}" min="1" max="{len(frames)}" value="{start + 1}" style="width:384px"></div>
 <p id="caption{si}"></p></div>
@@ -298,7 +317,7 @@ def create_app(run_dir=None, predictor: Predictor | None = None) -> FastAPI:
 
 @dataclass
 class ServeConfig:
-    run: str = ""                     # stage-1 run folder (fold*/best.pth); seq_<run> beside it is used too
+    run: str = ""                     # a stage-1 run folder (its stage-2 runs come along) or a bundle (src.export)
     host: str = "127.0.0.1"           # address to bind (default: this machine only)
     port: int = 7860                  # port of the page
 
@@ -346,7 +365,7 @@ def launched(run_dir, timeout=120.0):
 def main():
     a = parse_config(ServeConfig, description=__doc__, prog="python -m src.webapp")
     if not a.run:
-        raise PipelineError("--run RUN_FOLDER is required (e.g. outputs/demo/runs/resnet10t_128)")
+        raise PipelineError("--run RUN_FOLDER_OR_BUNDLE is required (e.g. outputs/demo/runs/resnet10t_128)")
     serve(a.run, a.host, a.port)
 
 

@@ -29,6 +29,49 @@ def demo_cache(demo_data, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def trained_run(demo_data, demo_cache, tmp_path_factory):
+    """A small trained run with both stages and test predictions, as run.sh leaves one (no blend fitted: tests that
+    fit one work on a copy, copy_run)."""
+    import warnings
+
+    from src.boost import BoostConfig, train_boost
+    from src.config import TrainConfig
+    from src.folds import make_folds
+    from src.labels import read_labels
+    from src.predict import predict_run
+    from src.prepare import load_cache
+    from src.sequence import SeqConfig, train_sequence
+    from src.train import train
+    from src.utils import write_csv
+    out = tmp_path_factory.mktemp("demo_run")
+    (out / "cache").symlink_to(demo_cache / "cache")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        labels = read_labels(demo_data / "stage_2_train.csv")
+    _, meta = load_cache(demo_cache / "cache")
+    ok = meta[(meta.split == "train") & (meta.status == "ok")].set_index("ID")
+    folds_file = out / "folds.csv"
+    write_csv(make_folds(labels, ok["PatientID"], k=2, seed=0), folds_file)
+    for k in (0, 1):
+        train(TrainConfig(data_dir=str(demo_data), out_dir=str(out), folds_file=str(folds_file), k=2, fold=k, run_name="m",
+                          model="resnet10t", img_size=64, epochs=1, batch_size=16, workers=0, max_steps_per_epoch=3))
+    run = out / "runs" / "m"
+    predict_run(run, quiet=True)
+    for k in (0, 1):
+        train_sequence(SeqConfig(stage1=str(run), fold=k, epochs=2))
+        train_boost(BoostConfig(stage1=str(run), fold=k, threads=1))
+    return run
+
+
+def copy_run(run: Path, name: str) -> Path:
+    """A copy of a trained run and its stage-2 runs under another name beside it (same outputs root and cache)."""
+    import shutil
+    for kind in ("", "seq_", "boost_"):
+        shutil.copytree(run.parent / f"{kind}{run.name}", run.parent / f"{kind}{name}")
+    return run.parent / name
+
+
 def write_stage1_run(root: Path, demo_data: Path, demo_cache: Path, k: int, oof_emb, test_probs, test_emb):
     """A stage-1 run's files built by hand for the stage-2 tests, in the pipeline's layout under root/runs/s1:
     per-slice OOF predictions are the truth drowned in noise (so a slice's neighbours and its series carry

@@ -8,7 +8,7 @@ from src.boost import BoostConfig, BoostFold, feature_names, series_features, tr
 from src.ensemble import ensemble
 from src.evaluate import evaluate_runs
 from src.metrics import weighted_log_loss
-from src.sequence import check_no_leak
+from src.stage2 import check_no_leak
 from src.utils import CLASSES, PipelineError
 from tests.conftest import write_stage1_run
 

@@ -32,16 +32,11 @@ import requests
 from starlette.testclient import TestClient
 
 import src.webapp as W
-from src.boost import BoostConfig, train_boost
 from src.demo import analyse
-from src.folds import make_folds
 from src.labels import read_labels
 from src.predict import predict_run
 from src.predictor import Predictor, grad_cam, list_inputs
 from src.prepare import load_cache
-from src.sequence import SeqConfig, train_sequence
-from src.train import train
-from src.config import TrainConfig
 from src.utils import CLASSES, write_csv
 from src.webapp import create_app
 
@@ -52,26 +47,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def run_dir(demo_data, demo_cache, tmp_path_factory):
-    """A small trained run with both stages, as run.sh leaves one."""
-    out = tmp_path_factory.mktemp("demo_run")
-    (out / "cache").symlink_to(demo_cache / "cache")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        labels = read_labels(demo_data / "stage_2_train.csv")
-    _, meta = load_cache(demo_cache / "cache")
-    ok = meta[(meta.split == "train") & (meta.status == "ok")].set_index("ID")
-    folds_file = out / "folds.csv"
-    write_csv(make_folds(labels, ok["PatientID"], k=2, seed=0), folds_file)
-    for k in (0, 1):
-        train(TrainConfig(data_dir=str(demo_data), out_dir=str(out), folds_file=str(folds_file), k=2, fold=k, run_name="m",
-                          model="resnet10t", img_size=64, epochs=1, batch_size=16, workers=0, max_steps_per_epoch=3))
-    run = out / "runs" / "m"
-    predict_run(run, quiet=True)
-    for k in (0, 1):
-        train_sequence(SeqConfig(stage1=str(run), fold=k, epochs=2))
-        train_boost(BoostConfig(stage1=str(run), fold=k, threads=1))
-    return run
+def run_dir(trained_run):
+    return trained_run
 
 
 def real_series_dirs(demo_data):
@@ -414,9 +391,9 @@ def test_browser_upload_shows_summary_and_a_refusal(server, app, demo_data, tmp_
 
 
 def test_report_blends_the_members_and_the_predictor_applies_that_blend(run_dir, tmp_path):
-    """src.evaluate on a run's three members adds their OOF-fitted blend (weights as src.ensemble fits them) and the
-    prior without an AUC; the stage-1 run's card carries the weights, and the Predictor combines its stages so."""
-    from src.ensemble import blend, cross_fitted, fit_weights
+    """src.blend fits the blend of a run's three members on their OOF predictions; src.evaluate shows it (and the
+    prior without an AUC); the stage-1 run's card carries its figures, and the Predictor combines its stages so."""
+    from src.blend import blend, cross_fitted, fit_blend, fit_weights
     from src.evaluate import evaluate_runs
     from src.metrics import weighted_log_loss
     runs_dir = run_dir.parent
@@ -424,6 +401,8 @@ def test_report_blends_the_members_and_the_predictor_applies_that_blend(run_dir,
         shutil.copytree(runs_dir / f"{kind}m", runs_dir / f"{kind}m2")
     members = [runs_dir / "m2", runs_dir / "seq_m2", runs_dir / "boost_m2"]
     report_dir = runs_dir.parent / "report" / "m2"
+    assert "blend" not in evaluate_runs(members, report_dir)["runs"]  # the report shows a blend; it never fits one
+    fit_blend([runs_dir / "m2"], quiet=True)  # the run and its stages: OUT/blends/m2.json
     s = evaluate_runs(members, report_dir)
     labels = pd.read_csv(runs_dir.parent / "cache" / "labels.csv", index_col="ID")
     oofs = [pd.concat(pd.read_csv(m / f"fold{k}" / "oof.csv", index_col="ID") for k in (0, 1)) for m in members]

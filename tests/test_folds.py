@@ -59,7 +59,7 @@ def test_too_few_patients():
 def test_your_own_folds_file_is_checked_and_never_rewritten(demo_data, demo_cache, tmp_path):
     import subprocess
     import sys
-    from src.utils import ROOT as root
+    from src.layout import ROOT as root
     labels, patients = _inputs(demo_data, demo_cache)
     mine = make_folds(labels, patients, k=2, seed=99)  # not the split --fold-seed 42 would make
     f = tmp_path / "mine.csv"

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from src.metrics import weighted_log_loss
-from src.sequence import Batcher, SeqConfig, SeqFold, SeqModel, SeriesSet, check_no_leak, predict_series, train_sequence
+from src.sequence import Batcher, SeqConfig, SeqFold, SeqModel, predict_series, train_sequence
+from src.stage2 import SeriesSet, check_no_leak
 from src.utils import CLASSES, PipelineError
 from tests.conftest import write_stage1_run
 
@@ -130,7 +131,7 @@ def test_early_stopping_and_rerun(stage1):
 
 
 def test_stacked_rows_read_like_their_concatenation():
-    from src.sequence import StackedRows
+    from src.stage2 import StackedRows
     parts = [np.arange(12).reshape(4, 3), np.arange(12, 21).reshape(3, 3), np.zeros((0, 3), int)]
     pos = np.array([6, 0, 4, 3, 5, 6])
     assert np.array_equal(StackedRows(parts).take(pos), np.concatenate(parts)[pos])

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from src import submission
-from src.ensemble import blend, cross_fitted, ensemble, fit_weights
+from src.blend import blend, cross_fitted, fit_weights
+from src.ensemble import ensemble
 from src.labels import to_long
 from src.metrics import weighted_log_loss
 from src.submit import has_credentials, submit

@@ -18,8 +18,9 @@ from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 import src.subset as S
 from src.labels import read_labels
 from src.prepare import list_files, prepare
-from src.synth import SYNTHETIC_MARKER, generate
-from src.utils import CLASSES, ROOT, PipelineError
+from src.layout import ROOT, SYNTHETIC_MARKER
+from src.synth import generate
+from src.utils import CLASSES, PipelineError
 
 from .conftest import RSNA_SAMPLE
 

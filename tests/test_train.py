@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from src import runs
+from src import checkpoint, stamps
 from src.config import TrainConfig, build_parser, field_comments, parse_config
 from src.data import EpochSampler, SliceDataset, neighbour_rows
 from src.engine import train_one_epoch, warmup_cosine
 from src.folds import make_folds
 from src.labels import read_labels
 from src.metrics import WeightedBCE, weighted_log_loss
-from src.model import create_model, load_checkpoint, save_checkpoint
+from src.model import create_model
 from src.prepare import load_cache
 from src.train import train
 from src.utils import CLASSES, PipelineError, write_csv
@@ -40,7 +40,8 @@ def folds_file(demo_data, demo_cache, tmp_path_factory):
 
 def tiny_cfg(demo_data, demo_cache, folds_file, out, **kw):
     base = dict(data_dir=str(demo_data), out_dir=str(out), folds_file=str(folds_file), k=2, fold=0, run_name="t",
-                model="resnet10t", img_size=48, epochs=1, batch_size=16, workers=0, max_steps_per_epoch=4, lr=2e-3)
+                model="resnet10t", img_size=48, epochs=1, batch_size=16, workers=0, max_steps_per_epoch=4, lr=2e-3,
+                tensorboard=False)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -61,10 +62,10 @@ def test_one_epoch_writes_oof_embeddings_checkpoint(demo_data, demo_cache, folds
     assert list(oof.columns) == ["fold", *CLASSES] and ((oof[CLASSES] >= 0) & (oof[CLASSES] <= 1)).all().all()
     emb = np.load(run / "oof_emb.npy")
     assert emb.shape == (len(oof), create_model("resnet10t").num_features)
-    ck = load_checkpoint(run / "best.pth")
+    ck = checkpoint.load(run / "best.pth")
     assert {"model", "optimizer", "scaler", "epoch", "best_score", "config", "rng", "stamp"} <= set(ck)
     assert ck["config"]["model"] == "resnet10t" and ck["epoch"] == 1
-    assert (run / "config.yaml").exists() and ck["stamp"] == runs.Stamp.load(run / "fingerprint.json").id
+    assert (run / "config.yaml").exists() and ck["stamp"] == stamps.Stamp.load(run / "fingerprint.json").id
     assert "command:" in (run / "train.log").read_text().splitlines()[0]
     e = pd.read_csv(run / "epochs.csv")
     assert {"train_loss", "val_wll", "seconds", *[f"val_ll_{c}" for c in CLASSES]} <= set(e.columns)
@@ -76,13 +77,13 @@ def test_resume_gives_same_weights(demo_data, demo_cache, folds_file, tmp_path):
     kw = dict(epochs=3, max_steps_per_epoch=3, hflip=0.5, affine=0.8, drop_rate=0.2, balanced=0.3, ema=0.9)
     train(tiny_cfg(demo_data, demo_cache, folds_file, a, **kw))
     run_b = train(tiny_cfg(demo_data, demo_cache, folds_file, b, stop_after_epochs=1, **kw))
-    assert load_checkpoint(run_b / "last.pth")["epoch"] == 1 and not (run_b / "oof.csv").exists()
+    assert checkpoint.load(run_b / "last.pth")["epoch"] == 1 and not (run_b / "oof.csv").exists()
     train(tiny_cfg(demo_data, demo_cache, folds_file, b, resume=True, **kw))
     for key in ("model", "raw"):  # the weight average and the trained weights alike
-        wa = load_checkpoint(a / "runs/t/fold0/last.pth")[key]
-        wb = load_checkpoint(run_b / "last.pth")[key]
+        wa = checkpoint.load(a / "runs/t/fold0/last.pth")[key]
+        wb = checkpoint.load(run_b / "last.pth")[key]
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    ck = load_checkpoint(run_b / "last.pth")
+    ck = checkpoint.load(run_b / "last.pth")
     assert not all(torch.equal(ck["model"][k], ck["raw"][k]) for k in ck["raw"])  # the average is not the raw weights
     assert "val_wll_raw" in pd.read_csv(run_b / "epochs.csv").columns
     pd.testing.assert_frame_equal(pd.read_csv(a / "runs/t/fold0/oof.csv"), pd.read_csv(run_b / "oof.csv"))
@@ -109,7 +110,7 @@ def test_ddp_two_processes_then_resume_on_one(demo_data, demo_cache, folds_file,
     r = torchrun(2, args + ["--stop-after-epochs", "1"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs/ddp/fold1"
-    assert load_checkpoint(run / "last.pth")["epoch"] == 1 and not (run / "oof.csv").exists()
+    assert checkpoint.load(run / "last.pth")["epoch"] == 1 and not (run / "oof.csv").exists()
     log = (run / "train.log").read_text()
     assert log.count("command:") == 1 and "x2" in log  # only rank 0 writes
     r = subprocess.run([sys.executable, "-m", "src.train", *args, "--resume"], cwd=ROOT, capture_output=True, text=True,
@@ -142,7 +143,7 @@ def test_finished_fold_is_skipped_and_other_settings_stop_before_writing(demo_da
         assert "--overwrite" in str(e.value)
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir()} == files  # nothing written
     train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, epochs=1, lr=0.01, overwrite=True))
-    assert load_checkpoint(run / "best.pth")["config"]["lr"] == 0.01
+    assert checkpoint.load(run / "best.pth")["config"]["lr"] == 0.01
 
 
 def test_oof_is_made_like_the_test_predictions(demo_data, demo_cache, folds_file, tmp_path):
@@ -164,9 +165,8 @@ def test_oof_is_made_like_the_test_predictions(demo_data, demo_cache, folds_file
 
 
 def test_best_checkpoint_is_written_before_last(demo_data, demo_cache, folds_file, tmp_path, monkeypatch):
-    import src.train as T
-    order = []
-    monkeypatch.setattr(T, "save_checkpoint", lambda ck, path, **kw: order.append(Path(path).name) or save_checkpoint(ck, path, **kw))
+    order, real = [], checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda ck, path, **kw: order.append(Path(path).name) or real(ck, path, **kw))
     link_cache(demo_cache, tmp_path)
     train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, epochs=2))
     assert order[:2] == ["best.pth", "last.pth"]  # epoch 1 always improves on infinity
@@ -251,11 +251,11 @@ def test_checkpoint_with_code_is_refused(tmp_path):
     p = tmp_path / "evil.pth"
     torch.save({"model": {}, "payload": Evil()}, p)
     with pytest.raises(PipelineError, match="not a plain-tensor checkpoint"):
-        load_checkpoint(p)
+        checkpoint.load(p)
     assert not (tmp_path / "pwned").exists()
     good = tmp_path / "good.pth"
-    save_checkpoint({"model": {"w": torch.ones(2)}, "epoch": 3, "config": {"a": 1}}, good)
-    assert load_checkpoint(good)["epoch"] == 3
+    checkpoint.save({"model": {"w": torch.ones(2)}, "epoch": 3, "config": {"a": 1}}, good)
+    assert checkpoint.load(good)["epoch"] == 3
 
 
 def test_local_weights_file(tmp_path):
@@ -298,7 +298,8 @@ def test_every_step_help_shows_each_setting_with_its_comment():
     import importlib
     steps = {"train": "TrainConfig", "sequence": "SeqConfig", "prepare": "PrepareConfig", "folds": "FoldsConfig",
              "predict": "PredictConfig", "evaluate": "EvalConfig", "ensemble": "EnsembleConfig", "synth": "SynthConfig",
-             "demo": "DemoConfig", "labels": "LabelsConfig", "submit": "SubmitConfig", "webapp": "ServeConfig", "boost": "BoostConfig", "subset": "SubsetConfig"}
+             "demo": "DemoConfig", "labels": "LabelsConfig", "submit": "SubmitConfig", "webapp": "ServeConfig", "boost": "BoostConfig", "subset": "SubsetConfig",
+             "blend": "BlendConfig", "export": "ExportConfig"}
     for mod, cls_name in steps.items():
         cls = getattr(importlib.import_module(f"src.{mod}"), cls_name)
         comments = field_comments(cls)
@@ -334,10 +335,39 @@ def test_a_changed_tta_redoes_only_the_oof_pass(demo_data, demo_cache, folds_fil
 def test_a_corrupt_last_checkpoint_falls_back_to_the_one_before(demo_data, demo_cache, folds_file, tmp_path):
     link_cache(demo_cache, tmp_path)
     run = train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, epochs=3, stop_after_epochs=2))
-    assert load_checkpoint(run / "last.pth.prev")["epoch"] == 1
+    assert checkpoint.load(run / "last.pth.prev")["epoch"] == 1
     (run / "last.pth").write_bytes((run / "last.pth").read_bytes()[:1000])  # a crash while it was written
     with pytest.raises(PipelineError, match="truncated or corrupt"):
-        load_checkpoint(run / "last.pth")
+        checkpoint.load(run / "last.pth")
     train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, epochs=3, resume=True))
     assert len(pd.read_csv(run / "epochs.csv")) == 3 and (run / "oof.csv").exists()
     assert "resuming from the checkpoint before it" in (run / "train.log").read_text()
+
+
+def test_tensorboard_curves_are_written_and_can_be_switched_off(demo_data, demo_cache, folds_file, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    link_cache(demo_cache, tmp_path)
+    run = train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, epochs=2, max_steps_per_epoch=4, log_every=2,
+                         ema=0.9, tensorboard=True))
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "val/wll", "val/wll_raw", "val/ll_any"} <= tags
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6, 8]  # every 2 steps, across the 2 epochs
+    epochs = pd.read_csv(run / "epochs.csv")
+    assert [round(e.value, 5) for e in acc.Scalars("val/wll")] == [round(v, 5) for v in epochs["val_wll"]]
+    assert acc.Scalars("train/lr")[-1].value < acc.Scalars("train/lr")[0].value  # the cosine decay, as trained
+    off = tmp_path / "off"
+    link_cache(demo_cache, off)
+    run_off = train(tiny_cfg(demo_data, demo_cache, folds_file, off, tensorboard=False))
+    assert not (run_off / "tb").exists() and (run_off / "oof.csv").exists()
+
+
+def test_cpu_autocast_only_where_the_cpu_computes_bf16_natively(monkeypatch):
+    """Emulated bf16 was 10-20x slower than float32 on an AVX2 CPU: auto picks float32 there, bf16 where native."""
+    import src.engine as E
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(E, "cpu_has_native_bf16", lambda: False)
+    assert E.amp_settings(cpu, "auto") == (None, False) and E.amp_settings(cpu, "bf16") == (torch.bfloat16, False)
+    monkeypatch.setattr(E, "cpu_has_native_bf16", lambda: True)
+    assert E.amp_settings(cpu, "auto") == (torch.bfloat16, False) and E.amp_settings(cpu, "off") == (None, False)

@@ -1,0 +1,84 @@
+"""The GPU model specs end to end on the CPU (run.sh with DEVICE_CONFIG=gpu), and ImageNet weights on a machine
+without network: one clear line when they cannot be had, timm's cache used when it holds them."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from src.submission import validate_file
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_READY = (ROOT / ".venv" / "requirements.installed").exists() and \
+    (ROOT / ".venv" / "requirements.installed").read_bytes() == (ROOT / "requirements.txt").read_bytes()
+
+
+def offline_env(tmp_path) -> dict:
+    """No network (an HTTPS proxy on a closed local port: every connection is refused at once) and empty caches."""
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and k != "HF_HUB_OFFLINE"}
+    return {**env, "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+            "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")}
+
+
+def test_pretrained_spec_offline_stops_at_once_with_one_line(demo_data, tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "src.train", "--config", "configs/seresnext50_256.yaml", "--data-dir",
+                        str(demo_data), "--out-dir", str(out), "--k", "2", "--fold", "0"],
+                       cwd=ROOT, env=offline_env(tmp_path), capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    assert "could not fetch the pretrained ImageNet weights of 'seresnext50_32x4d'" in lines[0]
+    assert "--weights FILE" in lines[0] and "--pretrained false" in lines[0]
+    assert not out.exists()  # nothing written
+
+
+def test_weights_in_timms_cache_are_used_without_network(tmp_path):
+    """The Hugging Face cache layout timm downloads into, planted by hand: the model loads from it offline."""
+    code = r"""
+import sys, torch, timm
+from pathlib import Path
+from safetensors.torch import save_file
+from huggingface_hub.constants import HF_HUB_CACHE
+ref = timm.create_model("resnet10t")
+torch.nn.init.constant_(ref.conv1[0].weight, 0.0123)
+snap = Path(HF_HUB_CACHE) / "models--timm--resnet10t.c3_in1k"
+(snap / "refs").mkdir(parents=True)
+(snap / "refs" / "main").write_text("abc123")
+(snap / "snapshots" / "abc123").mkdir(parents=True)
+save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, snap / "snapshots" / "abc123" / "model.safetensors")
+from src.model import create_model
+m = create_model("resnet10t", in_chans=3, pretrained=True)
+w = m.backbone.conv1[0].weight
+print("same" if torch.allclose(w, torch.full_like(w, 0.0123)) else "different")
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=offline_env(tmp_path), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "same", r.stdout + r.stderr
+
+
+@pytest.mark.skipif(not VENV_READY, reason="run.sh's .venv is not set up (bash run.sh test sets it up)")
+def test_run_sh_trains_the_gpu_specs_end_to_end_on_the_cpu(tmp_path):
+    """DEVICE_CONFIG=gpu: both GPU specs (pretrained turned off by a flag that wins over the file), their stage 2
+    with embeddings and logits, the reports, the blend and the submission, at a tiny size."""
+    from src.synth import generate
+    data = tmp_path / "gpuset"
+    generate(data, n_patients=6, n_test_series=1, slices=(8, 9), image_size=64, seed=7, quiet=True)
+    env = {**os.environ, "INPUT_DIR": str(data), "OUT_DIR": str(tmp_path / "out"), "K": "2", "DEVICE_CONFIG": "gpu",
+           "CACHE_SIZE": "32", "FOLDS_FILE": str(tmp_path / "folds.csv"), "SUBMISSIONS_DIR": str(tmp_path / "subs"),
+           "TRAIN_FLAGS": "--pretrained false --img-size 32 --epochs 1 --max-steps-per-epoch 2 --batch-size 8 --workers 0",
+           "SEQ_FLAGS": "--epochs 2", "BOOST_FLAGS": "--max-trees 20", "OMP_NUM_THREADS": "2"}
+    r = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runs = tmp_path / "out" / "runs"
+    for spec in ("seresnext50_256", "densenet121_256_25d"):
+        for k in (0, 1):
+            assert (runs / spec / f"fold{k}" / "oof.csv").exists()
+            assert "features: both" in (runs / f"seq_{spec}" / f"fold{k}" / "config.yaml").read_text()
+            assert (runs / f"boost_{spec}" / f"fold{k}" / "oof.csv").exists()
+        assert "pretrained: false" in (runs / spec / "fold0" / "config.yaml").read_text()
+    assert "slices_windows" in (runs / "densenet121_256_25d" / "fold0" / "config.yaml").read_text()
+    sub = tmp_path / "subs" / "stage_2_gpuset_blend.csv"
+    df = validate_file(sub, data / "stage_2_sample_submission.csv")
+    assert len(df) == len(pd.read_csv(data / "stage_2_sample_submission.csv"))
