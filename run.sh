@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# From data to a Kaggle-ready submission, one step per line. Rerun after a kill: finished steps are skipped.
+# From data to a Kaggle-ready submission and a portable model file, one step per line. Rerun after a kill:
+# finished steps are skipped.
 #
 #   bash run.sh                                   # input/ (or generated demo data when input/ has no competition data)
 #   INPUT_DIR=../shared/rsna_sample K=3 bash run.sh
@@ -9,14 +10,17 @@
 #   bash run.sh test                              # the test suite
 #
 # Settings (environment): INPUT_DIR (Kaggle-layout data), OUT_DIR (default outputs/<data folder name>),
-# K and SEED (folds), DEVICE_CONFIG=gpu|cpu (default: gpu when CUDA is available), TRAIN_FLAGS, SEQ_FLAGS and
+# K and SEED (folds; K is 5, or 3 on the generated demo data), DEVICE_CONFIG=gpu|cpu (default: gpu when CUDA is
+# available), MODELS (space-separated model specs to run instead of the device's list, e.g.
+# MODELS=configs/densenet121_256_25d.yaml), TRAIN_FLAGS, SEQ_FLAGS and
 # BOOST_FLAGS (appended to every stage-1 / GRU / LightGBM command, e.g. TRAIN_FLAGS="--epochs 1" for a smoke run),
 # CACHE_SIZE (cached image size: 256 on GPU, 128 on CPU), FOLDS_FILE, SUBMISSIONS_DIR, OVERWRITE,
 # SUBSET and SUBSET_SEED (a label-stratified subset of whole patients, src/subset.py: its own data tag <data>_sub<N>),
 # LAUNCH (how stage 1 is started; several GPUs: LAUNCH=".venv/bin/torchrun --nproc_per_node=4"; batch sizes are
 # per process, and a fold resumes on another GPU count).
-# Every step records what made its output (src/runs.py): a step whose settings and inputs are unchanged is
-# skipped; one whose settings changed stops the run and says what differs, unless OVERWRITE=1.
+# Every step records what made its output (src/stamps.py): a step whose settings and inputs are unchanged is
+# skipped; one whose settings changed stops the run and says what differs, unless OVERWRITE=1. Paths come from
+# src/layout.py; each step prints its own "[run ]" line when it computes.
 # Outputs of two data folders never mix: each has its own OUT_DIR, folds/<name>_k<K>_seed<SEED>.csv and
 # submission name.
 set -euo pipefail
@@ -26,9 +30,10 @@ cd "$(dirname "$0")"
 GPU_CONFIGS=(configs/seresnext50_256.yaml configs/densenet121_256_25d.yaml)
 CPU_CONFIGS=(configs/resnet10t_128.yaml)
 # stage-2 inputs: randomly initialised fold models do not share an embedding space, so on CPU the sequence
-# model reads the stage-1 logits only (measured in README); pretrained GPU models share one: embeddings + logits
+# model reads the stage-1 logits only (docs/pipeline.md); pretrained GPU models share one: embeddings + logits
 GPU_SEQ_FLAGS="--features both"
 CPU_SEQ_FLAGS="--features logits"
+K_GIVEN=${K:-}
 K=${K:-5}
 SEED=${SEED:-42}
 TRAIN_FLAGS=${TRAIN_FLAGS:-}
@@ -65,7 +70,7 @@ LAUNCH=${LAUNCH:-$PY}
 
 if [ "${1:-}" = "test" ]; then  # on every core: most of the suite's time is single-threaded (imports, subprocesses)
   shift
-  exec $PY -m pytest -q -n auto "$@"
+  exec $PY -m pytest -q -n auto --dist loadgroup "$@"
 fi
 
 # ---- 2. data: competition data in INPUT_DIR, else generated demo data ----
@@ -73,6 +78,7 @@ INPUT_DIR=${INPUT_DIR:-input}
 if [ ! -f "$INPUT_DIR/stage_2_train.csv" ]; then
   echo "no competition data in $INPUT_DIR/ (stage_2_train.csv): using generated demo data in input/demo"
   INPUT_DIR=input/demo
+  K=${K_GIVEN:-3}  # 3 folds on the generated data: a fresh clone's whole run in ~10 min on 2 cores (K=5 to match real runs)
   [ -f "$INPUT_DIR/stage_2_sample_submission.csv" ] || $PY -m src.synth --data-dir "$INPUT_DIR" --overwrite
 fi
 # SUBSET=N: about N labelled training slices of whole patients, stratified on label presence, made (or reused) as a
@@ -92,6 +98,8 @@ if [ "$DEVICE_CONFIG" = gpu ]; then CONFIGS=("${GPU_CONFIGS[@]}"); IMG=${CACHE_S
   CONFIGS=("${CPU_CONFIGS[@]}"); IMG=${CACHE_SIZE:-128}; SEQ_FLAGS="$CPU_SEQ_FLAGS $SEQ_FLAGS"
   echo "no GPU: using the small CPU configuration (resnet10t, 128 px, few epochs); DEVICE_CONFIG=gpu overrides"
 fi
+# shellcheck disable=SC2206
+[ -z "${MODELS:-}" ] || CONFIGS=($MODELS)  # MODELS="configs/a.yaml configs/b.yaml": these model specs instead
 
 # ---- 3. cache and folds ----
 step "prepare cache" $PY -m src.prepare "$INPUT_DIR" --out-dir "$OUT_DIR" --cache-size "$IMG" $OW

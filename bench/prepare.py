@@ -7,7 +7,8 @@
 (b) this project's cache build, per slice on one core (src.prepare.decode_one: native pixel read,
     resize of stored values, one lookup table for all three windows);
 (c) reading samples from the finished cache as the training loader does (SliceDataset.__getitem__ and
-    the batch collate, per sample).
+    the batch collate, per sample): rows decompressed from the compact cache (images.bin), whose size per slice
+    is printed against the uncompressed array's (bench/cache_formats.py compares the formats in full).
 All three run in this process over the same files (page cache warm for all), best of 3 passes.
 """
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main():
         prepare(a.data_dir, Path(tmp) / "cache", size=a.size, quiet=True)
         full = len(files) / (time.perf_counter() - t)
         images, meta = load_cache(Path(tmp) / "cache")
+        per_slice = (Path(tmp) / "cache" / "images.bin").stat().st_size / len(images)
         ds = SliceDataset(images, meta["row"], size=a.size)
         batches = np.random.default_rng(0).integers(0, len(ds), (100, 32))
         rc = rate(lambda b: collate([ds[i] for i in b]), batches) * batches.shape[1]
@@ -68,6 +70,8 @@ def main():
     print(f"(b) cache build, per slice per core:           {rb:9.0f} slices/s  {rb / ra:.1f}x")
     print(f"    cache build, whole run on all cores:       {full:9.0f} slices/s  {full / ra:.1f}x (incl. process start)")
     print(f"(c) sample from the cache (loader + collate):  {rc:9.0f} samples/s {rc / ra:.0f}x")
+    print(f"    cache size: {per_slice:,.0f} bytes a slice, {a.size * a.size * 3 / per_slice:.2f}x smaller than the "
+          f"uncompressed {a.size * a.size * 3:,}")
 
 
 if __name__ == "__main__":

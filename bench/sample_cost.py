@@ -1,16 +1,19 @@
-"""CPU cost of one training sample: SliceDataset.__getitem__ with augmentation, against the old numpy path.
+"""CPU cost of one training sample: SliceDataset.__getitem__ with augmentation, on both cache formats, against the
+old numpy path.
 
     python bench/sample_cost.py                    # 256 px
     python bench/sample_cost.py --size 512 --n 300 --repeats 5 --no-augment
 
 For each input mode, windows (3 channels), slices (2.5D, 3 channels) and slices_windows (9 channels),
 measures the CPU time per sample (time.process_time: every thread of this process, cv2's own and page
-faults included) in this single process, over an image cache it writes (a memory-mapped uint8 array as
-src.prepare makes, page cache warm), with training augmentation (Augment's defaults: hflip 0.5, affine 0.7).
-The baseline is the previous implementation (np.concatenate / np.stack, numpy flips and copies, one
-cv2.warpAffine over all channels), kept below and measured in the same run, alternating with the current
-path; ratios are baseline / current (> 1: the current path is cheaper). Medians of the repeats, with their
-min-max spread.
+faults included) in this single process, with training augmentation (Augment's defaults: hflip 0.5, affine 0.7),
+over the same rows stored two ways (page cache warm): the uncompressed array (a memory-mapped .npy, the cache's
+format until the compact one) and the compact cache src.prepare writes (images.bin: one LZ4 block per row, read
+through PackedImages). The rows are the real slices of ../shared/rsna_sample decoded at --size where that folder
+is there (compression depends on the pixels: noise would not compress), else generated noise inside an ellipse.
+The baseline is the previous sample path (np.concatenate / np.stack, numpy flips and copies, one cv2.warpAffine
+over all channels) on the array, kept below and measured in the same run, alternating with the current path;
+ratios are baseline / current (> 1: the current path is cheaper). Medians of the repeats, with their min-max spread.
 
 Other benchmarks import `per_sample_ms(dataset, n, seed)` (`from bench.sample_cost import per_sample_ms`
 with the repository root on sys.path).
@@ -99,6 +102,24 @@ def write_cache(path: Path, rows: int, size: int):
     arr.flush()
 
 
+def rows_to_measure(size: int, rows: int) -> np.ndarray:
+    """The real sample's slices at `size` (cycled up to `rows`), or noise in an ellipse where it is not there."""
+    real = Path(__file__).resolve().parents[2] / "shared" / "rsna_sample"
+    if (real / "stage_2_train_images").is_dir():
+        from src.prepare import decode_files, list_files
+        images, _ = decode_files(list_files(real)["path"].tolist(), size=size)
+        return images[np.arange(rows) % len(images)]
+    with tempfile.TemporaryDirectory() as tmp:
+        write_cache(Path(tmp) / "noise.npy", rows, size)
+        return np.load(Path(tmp) / "noise.npy")
+
+
+def write_packed(path: Path, images: np.ndarray):
+    from src.prepare import encode_image, packed_tail
+    blobs = [encode_image(x) for x in images]
+    path.write_bytes(b"".join(blobs) + packed_tail(np.r_[0, np.cumsum([len(b) for b in blobs])], images.shape))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=256)
@@ -113,29 +134,36 @@ def main():
     rows = np.arange(a.rows)
     prev, nxt = np.maximum(rows - 1, 0), np.minimum(rows + 1, a.rows - 1)
     labels = np.zeros((a.rows, len(CLASSES)), np.float32)
+    images = rows_to_measure(a.size, a.rows)
+    aug = (lambda cls: None) if a.no_augment else (lambda cls: cls())
+    kinds = ("old", "npy", "packed")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "images.npy"
-        write_cache(path, a.rows, a.size)
-        old, new = {}, {}
+        path, packed = Path(tmp) / "images.npy", Path(tmp) / "images.bin"
+        np.save(path, images)
+        write_packed(packed, images)
+        ds = {}
         for mode in MODES:
-            new[mode] = SliceDataset(path, rows, labels, prev, nxt, mode, augment=None if a.no_augment else Augment())
-            old[mode] = OldSliceDataset(path, rows, labels, prev, nxt, mode,
-                                        augment=None if a.no_augment else OldAugment())
-            old[mode].images = np.load(path, mmap_mode="r")  # exactly as before: the memmap itself
-        ms = {(k, mode): [] for k in ("old", "new") for mode in MODES}
+            ds["old", mode] = OldSliceDataset(path, rows, labels, prev, nxt, mode, augment=aug(OldAugment))
+            ds["old", mode].images = np.load(path, mmap_mode="r")  # exactly as before: the memmap itself
+            ds["npy", mode] = SliceDataset(path, rows, labels, prev, nxt, mode, augment=aug(Augment))
+            ds["packed", mode] = SliceDataset(packed, rows, labels, prev, nxt, mode, augment=aug(Augment))
+        ms = {(k, mode): [] for k in kinds for mode in MODES}
         for rep in range(a.repeats):
             for mode in MODES:
-                ms["old", mode].append(per_sample_ms(old[mode], a.n, seed=rep))
-                ms["new", mode].append(per_sample_ms(new[mode], a.n, seed=rep))
-    print(f"cache {a.rows} x {a.size}x{a.size}x3 uint8 (memmap), "
+                for k in kinds:
+                    ms[k, mode].append(per_sample_ms(ds[k, mode], a.n, seed=rep))
+        ratio = packed.stat().st_size / path.stat().st_size
+    print(f"cache {a.rows} x {a.size}x{a.size}x3 uint8, compact file {ratio:.2f}x the array's size, "
           f"{'no augmentation' if a.no_augment else 'augmentation hflip 0.5 affine 0.7'}, {a.n} samples x "
           f"{a.repeats} repeats, cv2 threads {cv2.getNumThreads()}; CPU ms per sample: median (min-max)")
-    print(f"{'mode':16s}{'ch':>3s}  {'baseline (old numpy)':>22s}  {'current':>22s}  {'baseline/current':>20s}")
-    span = lambda v: f"{np.median(v):6.3f} ({min(v):.3f}-{max(v):.3f})"
+    span = lambda v: f"{np.median(v):6.3f} ({min(v):.3f}-{max(v):.3f})"  # noqa: E731
+    print(f"{'mode':16s}{'ch':>3s}  {'baseline (old numpy, .npy)':>26s}  {'current, .npy':>22s}  "
+          f"{'current, compact':>22s}  {'baseline/compact':>16s}")
     for mode, ch in MODES.items():
-        o, n = ms["old", mode], ms["new", mode]
+        o, n = ms["old", mode], ms["packed", mode]
         r = [x / y for x, y in zip(o, n)]
-        print(f"{mode:16s}{ch:3d}  {span(o):>22s}  {span(n):>22s}  {np.median(r):7.2f}x ({min(r):.2f}-{max(r):.2f})")
+        print(f"{mode:16s}{ch:3d}  {span(o):>26s}  {span(ms['npy', mode]):>22s}  {span(n):>22s}  "
+              f"{np.median(r):7.2f}x ({min(r):.2f}-{max(r):.2f})")
 
 
 if __name__ == "__main__":

@@ -13,14 +13,15 @@ their growth between the sizes, and the projection to the competition's 874,035 
    runs in full: the cache, the folds, each fold's validation and out-of-fold pass, test predictions, both
    stage-2 models, the reports and the blend.
 4. A poller samples the memory of run.sh's process tree every 0.2 s: the proportional set size of anonymous
-   and shared memory over all processes (loader workers' and decoders' included; the cache's memory-mapped
-   file pages are page cache and are not counted).
+   and shared memory over all processes (loader workers' and decoders' included; the cache file's pages are
+   page cache and are not counted).
 5. Per step (run.sh's [run ] / [done] lines, folds summed): seconds and peak memory at both sizes, the
    exponent b of t ~ N^b, and the projection t(N2) x (874,035 / N2)^max(1, b): at least linear, because fixed
    start-up costs make small runs look sub-linear. Steps other than capped training must have b <= 1.15.
 
 Writes WORK/scale.json and prints a Markdown table; also the loader's per-sample cost for 3 and 9 channels on the
-large rehearsal's cache (bench/sample_cost.py), cold (its pages evicted first: every sample reads the disk) and warm.
+large rehearsal's cache (the compact images.bin of src.prepare; bench/sample_cost.py), cold (its pages evicted
+first: the first samples read the disk while the loader's background prefetch reads the file) and warm.
 `--report-only` prints the table of an earlier rehearsal again. Needs about 19 GB of disk per 100,000 slices (13 GB
 of DICOMs, 6 GB of outputs).
 """
@@ -247,8 +248,8 @@ def drop_page_cache(path: Path):
 
 def loader_cost(cache_dir: Path, n: int = 300) -> dict:
     """The loader's per-sample cost for 3 and 9 channels on a cache: CPU ms (all threads, page faults included)
-    and wall ms, cold (the file's pages evicted first, so each sample reads the disk, as a cache larger than
-    memory does) and warm (the same samples again, from the page cache)."""
+    and wall ms, cold (the file's pages evicted first: the first samples read the disk, and the data set's
+    background prefetch, PackedImages.warm, the rest) and warm (the same samples again, from the page cache)."""
     from bench.sample_cost import per_sample_ms
     from src.data import Augment, SliceDataset, neighbour_rows
     from src.prepare import cache_paths, load_cache

@@ -34,7 +34,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src import layout  # noqa: E402
-from src.blend import blend, fold_weights, oof_table, weights_for  # noqa: E402
+from src.blend import blend, fold_weights, oof_table  # noqa: E402
 from src.boost import BoostConfig, train_boost  # noqa: E402
 from src.config import TrainConfig, load_yaml  # noqa: E402
 from src.evaluate import prior_predictions  # noqa: E402
@@ -75,7 +75,7 @@ def out_for(data_dir, size: int, spec_size: int) -> Path:
     out = layout.out_root(data_dir)
     if size != spec_size:
         out = out.with_name(f"{out.name}_bench{size}")
-    if not (out / "cache" / "images.npy").exists():
+    if not (out / "cache" / "images.bin").exists():
         prepare(data_dir, out / "cache", size=size, quiet=True)
     return out
 
@@ -99,15 +99,9 @@ def blend_scores(run: Run, labels) -> dict:
     _, y, preds, folds = oof_table([m.load_oof(quiet=True) for m in members], labels)
     out = {f"member {m.name.split('_')[0] if m.is_stage2() else 'stage1'}": weighted_log_loss(y, p)
            for m, p in zip(members, preds)}
-    fw = {"per class": fold_weights("fit", y, preds, folds), "one per member": fold_weights("fit-global", y, preds, folds)}
-    equal = np.full((len(CLASSES), len(preds)), 1 / len(preds))
-    fw["per class, shrunk to equal"] = {f: 0.5 * w + 0.5 * equal for f, w in fw["per class"].items()}
-    best = {}
-    for f in np.unique(folds):  # the member best on the other folds, alone
-        tr = folds != f
-        i = int(np.argmin([weighted_log_loss(y[tr], p[tr]) for p in preds]))
-        best[int(f)] = np.eye(len(preds))[i][None].repeat(len(CLASSES), 0)
-    fw["best member"] = best
+    fw = {"per class": fold_weights("fit", y, preds, folds), "one per member": fold_weights("fit-global", y, preds, folds),
+          "best member": fold_weights("best", y, preds, folds),  # the member best on the other folds, alone
+          "per class, shrunk to equal": fold_weights("fit", y, preds, folds, shrink=0.5)}
     for kind in BLENDS:
         mixed = np.zeros_like(preds[0])
         for f in np.unique(folds):

@@ -8,7 +8,8 @@ Members: the runs given; a stage-1 run brings its stage-2 runs (seq_<run>, boost
 unless --stage1-only. Weights (`--weights`): `fit` (default), per class, non-negative and summing to 1, minimising
 that class's log loss on the OOF predictions (which minimises the metric, a weighted sum over classes: members
 are good at different classes), scipy SLSQP from equal weights and kept only if at least as good as every member
-alone and the equal blend; `fit-global`, one weight per member for every class; `equal`.
+alone and the equal blend; `fit-global`, one weight per member for every class; `equal`; `best`, the single
+member with the lowest OOF loss. `--shrink S` moves fitted weights a share S of the way toward equal.
 
 Weights fitted and scored on the same predictions flatter themselves, so the file also holds each fold's
 weights fitted on the other folds ("cross-fitted") and the OOF loss they give: the figure to expect on new data.
@@ -35,7 +36,7 @@ from .runs import Run
 from .stamps import Stamp, announce_skip, guard
 from .utils import CLASSES, PipelineError, cli_main, write_json
 
-MODES = ("fit", "fit-global", "equal")
+MODES = ("fit", "fit-global", "equal", "best")
 
 
 # ---------------------------------------------------------------- fitting
@@ -63,12 +64,18 @@ def fit_weights(y: np.ndarray, preds: list[np.ndarray], per_class: bool = True) 
                      for c in range(len(CLASSES))])
 
 
-def weights_for(mode: str, y, preds) -> np.ndarray:
+def weights_for(mode: str, y, preds, shrink: float = 0.0) -> np.ndarray:
+    """(6, M) weights of a mode on these rows; `shrink` moves fitted weights that share of the way toward equal."""
     if mode not in MODES:
         raise PipelineError(f"--weights must be one of {', '.join(MODES)}, not {mode!r}")
+    equal = np.full((len(CLASSES), len(preds)), 1 / len(preds))
     if mode == "equal":
-        return np.full((len(CLASSES), len(preds)), 1 / len(preds))
-    return fit_weights(y, preds, per_class=mode == "fit")
+        return equal
+    if mode == "best":  # the one member with the lowest loss on these rows, alone
+        w = np.eye(len(preds))[int(np.argmin([weighted_log_loss(y, p) for p in preds]))]
+        return np.tile(w, (len(CLASSES), 1))
+    w = fit_weights(y, preds, per_class=mode == "fit")
+    return (1 - shrink) * w + shrink * equal
 
 
 def blend(preds: list, w: np.ndarray):
@@ -76,9 +83,9 @@ def blend(preds: list, w: np.ndarray):
     return sum(p * w[:, m] for m, p in enumerate(preds))
 
 
-def fold_weights(mode: str, y, preds, folds: np.ndarray) -> dict[int, np.ndarray]:
+def fold_weights(mode: str, y, preds, folds: np.ndarray, shrink: float = 0.0) -> dict[int, np.ndarray]:
     """Per fold, the weights fitted on the other folds' rows."""
-    return {int(f): weights_for(mode, y[folds != f], [p[folds != f] for p in preds]) for f in np.unique(folds)}
+    return {int(f): weights_for(mode, y[folds != f], [p[folds != f] for p in preds], shrink) for f in np.unique(folds)}
 
 
 def cross_fitted(y: np.ndarray, preds: list[np.ndarray], folds: np.ndarray, per_class: bool = True,
@@ -120,9 +127,9 @@ def oof_table(oofs: list[pd.DataFrame], labels: pd.DataFrame):
             oofs[0].loc[common, "fold"].to_numpy())
 
 
-def blend_stamp(runs: list[Run], mode: str) -> Stamp:
-    return Stamp("blend", {"weights": mode, "members": [r.name for r in runs]},
-                 {r.name: r.fingerprint(with_test=False) for r in runs})
+def blend_stamp(runs: list[Run], mode: str, shrink: float = 0.0) -> Stamp:
+    settings = {"weights": mode, "members": [r.name for r in runs], **({"shrink": shrink} if shrink else {})}
+    return Stamp("blend", settings, {r.name: r.fingerprint(with_test=False) for r in runs})
 
 
 def default_name(runs: list[Run]) -> str:
@@ -139,12 +146,12 @@ def blend_path(runs: list[Run], name: str, out_dir=None) -> Path:
 
 # ---------------------------------------------------------------- the file
 def fit_blend(run_dirs, name: str = "", weights: str = "fit", out_dir=None, stage1_only=False, overwrite=False,
-              quiet=False, labels=None) -> dict:
+              quiet=False, labels=None, shrink: float = 0.0) -> dict:
     """Fit (or reuse, when up to date) the blend of the runs; returns the blend file's content."""
     runs = members(run_dirs, stage1_only)
     name = name or default_name(runs)
     path = blend_path(runs, name, out_dir)
-    stamp = blend_stamp(runs, weights)
+    stamp = blend_stamp(runs, weights, shrink)
     if guard(stamp, path, path.exists(), overwrite, f"the blend {path}", clear=[path],
              redo="add --overwrite to this command"):
         if not quiet:
@@ -153,12 +160,12 @@ def fit_blend(run_dirs, name: str = "", weights: str = "fit", out_dir=None, stag
     if labels is None:
         labels, _ = cached_labels(*runs[0].data())
     common, y, preds, folds = oof_table([r.load_oof(quiet) for r in runs], labels)
-    w = weights_for(weights, y, preds)
-    fw = fold_weights(weights, y, preds, folds)
+    w = weights_for(weights, y, preds, shrink)
+    fw = fold_weights(weights, y, preds, folds, shrink)
     honest = cross_fitted(y, preds, folds, weights=fw)
     scores = {r.name: score(y, p) for r, p in zip(runs, preds)}
     scores.update({"blend": score(y, blend(preds, w)), "blend, cross-fitted": score(y, honest)})
-    info = {"name": name, "weights_mode": weights, "oof_images": len(common),
+    info = {"name": name, "weights_mode": weights, "shrink": shrink, "oof_images": len(common),
             "members": [{"name": r.name, "path": str(r.path), "kind": layout.stage2_kind(r.path) if r.is_stage2()
                          else "stage1"} for r in runs],
             "weights": {r.name: w[:, i].tolist() for i, r in enumerate(runs)},
@@ -193,7 +200,8 @@ def current_blend(runs: list[Run], name: str, out_dir=None) -> dict | None:
         return None
     info = load_blend(path)
     st = Stamp.load(path)
-    if st is None or st.inputs != blend_stamp(runs, st.settings.get("weights", "fit")).inputs:
+    if st is None or st.inputs != blend_stamp(runs, st.settings.get("weights", "fit")).inputs \
+            or st.settings.get("members") != [r.name for r in runs]:
         return None
     return info
 
@@ -226,7 +234,9 @@ def describe(info: dict) -> str:
 class BlendConfig:
     runs: list[str] = positional(nargs="+")  # run folders; a stage-1 run brings its stage-2 runs
     name: str = ""                    # OUT/blends/<name>.json; default: the stage-1 run's name (its own stages)
-    weights: str = "fit"              # fit: per class, on the OOF predictions; fit-global: one per member; equal
+    weights: str = "fit"              # fit: per class, on the OOF predictions; fit-global: one per member; equal;
+                                      # best: the single member with the lowest OOF loss
+    shrink: float = 0.0               # move fitted weights this share of the way toward equal (0: none, 1: equal)
     stage1_only: bool = False         # blend the runs as given, without their stage-2 runs
     out_dir: str = ""                 # outputs root (default: the first run's)
     overwrite: bool = False           # refit a blend whose members changed (else: stop and say)
@@ -234,7 +244,9 @@ class BlendConfig:
 
 def main():
     a = parse_config(BlendConfig, description=__doc__, prog="python -m src.blend")
-    fit_blend(a.runs, a.name, a.weights, a.out_dir or None, a.stage1_only, a.overwrite)
+    if not 0 <= a.shrink <= 1:
+        raise PipelineError(f"--shrink must be between 0 and 1, not {a.shrink}")
+    fit_blend(a.runs, a.name, a.weights, a.out_dir or None, a.stage1_only, a.overwrite, shrink=a.shrink)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ layout (the model normalises them on the device, which moves 4x fewer bytes than
 labels, and the sample's index.
 Augmentation draws from a generator seeded by (seed, epoch, index), so a sample's augmentation does
 not depend on worker count or process, and a resumed run sees exactly the batches it would have seen.
-The cache travels to loader workers as its path and is memory-mapped again in each (CacheImages). Samples
+The cache travels to loader workers as its path and is opened again in each: the compact cache of src.prepare
+(PackedImages: rows decompressed on demand, a 2.5D sample's adjacent rows read at once, the data set's rows read
+into the page cache in the background on first use) or a plain .npy array (CacheImages, memory-mapped). Samples
 are assembled, flipped and warped by cv2 one 3-channel slice at a time (bench/sample_cost.py measures it).
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .prepare import PackedImages
 from .utils import CLASSES, PipelineError
 
 # One OpenCV thread: the parallelism is the loader's worker processes, and N workers x an all-cores OpenCV pool
@@ -42,7 +45,7 @@ def neighbour_rows(meta: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 
 class CacheImages:
-    """The cache's image array by its path, memory-mapped read-only on first use in each process.
+    """An image array saved as .npy, by its path, memory-mapped read-only on first use in each process.
 
     Pickles as the path alone: DataLoader workers started by `spawn` or `forkserver` (macOS; Python 3.14's
     Linux default) map the file themselves instead of each receiving a copy of the whole array. Indexes,
@@ -77,10 +80,11 @@ class CacheImages:
 
 
 def lazy_images(images):
-    """A path, or a read-only memory map of a whole .npy file (what load_cache returns) -> CacheImages of that
-    file; anything else (an in-memory array, a slice of a map) as it is."""
+    """A path (a .npy file, else src.prepare's compact cache) or a read-only memory map of a whole .npy file ->
+    CacheImages or PackedImages of that file; anything else (PackedImages, which load_cache returns, an in-memory
+    array, a slice of a map) as it is."""
     if isinstance(images, (str, os.PathLike)):
-        return CacheImages(images)
+        return CacheImages(images) if str(images).endswith(".npy") else PackedImages(images)
     if isinstance(images, np.memmap) and images.mode == "r" and isinstance(images.base, mmap.mmap) and images.filename:
         try:
             lazy = CacheImages(images.filename)
@@ -186,8 +190,9 @@ def crop_border(parts: list[np.ndarray], margin: int = 4) -> list[np.ndarray]:
 
 
 class SliceDataset(Dataset):
-    """Samples from the cache. images: the cache's path, its memory map (both are reopened lazily in each
-    process, see CacheImages) or an in-memory array; rows: cache rows of the samples; labels: (N, 6) or None."""
+    """Samples from the cache. images: the cache's path, what load_cache returns (PackedImages), a .npy memory map
+    (these are reopened lazily in each process) or an in-memory array; rows: cache rows of the samples; labels:
+    (N, 6) or None."""
 
     def __init__(self, images, rows, labels=None, prev_rows=None, next_rows=None, mode="windows", size=None,
                  augment: Augment | None = None, crop=False, seed=0):
@@ -199,6 +204,7 @@ class SliceDataset(Dataset):
         self.next_rows = None if next_rows is None else np.asarray(next_rows, dtype=np.int64)
         self.mode, self.size, self.augment, self.crop, self.seed = mode, size, augment, crop, seed
         self.epoch = 0
+        self._warmed = None  # the process that asked the cache to warm this data set's rows
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -209,13 +215,13 @@ class SliceDataset(Dataset):
     def parts(self, i: int) -> list[np.ndarray]:
         """Sample i before augmentation as 3-channel HWC parts whose channels, in order, make it: views of the
         cache where no crop or resize is asked for (the 9-channel sample is assembled only once, at the end)."""
-        r, im = self.rows[i], self.images
+        r = self.rows[i]
         if self.mode == "windows":
-            parts = [np.asarray(im[r])]
+            parts = self.read([r])
         elif self.mode == "slices":
-            parts = [join([im[self.prev_rows[i]], im[r], im[self.next_rows[i]]], [1, 1, 1])]  # their brain windows
+            parts = [join(self.read([self.prev_rows[i], r, self.next_rows[i]]), [1, 1, 1])]  # their brain windows
         else:
-            parts = [np.asarray(im[self.prev_rows[i]]), np.asarray(im[r]), np.asarray(im[self.next_rows[i]])]
+            parts = self.read([self.prev_rows[i], r, self.next_rows[i]])
         if self.crop:
             parts = crop_border(parts)
         if self.size and parts[0].shape[:2] != (self.size, self.size):
@@ -223,6 +229,18 @@ class SliceDataset(Dataset):
             parts = [cv2.resize(p, (self.size, self.size), interpolation=interp).reshape(self.size, self.size, -1)
                      for p in parts]
         return parts
+
+    def read(self, rows: list) -> list[np.ndarray]:
+        """Cache rows as HWC arrays: from a compact cache, decompressed (a 2.5D sample's adjacent rows in one read),
+        and on the first call in each process the rows this data set uses are warmed into the page cache in the
+        background (PackedImages.warm); from an array, views."""
+        im = self.images
+        if not hasattr(im, "read_rows"):
+            return [np.asarray(im[r]) for r in rows]
+        if self._warmed != os.getpid():
+            self._warmed = os.getpid()
+            im.warm(self.rows if self.mode == "windows" else np.concatenate([self.rows, self.prev_rows, self.next_rows]))
+        return im.read_rows(rows)
 
     def image(self, i: int) -> np.ndarray:
         """The uint8 HWC input of sample i before augmentation."""

@@ -24,34 +24,42 @@ RESAMPLES = 200       # enough for a 95% interval to two digits; each costs six 
 SENSITIVITY = 0.95    # the share of bleeding series the operating point must flag
 
 
-def draws(patients: pd.Series, resamples: int, seed: int):
-    """Per draw, a Series of multiplicities by patient (the same draws for every member)."""
-    uniq = pd.Index(sorted(patients.dropna().unique()))
-    rng = np.random.default_rng(seed)
-    for _ in range(resamples):
-        yield pd.Series(np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq)), index=uniq)
+class Draws:
+    """`resamples` bootstrap draws over patients: per draw, how often each patient was drawn (the same draws for
+    every member, so their intervals are comparable). `weights(patients)` turns them into per-row weights."""
+
+    def __init__(self, patients, resamples: int, seed: int):
+        self.index = pd.Index(sorted(pd.Series(patients).dropna().unique()))
+        rng = np.random.default_rng(seed)
+        n = len(self.index)
+        self.counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)]) \
+            if n else np.zeros((resamples, 0), int)
+
+    def weights(self, patients) -> np.ndarray:
+        """(draws, rows): each row weighs as often as its patient was drawn (0 for an unknown patient)."""
+        codes = self.index.get_indexer(pd.Series(patients))
+        padded = np.concatenate([self.counts, np.zeros((len(self.counts), 1), int)], axis=1)
+        return padded[:, np.where(codes < 0, len(self.index), codes)].astype(float)
 
 
-def member_intervals(y: np.ndarray, p: np.ndarray, prior: np.ndarray, patients: np.ndarray, counts: list) -> dict:
-    """95% intervals of one member's figures over the draws: weighted log loss, ratio to the prior, AUC per class."""
+def member_intervals(y: np.ndarray, p: np.ndarray, prior: np.ndarray, weights: np.ndarray) -> dict:
+    """95% intervals of one member's figures over the draws (weights: (draws, rows)): weighted log loss, ratio to
+    the prior, AUC per class."""
     w_cls = CLASS_WEIGHTS / CLASS_WEIGHTS.sum()
     loss = binary_log_loss(y, np.clip(p, EPS, 1 - EPS)) @ w_cls  # per image: the metric's summand
     loss0 = binary_log_loss(y, np.clip(prior, EPS, 1 - EPS)) @ w_cls
-    orders = [np.argsort(p[:, c], kind="stable") for c in range(len(CLASSES))]
-    wll, ratio, auc = [], [], {c: [] for c in CLASSES}
-    for cnt in counts:
-        w = cnt.reindex(patients).fillna(0).to_numpy(float)
-        if w.sum() == 0:
-            continue
-        wll.append(float(w @ loss / w.sum()))
-        ratio.append(float((w @ loss) / (w @ loss0)))
-        for c, name in enumerate(CLASSES):
-            auc[name].append(auc_weighted(y[:, c], p[:, c], w, orders[c]))
-    return {"weighted_log_loss": interval(wll), "ratio_to_prior": interval(ratio),
-            "auc": {c: interval(v) for c, v in auc.items()}}
+    keep = weights.sum(1) > 0
+    weights = weights[keep]
+    total = weights.sum(1)
+    wll, ratio = weights @ loss / total, (weights @ loss) / (weights @ loss0)
+    auc = {}
+    for c, name in enumerate(CLASSES):
+        order = np.argsort(p[:, c], kind="stable")
+        auc[name] = interval([auc_weighted(y[:, c], p[:, c], w, order) for w in weights])
+    return {"weighted_log_loss": interval(wll), "ratio_to_prior": interval(ratio), "auc": auc}
 
 
-def series_figures(table: pd.DataFrame, counts: list, target: float = SENSITIVITY) -> dict:
+def series_figures(table: pd.DataFrame, draws: Draws, target: float = SENSITIVITY) -> dict:
     """Series-level AUC of the highest `any`, and the operating point with its sensitivity and specificity, with
     intervals. table: per image ID, patient, series, y (label of `any`), p (predicted `any`)."""
     s = series_level(table.index, table["patient"], table["series"], table["y"], table["p"])
@@ -60,8 +68,7 @@ def series_figures(table: pd.DataFrame, counts: list, target: float = SENSITIVIT
     sens, spec = sens_spec(y, p, t)
     order = np.argsort(p, kind="stable")
     aucs, senses, specs = [], [], []
-    for cnt in counts:
-        w = cnt.reindex(s["patient"]).fillna(0).to_numpy(float)
+    for w in draws.weights(s["patient"]):
         aucs.append(auc_weighted(y, p, w, order))
         a, b = sens_spec(y, p, t, w)
         senses.append(a), specs.append(b)
@@ -75,7 +82,7 @@ def uncertainty(oofs: dict, labels: pd.DataFrame, meta: pd.DataFrame, priors: di
     """Intervals of every member (name -> OOF table with the six classes, index ID) and its series-level figures.
     meta: PatientID and SeriesInstanceUID by image ID; priors: name -> the prior's predictions on its rows."""
     patients_all = meta["PatientID"]
-    counts = list(draws(patients_all.reindex(pd.Index(set().union(*[o.index for o in oofs.values()]))), resamples, seed))
+    draws = Draws(patients_all.reindex(pd.Index(set().union(*[o.index for o in oofs.values()]))), resamples, seed)
     out = {"bootstrap": {"resamples": resamples, "over": "patients", "seed": seed,
                          "patients": int(patients_all.reindex(next(iter(oofs.values())).index).nunique())},
            "members": {}, "series": {}}
@@ -84,8 +91,8 @@ def uncertainty(oofs: dict, labels: pd.DataFrame, meta: pd.DataFrame, priors: di
         y = labels.loc[ids, CLASSES].to_numpy(float)
         p = oof[CLASSES].to_numpy(float)
         pat = patients_all.reindex(ids).to_numpy()
-        out["members"][name] = member_intervals(y, p, priors[name], pat, counts)
+        out["members"][name] = member_intervals(y, p, priors[name], draws.weights(pat))
         table = pd.DataFrame({"patient": pat, "series": meta["SeriesInstanceUID"].reindex(ids).to_numpy(),
                               "y": y[:, -1], "p": p[:, -1]}, index=ids).dropna(subset=["series"])
-        out["series"][name] = series_figures(table, counts)
+        out["series"][name] = series_figures(table, draws)
     return out

@@ -2,7 +2,7 @@
 not run.sh, spells one of these paths; they ask here.
 
     OUT = outputs/<data folder name>      (or --out-dir)
-    OUT/cache/            images.npy, metadata.csv, summary.json, cache_config.json (the cache's stamp),
+    OUT/cache/            images.bin (src.prepare's compact cache), metadata.csv, summary.json, cache_config.json (the cache's stamp),
                           labels.csv + labels.json (the label file parsed once, with its source's hash)
     OUT/runs/<run>/fold<K>/   config.yaml, fingerprint.json, preprocess.json, train.log, epochs.csv,
                           last.pth, best.pth, oof.json, oof.csv, oof_emb.npy, test.csv, test_emb.npy

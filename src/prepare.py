@@ -1,37 +1,49 @@
-"""Decode every DICOM once into an image cache and a per-slice metadata table.
+"""Decode every DICOM once into a compact image cache and a per-slice metadata table.
 
     python -m src.prepare input/                                  # cache in outputs/input/cache
     python -m src.prepare ../shared/rsna_sample --cache-size 256 --out-dir outputs/rsna_sample
 
-The cache is one uint8 array `images.npy` of shape (N, size, size, 3) that the data loader memory-maps
-(a sample is one slice of it: no decoding, no windowing, no resizing per epoch), and `metadata.csv`,
-one row per file: ID, split, row in the array, status and reason, PatientID, Study/Series UIDs, z,
-the slice's index in its series ordered by z, the series length, and the previous/next slice IDs.
-The label file is parsed here once into `labels.csv` beside them (see labels.cached_labels).
+The cache is `images.bin`: one row per file, each the slice's three windows (uint8, size x size x 3) compressed
+on its own with LZ4 (lossless: the loader gets exactly the bytes `dicom_to_image` made, ~4x smaller on real head
+CT, ~0.06 ms to decompress a 256-px row), rows in series order, (split, SeriesInstanceUID, z, ID), so a 2.5D
+sample's three slices are adjacent on disk, then the rows' byte offsets and a footer (PackedImages reads it). Beside
+it `metadata.csv`, one row per file: ID, split, row in the cache, status and reason, PatientID, Study/Series UIDs,
+z, the slice's index in its series ordered by z, the series length, and the previous/next slice IDs. The label file
+is parsed here once into `labels.csv` beside them (see labels.cached_labels). docs/benchmarks.md ("The compact
+cache") has the measurements that chose this format.
 
-Work is split into chunks of rows decoded in parallel (joblib, all cores). Each chunk writes its rows
-straight into `images.partial.npy` and then records itself in `chunks/` (atomically); a rerun after a
-kill skips finished chunks. Only when every chunk is done is the array renamed to `images.npy`, so
-a finished cache is byte-identical to one built without interruption and a half-built one never
-looks finished. Files that cannot be read are recorded with their reason and counted in
-`summary.json`; their rows stay zero and they have status `skipped`. Labelled images without a file
-are counted there too.
+The build first reads every file's header (series and z) to fix the row order, saved in `chunks/order.npy`. Then
+chunks of rows are decoded in parallel (joblib, all cores); each writes its compressed rows to `chunks/<row>.bin`
+and then records itself in `chunks/<row>.csv` (both atomically). The parent appends finished chunks, in row
+order, to `images.partial.bin` and records how far it got in `chunks/appended.json`; a rerun after a kill cuts the
+partial file back to that point and decodes only the chunks not done. When every chunk is in, the offsets and
+the footer are appended and the file is renamed to `images.bin`, so a finished cache is byte-identical to one built
+without interruption and a half-built one never looks finished. Files that cannot be read are recorded with their
+reason and counted in `summary.json`; their rows are empty (zeros) and they have status `skipped`. Labelled images
+without a file are counted there too.
 
-`cache_config.json` is the cache's stamp: its size and windows and the names and sizes of its files.
-A finished cache is reused only when they all match; otherwise the command stops and says what differs
-(`--overwrite` rebuilds). Before a build starts, free disk space is checked against the array's size:
-N x size x size x 3 bytes, e.g. 874,035 x 256 x 256 x 3 = 171.8 GB for the competition's train + test.
+`cache_config.json` is the cache's stamp: its size, windows and format and the names and sizes of its files. A
+finished cache is reused only when they all match; otherwise the command stops and says what differs
+(`--overwrite` rebuilds). Before a build starts, free disk space is checked against an upper estimate of the
+cache's size, a third of N x size x size x 3 bytes: 57 GB for the competition's 874,035 files at 256 px, which
+measure ~40 GB (the uncompressed array was 171.8 GB).
 """
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import json
+import mmap
 import os
 import shutil
+import struct
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import lz4.block
 import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
@@ -43,7 +55,8 @@ from .dicom import DEFAULT_WINDOWS, DicomError, dicom_to_image, header_fields, i
 from .labels import cached_labels
 from .layout import SPLITS, SYNTHETIC_MARKER
 from .stamps import Stamp, announce_skip, fingerprint, guard
-from .utils import PipelineError, cli_main, write_csv, write_json
+from .utils import PipelineError, atomic_write, cli_main, write_csv, write_json, write_npy
+
 META_COLUMNS = ["ID", "split", "row", "status", "reason", "path", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
                 "Modality", "z", "z_source", "rows", "cols"]
 
@@ -107,26 +120,286 @@ def _record(image_id, split, row, path, img, head, reason) -> dict:
             "reason": reason, "path": path, **head}
 
 
-def _process_chunk(files: pd.DataFrame, start: int, array_path: str, shape, windows, size: int, marker: str):
-    """Decode a chunk's files into one buffer and write it at the chunk's rows with a single pwrite: no memory
-    map of the whole array (whose flush would write back every worker's dirty pages, not just this chunk's)."""
-    buf = np.zeros((len(files), *shape[1:]), np.uint8)
-    records = []
+# ---------------------------------------------------------------- the compact cache file
+# images.bin: the rows' LZ4 blocks one after the other, then the (N + 1) row offsets (little-endian int64), then a
+# JSON footer (format, shape, where the offsets start), its length (8 bytes) and MAGIC. An all-zero row (a file that
+# could not be read) is stored as 0 bytes.
+MAGIC = b"ICHPACK1"
+FORMAT = "lz4 rows in series order, v1"
+PREFETCH_WINDOW = 8 << 20  # bytes read per call while warming the page cache
+
+
+def encode_image(img: np.ndarray) -> bytes:
+    """One row of the cache: the image's bytes as one LZ4 block (lossless), or b"" for an all-zero image."""
+    img = np.ascontiguousarray(img, dtype=np.uint8)
+    return lz4.block.compress(img, store_size=False) if img.any() else b""
+
+
+def packed_tail(offsets: np.ndarray, shape) -> bytes:
+    """What follows the rows in images.bin: their offsets and the footer naming the format and the shape."""
+    footer = json.dumps({"format": FORMAT, "codec": "lz4.block", "dtype": "uint8", "shape": [int(v) for v in shape],
+                         "offsets_at": int(offsets[-1])}, sort_keys=True).encode()
+    return np.asarray(offsets, "<i8").tobytes() + footer + struct.pack("<Q", len(footer)) + MAGIC
+
+
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+class PackedImages:
+    """images.bin by its path, opened on first use in each process; indexes like the (N, S, S, 3) uint8 array it
+    stands for (`images[row]`, `images[rows]`, `images[row, :, :, 0]`, `len`, `shape`, `dtype`), each row
+    decompressed on demand (a read-only array per row, as the memory map gave; `images[rows]` is writable).
+
+    Pickles as the path alone, so DataLoader workers (fork, spawn or forkserver) open the file themselves.
+    `read_rows` reads rows that lie close together (a 2.5D sample's slices) with one read; `warm` reads the
+    rows a data set will use into the page cache in a background thread, once per process."""
+
+    def __init__(self, path):
+        self.path, self._fd, self._offsets, self._shape = str(path), None, None, None
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+    def _bad(self, what: str) -> PipelineError:
+        return PipelineError(f"{self.path} is not a complete image cache ({what}): delete it and build the cache "
+                             f"again (python -m src.prepare DATA_DIR --overwrite)")
+
+    def _open(self) -> None:
+        """Read the footer and the offsets; a truncated, foreign or corrupt file stops with its name and the fix."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise self._bad(f"{type(e).__name__}: {e.strerror}") from e
+        try:
+            size = os.fstat(fd).st_size
+            tail = os.pread(fd, 16, max(size - 16, 0))
+            if size < 16 or tail[8:] != MAGIC:
+                raise self._bad("no footer: a partial or foreign file")
+            n = struct.unpack("<Q", tail[:8])[0]
+            foot = json.loads(os.pread(fd, n, size - 16 - n)) if n <= size - 16 else {}
+            if foot.get("format") != FORMAT:
+                raise self._bad(f"format {foot.get('format')!r}, this code reads {FORMAT!r}")
+            shape, at = tuple(foot["shape"]), foot["offsets_at"]
+            if at + 8 * (shape[0] + 1) + n + 16 != size:
+                raise self._bad("its size does not match its footer")
+            offsets = np.frombuffer(os.pread(fd, 8 * (shape[0] + 1), at), "<i8")
+            if offsets[0] != 0 or offsets[-1] != at or (np.diff(offsets) < 0).any():
+                raise self._bad("inconsistent row offsets")
+        except (ValueError, KeyError, TypeError, IndexError) as e:  # a footer that is not ours
+            os.close(fd)
+            raise self._bad(f"unreadable footer: {e}") from e
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._offsets, self._shape, self._row_bytes = fd, offsets, shape, int(np.prod(shape[1:]))
+
+    @property
+    def offsets(self) -> np.ndarray:
+        if self._fd is None:
+            self._open()
+        return self._offsets
+
+    @property
+    def shape(self) -> tuple:
+        if self._fd is None:
+            self._open()
+        return self._shape
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __len__(self):
+        return self.shape[0]
+
+    def _read(self, start: int, n: int) -> bytes:
+        data = os.pread(self._fd, n, start) if n else b""
+        if len(data) != n:
+            raise self._bad(f"{n} bytes at {start} asked, {len(data)} read: truncated")
+        return data
+
+    def _decode(self, blob, row: int) -> np.ndarray:
+        if len(blob) == 0:
+            return np.zeros(self._shape[1:], np.uint8)
+        try:  # into bytes: ~1.5x faster than lz4's return_bytearray, at the price of a read-only array
+            raw = lz4.block.decompress(blob, uncompressed_size=self._row_bytes)
+        except lz4.block.LZ4BlockError as e:
+            raise self._bad(f"row {row} does not decompress: {e}") from e
+        if len(raw) != self._row_bytes:
+            raise self._bad(f"row {row} decompresses to {len(raw)} bytes, not {self._row_bytes}")
+        return np.frombuffer(raw, np.uint8).reshape(self._shape[1:])
+
+    def read_rows(self, rows) -> list[np.ndarray]:
+        """The images of `rows` (ints in range), each a read-only array of its own (a row asked twice is decoded
+        once and given twice). Rows within a few rows' bytes of each other come from one read."""
+        off, rows = self.offsets, [int(r) for r in rows]
+        if len(rows) == 1:
+            r = rows[0]
+            return [self._decode(self._read(int(off[r]), int(off[r + 1] - off[r])), r)]
+        lo, hi = min(off[r] for r in rows), max(off[r + 1] for r in rows)
+        done = {}
+        if hi - lo <= 4 * self._row_bytes:
+            buf = memoryview(self._read(int(lo), int(hi - lo)))
+            for r in rows:
+                if r not in done:
+                    done[r] = self._decode(buf[off[r] - lo:off[r + 1] - lo], r)
+        else:
+            for r in rows:
+                if r not in done:
+                    done[r] = self._decode(self._read(int(off[r]), int(off[r + 1] - off[r])), r)
+        return [done[r] for r in rows]
+
+    def __getitem__(self, key):
+        key, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        n = len(self)
+        if isinstance(key, (int, np.integer)) or (isinstance(key, np.ndarray) and key.ndim == 0):
+            r = int(key) + (n if int(key) < 0 else 0)
+            if not 0 <= r < n:
+                raise IndexError(f"row {int(key)} out of range for {n} rows")
+            img = self.read_rows([r])[0]
+            return img[rest] if rest else img
+        if isinstance(key, slice):
+            rows = np.arange(n)[key]
+        else:
+            k = np.asarray(key)
+            rows = np.flatnonzero(k) if k.dtype == bool else np.where(k < 0, k + n, k).astype(np.int64)
+            if k.dtype == bool and k.shape != (n,):
+                raise IndexError(f"boolean index of shape {k.shape} for {n} rows")
+            if len(rows) and (rows.min() < 0 or rows.max() >= n):
+                raise IndexError(f"rows out of range for {n} rows")
+        out = np.empty((len(rows), *self.shape[1:]), np.uint8)
+        for i in range(0, len(rows), 64):
+            for j, img in enumerate(self.read_rows(rows[i:i + 64]) if len(rows[i:i + 64]) else []):
+                out[i + j] = img
+        return out[(slice(None), *rest)] if rest else out
+
+    def __array__(self, dtype=None, copy=None):
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+    def spans(self, rows=None, gap: int = 1 << 20) -> list[tuple[int, int]]:
+        """The byte ranges holding `rows` (default: all), ranges less than `gap` apart merged."""
+        off = self.offsets
+        if rows is None:
+            return [(0, int(off[-1]))] if off[-1] else []
+        r = np.unique(np.asarray(rows, np.int64))
+        s, e = off[r], off[r + 1]
+        cut = np.flatnonzero(s[1:] - e[:-1] > gap)
+        starts, ends = s[np.r_[0, cut + 1]], e[np.r_[cut, len(r) - 1]]
+        return [(int(a), int(b)) for a, b in zip(starts, ends) if b > a]
+
+    def warm(self, rows=None) -> threading.Thread | None:
+        """Start reading the bytes of `rows` (default: all) into the page cache in a background thread, when they
+        fit in half of this machine's memory: a first epoch on a cold disk then reads the file sequentially
+        instead of one random read per sample. Processes take turns (a lock on the file), and pages already in
+        memory are skipped, so of N loader workers one reads the disk and the others find it done. ICH_PREFETCH=0
+        turns it off."""
+        if os.environ.get("ICH_PREFETCH", "1") == "0":
+            return None
+        spans = self.spans(rows)
+        if not spans or sum(b - a for a, b in spans) > physical_memory() // 2:
+            return None
+        t = threading.Thread(target=prefetch, args=(self.path, spans), name="cache-prefetch", daemon=True)
+        t.start()
+        return t
+
+
+def prefetch(path: str, spans: list[tuple[int, int]], window: int = PREFETCH_WINDOW) -> int:
+    """Read the byte ranges `spans` of `path` in order, skipping windows whose pages are all in memory, while
+    holding an exclusive flock on the file. Returns the bytes read. Best effort: an error ends it quietly."""
+    done = 0
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return 0
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        resident = page_residency(fd)
+        buf = memoryview(bytearray(window))
+        for a, b in spans:
+            for o in range(a, b, window):
+                n = min(window, b - o)
+                if resident is None or not resident(o, n):
+                    done += os.preadv(fd, [buf[:n]], o)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)  # releases the lock
+    return done
+
+
+def page_residency(fd: int):
+    """A function (offset, length) -> whether every page of that range of the file is in the page cache (mincore
+    on a read-only map of the file), or None where that cannot be asked (then every window is read)."""
+    try:
+        size = os.fstat(fd).st_size
+        mincore = ctypes.CDLL(None, use_errno=True).mincore
+        mincore.argtypes, mincore.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p], ctypes.c_int
+        view = np.frombuffer(mmap.mmap(fd, size, access=mmap.ACCESS_READ), np.uint8)  # unmapped when view goes
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    base, page = view.ctypes.data, mmap.PAGESIZE
+
+    def resident(offset: int, length: int) -> bool:
+        a = offset - offset % page
+        vec = np.zeros((offset + length - a + page - 1) // page, np.uint8)
+        ok = mincore(base + a, offset + length - a, vec.ctypes.data) == 0
+        return ok and bool(view is not None and (vec & 1).all())
+
+    return resident
+
+
+# ---------------------------------------------------------------- the build
+def _series_keys(paths: list[str]) -> list[tuple[str, float]]:
+    """(SeriesInstanceUID, z) from each file's header; ("", nan) where the header cannot be read."""
+    out = []
+    for p in paths:
+        try:
+            head = header_fields(read_dicom(p, stop_before_pixels=True))
+            out.append((head["SeriesInstanceUID"], head["z"]))
+        except DicomError:
+            out.append(("", float("nan")))
+    return out
+
+
+def row_order(files: pd.DataFrame, jobs: int = 1, quiet: bool = True) -> np.ndarray:
+    """The cache's rows as positions in `files`: by split (train, then test), series, z and ID, so the slices of a
+    series are adjacent rows in z order; files without a series (or with an unreadable header) follow the series
+    of their split, by ID."""
+    paths = files["path"].tolist()
+    parts = [paths[i:i + 1024] for i in range(0, len(paths), 1024)]
+    keys: list = []
+    # worker processes take seconds to start and one reads ~3,000 headers a second: a few parts stay in-process
+    with tqdm(total=len(paths), unit="file", desc="series and z", disable=quiet, mininterval=1.0) as bar:
+        for part in Parallel(n_jobs=1 if len(parts) < 8 else jobs, return_as="generator")(
+                delayed(_series_keys)(p) for p in parts):
+            keys += part
+            bar.update(len(part))
+    series = [k[0] for k in keys]
+    df = pd.DataFrame({"split": files["split"].map({s: i for i, s in enumerate(SPLITS)}).to_numpy(),
+                       "alone": [s == "" for s in series], "series": series, "z": [k[1] for k in keys],
+                       "ID": files["ID"].to_numpy()})
+    return df.sort_values(["split", "alone", "series", "z", "ID"], na_position="last", kind="stable").index.to_numpy()
+
+
+def _process_chunk(files: pd.DataFrame, start: int, windows, size: int, data: str, marker: str):
+    """Decode a chunk's files (cache rows start, start + 1, ...) and write their compressed rows to `data` and
+    their records, with each row's length in bytes, to `marker`: both atomically, the marker last, so a chunk
+    with a marker has its data. Returns (start, files done)."""
+    blobs, records = [], []
     for i, (image_id, split, path) in enumerate(files[["ID", "split", "path"]].itertuples(index=False)):
         img, head, reason = decode_one(path, windows, size)
-        if img is not None:
-            buf[i] = img
-        records.append(_record(image_id, split, start + i, path, img, head, reason))
-    offset = np.load(array_path, mmap_mode="r").offset + start * buf[0].nbytes
-    fd = os.open(array_path, os.O_WRONLY)
-    try:
-        view, written = memoryview(buf).cast("B"), 0
-        while written < len(view):  # pwrite may write less than asked
-            written += os.pwrite(fd, view[written:], offset + written)
-    finally:
-        os.close(fd)
-    write_csv(pd.DataFrame(records, columns=META_COLUMNS), marker, index=False)
-    return len(records)
+        blobs.append(b"" if img is None else encode_image(img))
+        records.append({**_record(image_id, split, start + i, path, img, head, reason), "nbytes": len(blobs[-1])})
+    with atomic_write(data, "wb") as f:
+        f.write(b"".join(blobs))
+    write_csv(pd.DataFrame(records, columns=[*META_COLUMNS, "nbytes"]), marker, index=False)
+    return start, len(records)
 
 
 def order_series(meta: pd.DataFrame) -> pd.DataFrame:
@@ -150,9 +423,16 @@ def order_series(meta: pd.DataFrame) -> pd.DataFrame:
 
 
 def cache_paths(cache_dir: Path) -> dict:
-    return {k: cache_dir / v for k, v in dict(images="images.npy", partial="images.partial.npy", meta="metadata.csv",
-                                              summary="summary.json", config="cache_config.json",
-                                              chunks="chunks").items()}
+    """The cache's files; old_images / old_partial are the uncompressed format's (VERSIONS["prepare"] < 3),
+    removed by an --overwrite rebuild."""
+    return {k: cache_dir / v for k, v in dict(images="images.bin", partial="images.partial.bin", meta="metadata.csv",
+                                              summary="summary.json", config="cache_config.json", chunks="chunks",
+                                              old_images="images.npy", old_partial="images.partial.npy").items()}
+
+
+def chunk_files(P: dict, start: int) -> tuple[Path, Path]:
+    """(compressed rows, records) of the chunk whose first row is `start`."""
+    return P["chunks"] / f"{start:09d}.bin", P["chunks"] / f"{start:09d}.csv"
 
 
 def files_fingerprint(files: pd.DataFrame) -> str:
@@ -163,10 +443,11 @@ def files_fingerprint(files: pd.DataFrame) -> str:
 
 def prepare_stamp(files: pd.DataFrame, size: int, windows, limit=0) -> Stamp:
     """Train and test files are fingerprinted apart: training depends on the train part only, so a changed
-    test set (the stage-2 test folder added later, a corrupt test file replaced) never makes a trained fold stale."""
+    test set (the stage-2 test folder added later, a corrupt test file replaced) never makes a trained fold stale.
+    The settings name the cache's format, so a cache of another format is never read as this one."""
     return Stamp("prepare", {"size": size, "windows": [list(w) if w else "file" for w in windows],
-                                  "limit": int(limit or 0)},
-                      {f"{split}_files": files_fingerprint(files[files.split == split]) for split in SPLITS})
+                             "limit": int(limit or 0), "format": FORMAT},
+                 {f"{split}_files": files_fingerprint(files[files.split == split]) for split in SPLITS})
 
 
 def cache_stamp(cache_dir) -> Stamp:
@@ -180,17 +461,25 @@ def cache_stamp(cache_dir) -> Stamp:
 
 def cache_fingerprint(cache_dir, split: str) -> str:
     """What a step that reads one split of the cache records as its `cache` input: the cache's settings and
-    that split's files (training: train; test predictions: test)."""
+    that split's files (training: train; test predictions: test). Not the storage format: the cache is lossless, so
+    every format gives the model the same images (tests/test_data.py), and a format change leaves trained runs valid."""
     stamp = cache_stamp(cache_dir)
-    return fingerprint({"settings": stamp.settings, "files": stamp.inputs.get(f"{split}_files")})
+    settings = {k: v for k, v in stamp.settings.items() if k != "format"}
+    return fingerprint({"settings": settings, "files": stamp.inputs.get(f"{split}_files")})
+
+
+def estimated_bytes(n: int, size: int) -> int:
+    """An upper estimate of a cache's size: a third of the uncompressed images (real head CT compresses ~4.3x at
+    256 px, docs/benchmarks.md "The compact cache"), plus the row offsets."""
+    return n * size * size * 3 // 3 + 8 * (n + 1)
 
 
 def check_disk(path: Path, need: int, have_already: int = 0) -> None:
-    """Stop before a build that cannot fit: a full disk kills a worker with SIGBUS halfway through."""
+    """Stop before a build that cannot fit (a full disk would stop it halfway)."""
     free = shutil.disk_usage(path).free
     if need - have_already > free:
         gb = lambda b: f"{b / 1e9:,.1f} GB"  # noqa: E731
-        raise PipelineError(f"the image cache needs {gb(need)} ({gb(need - have_already)} still to write) but "
+        raise PipelineError(f"the image cache needs up to {gb(need)} ({gb(need - have_already)} still to write) but "
                             f"{path} has {gb(free)} free: free space, put the outputs on a larger disk "
                             f"(--out-dir / OUT_DIR), or use a smaller --cache-size (the size grows with its square)")
 
@@ -216,60 +505,127 @@ def prepare(data_dir, cache_dir=None, size=256, windows=DEFAULT_WINDOWS, jobs=-1
         files = files.iloc[:limit]
     stamp = prepare_stamp(files, size, windows, limit)
     if guard(stamp, P["config"], P["images"].exists(), overwrite, f"the image cache {cache_dir}",
-                  exists=P["images"].exists(), clear=[P["images"], P["meta"], P["summary"]],
-                  redo="--overwrite (rebuilds the whole cache)"):
+             exists=P["images"].exists() or P["old_images"].exists(),
+             clear=[P["images"], P["meta"], P["summary"], P["old_images"]], redo="--overwrite (rebuilds the whole cache)"):
         if not quiet:
             announce_skip(f"image cache {cache_dir}")
         return json.loads(P["summary"].read_text())
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    shape = (len(files), size, size, 3)
-    open_partial(P, stamp, shape, chunk, data_dir, quiet)
-    starts = list(range(0, len(files), chunk))
-    markers = {s: P["chunks"] / f"{s:09d}.csv" for s in starts}
-    todo = [s for s in starts if not markers[s].exists()]
-    if not quiet and len(todo) < len(starts):
-        print(f"resuming: {len(starts) - len(todo)} of {len(starts)} chunks already done")
     n_jobs = os.cpu_count() if jobs in (-1, 0, None) else jobs
-    tasks = (delayed(_process_chunk)(files.iloc[s:s + chunk], s, str(P["partial"]), shape, windows, size, str(markers[s]))
-             for s in todo)
-    with tqdm(total=sum(min(chunk, len(files) - s) for s in todo), unit="slice", desc="prepare", disable=quiet,
-              mininterval=1.0) as bar:
-        for n in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(tasks):
-            bar.update(n)
-    return finish(P, files, [markers[s] for s in starts], data_dir, cache_dir, size, t0, quiet)
+    open_partial(P, stamp, len(files), size, chunk, data_dir, quiet)
+    order = P["chunks"] / "order.npy"
+    if not order.exists():
+        write_npy(row_order(files, n_jobs, quiet), order)
+    files = files.iloc[np.load(order)].reset_index(drop=True)  # row r of the cache is file r of this table
+    write_rows(P, files, windows, size, chunk, n_jobs, quiet)
+    return finish(P, files, chunk, data_dir, cache_dir, size, t0, quiet)
 
 
-def open_partial(P: dict, stamp: Stamp, shape, chunk: int, data_dir: Path, quiet: bool) -> None:
-    """images.partial.npy and chunks/ of this build: kept when a killed build with the same stamp left them, else
+def open_partial(P: dict, stamp: Stamp, n: int, size: int, chunk: int, data_dir: Path, quiet: bool) -> None:
+    """images.partial.bin and chunks/ of this build: kept when a killed build with the same stamp left them, else
     made anew (a partial build of other settings is never reused), after the disk check."""
     build = json.loads(P["config"].read_text()) if P["config"].exists() else {}
     partial_ok = P["partial"].exists() and (Stamp.load(P["config"]) or stamp).id == stamp.id \
-        and build.get("chunk") == chunk  # chunk markers name their first row: another --chunk cannot resume them
+        and build.get("chunk") == chunk  # chunk files name their first row: another --chunk cannot resume them
     if not partial_ok:
-        if P["partial"].exists() and not quiet:
+        if (P["partial"].exists() or P["old_partial"].exists()) and not quiet:
             print("a partial cache made with other settings or files is discarded")
         shutil.rmtree(P["chunks"], ignore_errors=True)
         P["partial"].unlink(missing_ok=True)
-        check_disk(P["partial"].parent, int(np.prod(shape)))
-        write_json({**stamp.to_dict(), "data_dir": str(data_dir.resolve()), "n_files": shape[0], "chunk": chunk,
-                    "format": "uint8 (N, size, size, 3) npy, rows as metadata.csv"}, P["config"])
-        np.lib.format.open_memmap(P["partial"], mode="w+", dtype=np.uint8, shape=shape).flush()  # sparse, zeros
+        P["old_partial"].unlink(missing_ok=True)
+        check_disk(P["partial"].parent, estimated_bytes(n, size))
+        write_json({**stamp.to_dict(), "data_dir": str(data_dir.resolve()), "n_files": n, "chunk": chunk,
+                    "format": f"{FORMAT}: images.bin (PackedImages), rows as metadata.csv"}, P["config"])
+        P["partial"].write_bytes(b"")
     else:
-        check_disk(P["partial"].parent, int(np.prod(shape)), P["partial"].stat().st_blocks * 512)
+        have = sum(p.stat().st_size for p in [P["partial"], *P["chunks"].glob("*.bin")])
+        check_disk(P["partial"].parent, estimated_bytes(n, size), have)
     P["chunks"].mkdir(exist_ok=True)
 
 
-def finish(P: dict, files: pd.DataFrame, markers: list, data_dir: Path, cache_dir: Path, size: int, t0: float,
+def write_rows(P: dict, files: pd.DataFrame, windows, size: int, chunk: int, jobs: int, quiet: bool) -> None:
+    """Decode the chunks not done yet, in parallel, and append each finished one, in row order, to the partial
+    file, recording in chunks/appended.json how far the file is complete: where a rerun after a kill starts."""
+    starts = list(range(0, len(files), chunk))
+    progress = P["chunks"] / "appended.json"
+    state = json.loads(progress.read_text()) if progress.exists() else {"chunks": 0, "bytes": 0}
+    ready = {s for s in starts[state["chunks"]:] if all(p.exists() for p in chunk_files(P, s))}
+    todo = [s for s in starts[state["chunks"]:] if s not in ready]
+    if not quiet and len(todo) < len(starts):
+        print(f"resuming: {len(starts) - len(todo)} of {len(starts)} chunks already done")
+    tasks = (delayed(_process_chunk)(files.iloc[s:s + chunk], s, windows, size, *map(str, chunk_files(P, s)))
+             for s in todo)
+    with open(P["partial"], "r+b") as out, tqdm(total=sum(min(chunk, len(files) - s) for s in todo), unit="slice",
+                                                 desc="prepare", disable=quiet, mininterval=1.0) as bar:
+        out.truncate(state["bytes"])  # drops what a killed run appended after its last record
+        state = append_ready(P, out, starts, ready, state)
+        for s, n in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
+            ready.add(s)
+            bar.update(n)
+            state = append_ready(P, out, starts, ready, state)
+    if state["chunks"] != len(starts):
+        raise PipelineError(f"{P['partial']}: {state['chunks']} of {len(starts)} chunks appended after every chunk "
+                            f"was decoded; delete {P['partial']} and {P['chunks']} and run again")
+
+
+def append_ready(P: dict, out, starts: list, ready: set, state: dict) -> dict:
+    """Append the decoded chunks that come next in row order to `out`, make them durable, then record the new end
+    and remove their chunk data. Returns the new state {chunks appended, bytes}."""
+    k, end = state["chunks"], state["bytes"]
+    moved = []
+    while k < len(starts) and starts[k] in ready:
+        data = chunk_files(P, starts[k])[0].read_bytes()
+        out.seek(end)
+        out.write(data)
+        end, k = end + len(data), k + 1
+        moved.append(starts[k - 1])
+    if not moved:
+        return state
+    out.flush()
+    os.fsync(out.fileno())
+    state = {"chunks": k, "bytes": end}
+    write_json(state, P["chunks"] / "appended.json")
+    for s in moved:
+        chunk_files(P, s)[0].unlink()
+    return state
+
+
+def finish(P: dict, files: pd.DataFrame, chunk: int, data_dir: Path, cache_dir: Path, size: int, t0: float,
            quiet: bool) -> dict:
-    """Join the chunks' records into metadata.csv, write summary.json, and rename the array: the cache is complete."""
-    meta = pd.concat([pd.read_csv(m, dtype={"reason": str, "PatientID": str}, keep_default_na=False,
-                                  na_values={"z": [""]}) for m in markers], ignore_index=True)
-    if len(meta) != len(files) or not (meta["row"].to_numpy() == np.arange(len(files))).all():
-        raise PipelineError(f"{cache_dir}: the chunk records cover {len(meta)} of {len(files)} files; the partial build "
-                            f"is inconsistent: delete {P['partial']} and {P['chunks']} and run again")
-    meta = order_series(meta.sort_values("row").reset_index(drop=True))
+    """Join the chunks' records into metadata.csv, append the row offsets and footer, write summary.json, and rename
+    the file: the cache is complete."""
+    meta = pd.concat([pd.read_csv(chunk_files(P, s)[1], dtype={"reason": str, "PatientID": str},
+                                  keep_default_na=False, na_values={"z": [""]})
+                      for s in range(0, len(files), chunk)], ignore_index=True)
+    offsets = np.concatenate([[0], np.cumsum(meta.pop("nbytes").to_numpy(np.int64))])
+    if len(meta) != len(files) or not (meta["row"].to_numpy() == np.arange(len(files))).all() \
+            or not (meta["ID"].to_numpy() == files["ID"].to_numpy()).all() or offsets[-1] != P["partial"].stat().st_size:
+        raise PipelineError(f"{cache_dir}: the chunk records do not match the {len(files)} files or the partial "
+                            f"file; the partial build is inconsistent: delete {P['partial']} and {P['chunks']} and "
+                            f"run again")
+    with open(P["partial"], "ab") as f:
+        f.write(packed_tail(offsets, (len(files), size, size, 3)))
+        f.flush()
+        os.fsync(f.fileno())
+    meta = order_series(meta)
     write_csv(meta, P["meta"], index=False)
+    summary = write_summary(P, meta, data_dir, cache_dir, files, size, t0)
+    os.replace(P["partial"], P["images"])  # the moment the cache becomes complete
+    shutil.rmtree(P["chunks"], ignore_errors=True)
+    if not quiet:
+        skipped, missing = meta[meta.status != "ok"], summary["labelled_missing_ids"]
+        print(f"cached {summary['done']} of {summary['slices']} slices in {summary['series']} series to {cache_dir} "
+              f"({P['images'].stat().st_size / 1e6:,.1f} MB) in {summary['seconds_this_run']}s; skipped "
+              f"{summary['skipped']}"
+              + "".join(f"\n  skipped {i}: {r}" for i, r in zip(skipped["ID"][:20], skipped["reason"][:20]))
+              + (f"\n  {summary['labelled_missing_files']} labelled image(s) have no file in {SPLITS['train']}/ and "
+                 f"are left out: {missing[:10]}" if missing else ""))
+    return summary
+
+
+def write_summary(P: dict, meta: pd.DataFrame, data_dir: Path, cache_dir: Path, files: pd.DataFrame, size: int,
+                  t0: float) -> dict:
     skipped = meta[meta.status != "ok"]
     missing = labelled_but_missing(data_dir, cache_dir, files)
     summary = {"data_dir": str(data_dir), "slices": len(meta), "done": int((meta.status == "ok").sum()),
@@ -279,16 +635,9 @@ def finish(P: dict, files: pd.DataFrame, markers: list, data_dir: Path, cache_di
                "z_sources": dict(Counter(meta.loc[meta.status == "ok", "z_source"])),
                "series": int(meta.loc[meta.status == "ok", "SeriesInstanceUID"].nunique()),
                "synthetic": (data_dir / SYNTHETIC_MARKER).exists(),
-               "seconds_this_run": round(time.time() - t0, 2), "size": size}
+               "seconds_this_run": round(time.time() - t0, 2), "size": size,
+               "bytes": P["partial"].stat().st_size, "format": FORMAT}
     write_json(summary, P["summary"])
-    os.replace(P["partial"], P["images"])  # the moment the cache becomes complete
-    shutil.rmtree(P["chunks"], ignore_errors=True)
-    if not quiet:
-        print(f"cached {summary['done']} of {summary['slices']} slices in {summary['series']} series to {cache_dir} "
-              f"in {summary['seconds_this_run']}s; skipped {summary['skipped']}"
-              + "".join(f"\n  skipped {i}: {r}" for i, r in zip(skipped["ID"][:20], skipped["reason"][:20]))
-              + (f"\n  {len(missing)} labelled image(s) have no file in {SPLITS['train']}/ and are left out: "
-                 f"{missing[:10]}" if missing else ""))
     return summary
 
 
@@ -327,13 +676,20 @@ def windows_from_settings(settings: dict):
 
 
 def load_cache(cache_dir):
-    """(memory-mapped images, metadata) of a finished cache; a clear error where there is none."""
+    """(images: PackedImages, indexed by metadata's `row`; metadata) of a finished cache; a clear error where there
+    is none."""
     P = cache_paths(Path(cache_dir))
     if not P["images"].exists() or not P["meta"].exists():
-        raise PipelineError(f"no finished image cache in {cache_dir}: run `python -m src.prepare DATA_DIR` first")
+        old = (f" ({P['old_images'].name} there is the uncompressed format of an older version: rebuild it with "
+               f"--overwrite)") if P["old_images"].exists() else ""
+        raise PipelineError(f"no finished image cache in {cache_dir}{old}: run `python -m src.prepare DATA_DIR` first")
     meta = pd.read_csv(P["meta"], dtype={"reason": str, "prev_id": str, "next_id": str, "PatientID": str},
                        keep_default_na=False, na_values={"z": [""]})
-    return np.load(P["images"], mmap_mode="r"), meta
+    images = PackedImages(P["images"])
+    if len(images) != len(meta):
+        raise PipelineError(f"{P['images']} has {len(images)} rows but {P['meta']} {len(meta)}: the cache is "
+                            f"inconsistent; rebuild it (python -m src.prepare DATA_DIR --overwrite)")
+    return images, meta
 
 
 @dataclass

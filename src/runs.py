@@ -162,14 +162,3 @@ def read_preds(path) -> pd.DataFrame:
     if missing:
         raise PipelineError(f"{path}: missing column(s) {missing}")
     return df
-
-
-
-def read_preds(path) -> pd.DataFrame:
-    """A predictions CSV (oof.csv / test.csv): index ID, the six classes (and fold / source columns)."""
-    df = pd.read_csv(path, dtype={"ID": str}).set_index("ID")
-    missing = [c for c in CLASSES if c not in df.columns]
-    if missing:
-        raise PipelineError(f"{path}: missing column(s) {missing}")
-    return df
-

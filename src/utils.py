@@ -25,6 +25,18 @@ class PipelineError(RuntimeError):
     """An error in the user's data or command that the message explains; CLIs print it without a trace."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_created(tmp) -> None:
+    """The permissions an ordinary open() would have given (mkstemp makes files 0600: a bundle or a submission
+    would then be unreadable to the colleague it is for)."""
+    os.chmod(tmp, 0o666 & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode="w", **kw):
     """Open a temporary file beside `path`; on success rename it over `path`, on error remove it."""
@@ -36,6 +48,7 @@ def atomic_write(path, mode="w", **kw):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        _as_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -54,6 +67,7 @@ def atomic_path(path):
         os.close(fd)
         try:
             yield Path(tmp)
+            _as_created(tmp)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

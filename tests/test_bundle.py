@@ -120,10 +120,14 @@ def test_fp16_bundle_is_smaller_and_close(blended, demo_data, tmp_path):
     assert np.abs(a[CLASSES].to_numpy() - b[CLASSES].to_numpy()).max() < 1e-2
 
 
-def test_export_is_skipped_when_up_to_date(blended):
+def test_export_is_skipped_when_up_to_date_and_readable_by_others(blended):
+    import os
     run, bundle = blended
     mtime = bundle.stat().st_mtime_ns
     assert export(run, quiet=True) == bundle and bundle.stat().st_mtime_ns == mtime
+    mask = os.umask(0)
+    os.umask(mask)
+    assert bundle.stat().st_mode & 0o777 == 0o666 & ~mask  # as open() makes files, not mkstemp's 0600
 
 
 # ---------------------------------------------------------------- refusals

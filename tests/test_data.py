@@ -4,6 +4,7 @@
 """
 import io
 import pickle
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -274,3 +275,105 @@ def test_persistent_workers_follow_the_epoch(cache):
     # re-sorted into index order, each epoch's images differ: the augmentation is drawn anew each epoch
     by_index = [x[np.argsort([i for _, i in o])] for x, o in zip(local, order)]
     assert not torch.equal(by_index[0], by_index[1]) and not torch.equal(by_index[1], by_index[2])
+
+
+# --- the compact cache (src.prepare's images.bin) ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    from src.prepare import encode_image, packed_tail
+    images = head_images()
+    blobs = [encode_image(x) for x in images]
+    path = tmp_path_factory.mktemp("packed") / "images.bin"
+    path.write_bytes(b"".join(blobs) + packed_tail(np.r_[0, np.cumsum([len(b) for b in blobs])], images.shape))
+    return path
+
+
+def test_packed_images_behave_like_the_array(packed):
+    from src.prepare import PackedImages
+    arr, im = head_images(), PackedImages(packed)
+    assert im.shape == arr.shape and im.dtype == arr.dtype and len(im) == len(arr)
+    np.testing.assert_array_equal(im[4], arr[4])
+    np.testing.assert_array_equal(im[-1], arr[-1])
+    np.testing.assert_array_equal(im[4, 1:5, :, 2], arr[4, 1:5, :, 2])
+    np.testing.assert_array_equal(im[[7, 2, 2]], arr[[7, 2, 2]])
+    np.testing.assert_array_equal(im[2:9:3, :, :, 0], arr[2:9:3, :, :, 0])
+    mask = np.arange(N) % 3 == 0
+    np.testing.assert_array_equal(im[mask], arr[mask])
+    np.testing.assert_array_equal(np.asarray(im), arr)
+    assert not im[3].any()  # the empty slice, stored as 0 bytes
+    with pytest.raises(IndexError):
+        im[N]
+    again = pickle.loads(pickle.dumps(im))
+    assert again.path == im.path and again._fd is None and len(pickle.dumps(im)) < 200  # reopened, not carried
+    np.testing.assert_array_equal(again[7], arr[7])
+
+
+def test_adjacent_rows_are_read_at_once(packed, monkeypatch):
+    from src.prepare import PackedImages
+    im, reads = PackedImages(packed), []
+    real = im._read
+    monkeypatch.setattr(im, "_read", lambda start, n: reads.append(n) or real(start, n))
+    got = im.read_rows([4, 5, 6])
+    assert len(reads) == 1 and all(np.array_equal(g, head_images()[r]) for g, r in zip(got, (4, 5, 6)))
+
+
+@pytest.mark.parametrize("mode", ["windows", "slices", "slices_windows"])
+def test_samples_from_the_compact_cache_equal_those_from_the_array(cache, packed, mode):
+    rows, prev, nxt = neighbours()
+    for kw in ({}, dict(augment=Augment(), seed=4), dict(size=36, crop=True, augment=Augment(vflip=0.5))):
+        a = SliceDataset(cache, rows, None, prev, nxt, mode=mode, **kw)
+        b = SliceDataset(packed, rows, None, prev, nxt, mode=mode, **kw)
+        for epoch in range(2):
+            a.set_epoch(epoch)
+            b.set_epoch(epoch)
+            for i in range(N):
+                assert torch.equal(a[i][0], b[i][0]), (mode, kw, epoch, i)
+
+
+def test_the_compact_cache_pickles_as_its_path_and_spawned_workers_read_it(packed):
+    from src.prepare import PackedImages
+    rows, prev, nxt = neighbours()
+    labels = np.random.default_rng(0).random((N, 6)).astype(np.float32)
+    ds = SliceDataset(PackedImages(packed), rows, labels, prev, nxt, mode="slices_windows", augment=Augment(), seed=3)
+    ds[0]  # opened (and warming) in this process: still only the path travels
+    assert isinstance(ds.images, PackedImages)
+    arrays, size = pickled(ds)
+    assert {id(a) for a in arrays} <= {id(ds.rows), id(ds.labels), id(ds.prev_rows), id(ds.next_rows)}
+    assert size < 3000
+
+    def batches(**kw):
+        return list(DataLoader(ds, 3, sampler=EpochSampler(N, seed=1), collate_fn=collate, **kw))
+
+    local, spawned = batches(), batches(num_workers=2, multiprocessing_context="spawn")
+    assert len(spawned) == len(local) == 4
+    for a, b in zip(local, spawned):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_warming_reads_what_is_not_in_memory(packed, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from src.prepare import PackedImages, page_residency, prefetch
+    # a copy of its own: other tests' background warm-ups may still be reading the shared file
+    packed = Path(shutil.copy(packed, tmp_path / "images.bin"))
+    im = PackedImages(packed)
+    fd = os.open(packed, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages cannot be evicted
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        resident = page_residency(fd)
+        if resident is None:
+            pytest.skip("mincore is not available here")
+        if resident(0, os.fstat(fd).st_size):
+            pytest.skip("the kernel kept the file's pages in memory")
+    finally:
+        os.close(fd)
+    assert prefetch(str(packed), im.spans()) > 0
+    assert prefetch(str(packed), im.spans()) == 0  # all resident now: nothing read
+    t = im.warm([1, 2])
+    t.join()
+    assert im.spans([1, 2]) == [(int(im.offsets[1]), int(im.offsets[3]))]
+    monkeypatch.setenv("ICH_PREFETCH", "0")
+    assert im.warm() is None

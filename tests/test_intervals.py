@@ -6,7 +6,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from src.blend import fit_blend
-from src.intervals import draws, member_intervals, series_figures
+from src.intervals import Draws, member_intervals, series_figures
 from src.metrics import auc_weighted, interval, operating_point, sens_spec, weighted_log_loss
 from src.utils import CLASSES
 
@@ -47,13 +47,13 @@ def test_the_bootstrap_resamples_patients_not_slices():
     p = np.clip(y * 0.7 + 0.15 + rng.normal(0, 0.01, y.shape), 0.01, 0.99)
     p[:50, :] = 0.3  # and is predicted badly
     prior = np.full((200, 6), 0.25)
-    counts = list(draws(pd.Series(patients), 300, seed=0))
-    iv = member_intervals(y, p, prior, patients, counts)
+    w = Draws(patients, 300, seed=0).weights(patients)
+    iv = member_intervals(y, p, prior, w)
     lo, hi = iv["weighted_log_loss"]
     point = weighted_log_loss(y, p)
     assert lo < point < hi and hi - lo > 0.5 * point
     # the same draws for every member: a member equal to another gets the same interval
-    assert member_intervals(y, p, prior, patients, counts) == iv
+    assert member_intervals(y, p, prior, Draws(patients, 300, seed=0).weights(patients)) == iv
 
 
 def test_interval_is_the_central_share_and_ignores_nan():
@@ -65,8 +65,7 @@ def test_series_figures_score_a_series_by_its_highest_any(tmp_path):
     table = pd.DataFrame({"patient": ["a", "a", "a", "b", "b", "c"], "series": ["s1", "s1", "s1", "s2", "s2", "s3"],
                           "y": [0, 1, 0, 0, 0, 1], "p": [0.1, 0.8, 0.2, 0.3, 0.4, 0.6]},
                          index=[f"ID_{i}" for i in range(6)])
-    counts = list(draws(table["patient"], 50, seed=0))
-    f = series_figures(table, counts, target=1.0)
+    f = series_figures(table, Draws(table["patient"], 50, seed=0), target=1.0)
     assert f["series"] == 3 and f["positive"] == 2 and f["auc"] == 1.0  # series scores 0.8 (y1), 0.4 (y0), 0.6 (y1)
     assert f["threshold"] == 0.6 and f["sensitivity"] == 1.0 and f["specificity"] == 1.0
 

@@ -7,6 +7,7 @@ import pytest
 
 import src.prepare as P
 from src.dicom import read_dicom
+from src.stamps import Stamp
 
 
 def test_cache_contents_and_skipped_file(demo_data, demo_cache):
@@ -48,32 +49,57 @@ def test_order_series_on_shuffled_rows():
     assert out.loc["c", "prev_id"] == "b" and out.loc["c", "next_id"] == "a" and out.loc["e", "next_id"] == "d"
 
 
-def test_resume_after_kill_gives_identical_cache(demo_data, tmp_path, monkeypatch):
-    ref = tmp_path / "ref"
+def test_rows_follow_series_and_z(demo_cache):
+    """A series' slices are adjacent rows in z order (train before test), so a 2.5D sample reads one place."""
+    _, meta = P.load_cache(demo_cache / "cache")
+    ok = meta[meta.status == "ok"].sort_values("row")
+    assert ok.split.tolist() == sorted(ok.split.tolist(), key=lambda split: split != "train")
+    for _, s in ok.groupby("SeriesInstanceUID"):
+        between = meta[(meta.row >= s.row.min()) & (meta.row <= s.row.max())]
+        assert (between.status != "ok").sum() == len(between) - len(s)  # only unreadable files in between
+        assert s.slice_index.tolist() == list(range(len(s)))  # in z order
+
+
+@pytest.fixture(scope="module")
+def ref48(demo_data, tmp_path_factory):
+    """A cache built without interruption (48 px, chunks of 16), which the killed builds must equal."""
+    ref = tmp_path_factory.mktemp("ref48")
     P.prepare(demo_data, ref, size=48, jobs=1, chunk=16, quiet=True)
+    return ref
 
-    real = P._process_chunk
-    calls = {"n": 0}
 
-    def dies_on_third(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # the run is killed mid-way
+def kill_on(monkeypatch, name, when):
+    """Make P.<name> raise KeyboardInterrupt (a kill) on the call for which when(args, kwargs) holds."""
+    real = getattr(P, name)
+
+    def dies(*a, **k):
+        if when(a, k):
+            raise KeyboardInterrupt
         return real(*a, **k)
+    monkeypatch.setattr(P, name, dies)
 
-    monkeypatch.setattr(P, "_process_chunk", dies_on_third)
-    out = tmp_path / "killed"
+
+@pytest.mark.parametrize("where", ["decoding the third chunk", "before appending a decoded chunk",
+                                   "after the footer, before the rename"])
+def test_resume_after_kill_gives_identical_cache(demo_data, ref48, tmp_path, monkeypatch, where):
+    ref, out = ref48, tmp_path / "killed"
+    if where == "decoding the third chunk":
+        kill_on(monkeypatch, "_process_chunk", lambda a, k: a[1] == 32)
+    elif where == "before appending a decoded chunk":  # chunk 16 decoded (data and record written), not appended
+        kill_on(monkeypatch, "append_ready", lambda a, k: a[4]["chunks"] == 1 and 16 in a[3])
+    else:
+        kill_on(monkeypatch, "write_summary", lambda a, k: True)
     with pytest.raises(KeyboardInterrupt):
         P.prepare(demo_data, out, size=48, jobs=1, chunk=16, quiet=True)
-    assert not (out / "images.npy").exists() and (out / "images.partial.npy").exists()
-    assert len(list((out / "chunks").glob("*.csv"))) == 2
-    monkeypatch.setattr(P, "_process_chunk", real)
+    assert not (out / "images.bin").exists() and (out / "images.partial.bin").exists()
+    monkeypatch.undo()
 
-    done = []
+    done, real = [], P._process_chunk
     monkeypatch.setattr(P, "_process_chunk", lambda *a, **k: done.append(a[1]) or real(*a, **k))
     P.prepare(demo_data, out, size=48, jobs=1, chunk=16, quiet=True)
     assert 0 not in done and 16 not in done  # finished chunks were not redone
-    assert (out / "images.npy").read_bytes() == (ref / "images.npy").read_bytes()
+    assert where != "after the footer, before the rename" or done == []
+    assert (out / "images.bin").read_bytes() == (ref / "images.bin").read_bytes()
     pd.testing.assert_frame_equal(pd.read_csv(out / "metadata.csv"), pd.read_csv(ref / "metadata.csv"))
     assert not list(out.glob("*.partial*")) and not (out / "chunks").exists()
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
@@ -81,15 +107,60 @@ def test_resume_after_kill_gives_identical_cache(demo_data, tmp_path, monkeypatc
 
 def test_rerun_is_a_no_op_and_settings_change_stops_unless_overwrite(demo_data, tmp_path, monkeypatch):
     P.prepare(demo_data, tmp_path, size=32, jobs=1, chunk=64, quiet=True)
-    before = (tmp_path / "images.npy").read_bytes()
+    before = (tmp_path / "images.bin").read_bytes()
     monkeypatch.setattr(P, "_process_chunk", lambda *a, **k: pytest.fail("should not decode again"))
     P.prepare(demo_data, tmp_path, size=32, jobs=1, chunk=64, quiet=True)
     with pytest.raises(P.PipelineError, match=r"size: 32 -> 24"):  # another size: stop, nothing written
         P.prepare(demo_data, tmp_path, size=24, jobs=1, chunk=64, quiet=True)
-    assert (tmp_path / "images.npy").read_bytes() == before
+    assert (tmp_path / "images.bin").read_bytes() == before
     monkeypatch.undo()
     P.prepare(demo_data, tmp_path, size=24, jobs=1, chunk=64, quiet=True, overwrite=True)
-    assert np.load(tmp_path / "images.npy", mmap_mode="r").shape[1] == 24
+    assert P.load_cache(tmp_path)[0].shape[1] == 24
+
+
+def test_the_format_is_in_the_fingerprint_and_an_old_cache_stops(demo_data, tmp_path, monkeypatch):
+    """A cache of another format (here: the uncompressed images.npy of code version 2) is stale: the build stops
+    naming the differences, load_cache says what to do, and --overwrite replaces it."""
+    P.prepare(demo_data, tmp_path, size=32, jobs=1, chunk=64, quiet=True)
+    train_fp = P.cache_fingerprint(tmp_path, "train")
+    monkeypatch.setattr(P, "FORMAT", "another format")
+    files = P.list_files(demo_data)
+    assert P.prepare_stamp(files, 32, P.DEFAULT_WINDOWS).id != Stamp.load(tmp_path / "cache_config.json").id
+    config = json.loads((tmp_path / "cache_config.json").read_text())
+    config["settings"]["format"] = "another format"
+    (tmp_path / "other.json").write_text(json.dumps(config))
+    monkeypatch.setattr(P, "cache_stamp", lambda d: Stamp.load(tmp_path / "other.json"))
+    assert P.cache_fingerprint(tmp_path, "train") == train_fp  # same images: trained runs stay valid
+    monkeypatch.undo()
+    config = json.loads((tmp_path / "cache_config.json").read_text())
+    config["version"] = 2
+    del config["settings"]["format"]
+    (tmp_path / "cache_config.json").write_text(json.dumps(config))
+    (tmp_path / "images.bin").rename(tmp_path / "images.npy")
+    with pytest.raises(P.PipelineError, match=r"(?s)code version of step prepare: 2 -> 3.*format: \(unset\) -> "):
+        P.prepare(demo_data, tmp_path, size=32, jobs=1, chunk=64, quiet=True)
+    with pytest.raises(P.PipelineError, match=r"images.npy there is the uncompressed format.*--overwrite"):
+        P.load_cache(tmp_path)
+    P.prepare(demo_data, tmp_path, size=32, jobs=1, chunk=64, quiet=True, overwrite=True)
+    assert not (tmp_path / "images.npy").exists() and P.cache_fingerprint(tmp_path, "train") == train_fp
+
+
+def test_a_damaged_cache_file_stops_with_its_name(demo_cache, tmp_path):
+    shutil.copytree(demo_cache / "cache", tmp_path / "c")
+    path = tmp_path / "c" / "images.bin"
+    data = path.read_bytes()
+    for damaged in (data[:-5], data[:len(data) // 2], b"not a cache at all" * 10):
+        path.write_bytes(damaged)
+        with pytest.raises(P.PipelineError, match=r"images.bin is not a complete image cache.*--overwrite"):
+            P.load_cache(tmp_path / "c")
+    offsets = P.load_cache(demo_cache / "cache")[0].offsets
+    row = int(np.argmax(np.diff(offsets[:len(offsets) // 2]) > 0))  # a stored (non-empty) row
+    bad = bytearray(data)
+    bad[offsets[row]:offsets[row + 1]] = b"\xff" * int(offsets[row + 1] - offsets[row])
+    path.write_bytes(bytes(bad))
+    images, _ = P.load_cache(tmp_path / "c")
+    with pytest.raises(P.PipelineError, match=f"row {row}"):
+        images[row]
 
 
 def test_a_changed_file_is_caught(demo_data, tmp_path):
@@ -108,12 +179,12 @@ def test_a_changed_file_is_caught(demo_data, tmp_path):
 
 def test_disk_space_is_checked_before_anything_is_written(demo_data, tmp_path, monkeypatch):
     files = len(P.list_files(demo_data))
-    need = files * 64 * 64 * 3
+    need = P.estimated_bytes(files, 64)
     monkeypatch.setattr(P.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - need + 1, need - 1))
     with pytest.raises(P.PipelineError) as e:
         P.prepare(demo_data, tmp_path / "c", size=64, jobs=1, quiet=True)
     assert f"{need / 1e9:,.1f} GB" in str(e.value) and f"{(need - 1) / 1e9:,.1f} GB free" in str(e.value)
-    assert not (tmp_path / "c" / "images.partial.npy").exists()
+    assert not (tmp_path / "c" / "images.partial.bin").exists()
 
 
 def test_labelled_images_without_files_are_counted(demo_data, tmp_path):
@@ -128,7 +199,7 @@ def test_labelled_images_without_files_are_counted(demo_data, tmp_path):
 
 def test_parallel_equals_serial(demo_data, demo_cache, tmp_path):
     P.prepare(demo_data, tmp_path, size=64, jobs=2, chunk=32, quiet=True)
-    assert (tmp_path / "images.npy").read_bytes() == (demo_cache / "cache" / "images.npy").read_bytes()
+    assert (tmp_path / "images.bin").read_bytes() == (demo_cache / "cache" / "images.bin").read_bytes()
 
 
 def test_not_a_data_folder(tmp_path):

@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -182,3 +183,16 @@ def test_unreadable_submission_names_the_file(tmp_path, content, message):
         submission.validate_file(f, sample)
     with pytest.raises(PipelineError, match=re.escape(str(f)) + f".*{message}"):
         submission.validate_file(sample, f)  # the same file given as the sample submission
+
+
+def test_the_kaggle_client_runs():
+    """src.submit hands the file to the official client: it must start (kaggle 2.2.4 imports `six` without
+    declaring it; requirements.txt pins it)."""
+    import subprocess
+    import sys
+
+    from src.submit import kaggle_command
+    exe = kaggle_command("f.csv", "m")[0]
+    r = subprocess.run([exe, "competitions", "submit", "--help"], capture_output=True, text=True, timeout=120,
+                       env={"HOME": "/nonexistent", "PATH": str(Path(sys.executable).parent)})
+    assert r.returncode == 0 and "usage: kaggle competitions submit" in r.stdout, r.stderr[-1000:]

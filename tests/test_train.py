@@ -299,7 +299,7 @@ def test_every_step_help_shows_each_setting_with_its_comment():
     steps = {"train": "TrainConfig", "sequence": "SeqConfig", "prepare": "PrepareConfig", "folds": "FoldsConfig",
              "predict": "PredictConfig", "evaluate": "EvalConfig", "ensemble": "EnsembleConfig", "synth": "SynthConfig",
              "demo": "DemoConfig", "labels": "LabelsConfig", "submit": "SubmitConfig", "webapp": "ServeConfig", "boost": "BoostConfig", "subset": "SubsetConfig",
-             "blend": "BlendConfig", "export": "ExportConfig"}
+             "blend": "BlendConfig", "export": "ExportConfig", "node": "NodeConfig"}
     for mod, cls_name in steps.items():
         cls = getattr(importlib.import_module(f"src.{mod}"), cls_name)
         comments = field_comments(cls)

@@ -1,0 +1,457 @@
+"""The DICOM node end to end with real parts: Debian's Orthanc as the PACS (a temporary configuration and storage on
+free local ports), dcmtk's storescu and pynetdicom as the scanners sending the real CQ500 and RSNA series, and the node
+itself as `python -m src.node` in its own process. What the node sent back is read from Orthanc's REST API and checked
+against the Predictor's own output for the same files; then a duplicate send, non-CT, broken and oversized instances,
+a series over its limit, kill -9 of the node mid-series and a restart, and Orthanc down when the results are ready.
+
+    .venv/bin/python -m pytest -q tests/test_node.py
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from pydicom.uid import (UID, CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLosslessSV1,
+                        MRImageStorage)
+
+from src.card import make_card
+from src.demo import SYNTHETIC_WARNING, verdict_threshold
+from src.dicom_out import RESEARCH_USE, TYPE_CODES
+from src.node import Destination, key, parse_destination
+from src.predictor import Predictor
+from src.runs import Run
+from src.utils import CLASSES, PipelineError
+
+from .conftest import CQ500, RSNA_SAMPLE, copy_run
+
+ROOT = Path(__file__).resolve().parents[1]
+ORTHANC = shutil.which("Orthanc") or next((p for p in ["/usr/sbin/Orthanc"] if Path(p).exists()), None)
+pytestmark = [pytest.mark.skipif(ORTHANC is None,
+                                 reason="Debian's orthanc package is not installed (.ci/run installs it)"),
+              pytest.mark.xdist_group("node")]  # one worker runs them all (--dist loadgroup): Orthanc starts once
+REAL = CQ500.exists() and RSNA_SAMPLE.exists()
+TIMEOUT = 1.5                         # the node's --series-timeout in these tests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str, log: Path | None = None):
+    """Poll `check` until it returns something true; fail naming `what` (and the node's last log lines)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        out = check()
+        if out:
+            return out
+        time.sleep(0.25)
+    tail = "\n".join(log.read_text().splitlines()[-25:]) if log and log.exists() else ""
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
+
+
+class OrthancServer:
+    """Orthanc on free local ports, its storage in a temporary folder that outlives a stop and start."""
+
+    def __init__(self, root: Path):
+        self.root, self.http, self.dicom, self.aet = root, free_port(), free_port(), "ORTHANC"
+        self.node_port, self.proc = free_port(), None   # the node it knows as a modality
+
+    def configure(self) -> None:
+        (self.root / "db").mkdir(parents=True, exist_ok=True)
+        (self.root / "orthanc.json").write_text(json.dumps({
+            "Name": "test", "StorageDirectory": str(self.root / "db"), "IndexDirectory": str(self.root / "db"),
+            "HttpPort": self.http, "DicomPort": self.dicom, "DicomAet": self.aet, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
+            "DicomModalities": {"ich": ["ICH", "127.0.0.1", self.node_port]}}))
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([ORTHANC, str(self.root / "orthanc.json")], cwd=self.root,
+                                     stdout=open(self.root / "orthanc.log", "ab"), stderr=subprocess.STDOUT)
+        wait_for(self.up, 30, "Orthanc to answer on its REST port", self.root / "orthanc.log")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+    def up(self) -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{self.http}/system", timeout=2).ok
+        except requests.ConnectionError:
+            return False
+
+    def get(self, path: str, **kw):
+        r = requests.get(f"http://127.0.0.1:{self.http}{path}", timeout=30, **kw)
+        r.raise_for_status()
+        return r
+
+    def series_of(self, study_uid: str, modality: str) -> list[dict]:
+        """Orthanc's series of a study with one modality (expanded)."""
+        r = requests.post(f"http://127.0.0.1:{self.http}/tools/find", timeout=30, json={
+            "Level": "Series", "Expand": True, "Query": {"StudyInstanceUID": study_uid, "Modality": modality}})
+        r.raise_for_status()
+        return r.json()
+
+    def instances(self, series: dict) -> list[pydicom.Dataset]:
+        return [pydicom.dcmread(io.BytesIO(self.get(f"/instances/{i}/file").content)) for i in series["Instances"]]
+
+
+class NodeProcess:
+    """`python -m src.node` in its own process, with the test's settings; killed or restarted at will."""
+
+    def __init__(self, run: Path, spool: Path, orthanc: OrthancServer):
+        self.run, self.spool, self.orthanc, self.port, self.proc = run, spool, orthanc, orthanc.node_port, None
+        self.log = spool / "node.log"
+
+    def start(self, series_timeout: float = TIMEOUT) -> None:
+        mark = self.log.read_text().count("listening as") if self.log.exists() else 0
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "src.node", "--run", str(self.run), "--send-to",
+             f"127.0.0.1:{self.orthanc.dicom}:{self.orthanc.aet}", "--port", str(self.port), "--spool-dir",
+             str(self.spool), "--series-timeout", str(series_timeout), "--cam-slices", "2", "--allowed-callers",
+             "TESTSCU,STORESCU", "--max-instance-mb", "2", "--max-series-instances", "45", "--retry-first", "0.5",
+             "--retry-max", "2", "--device", "cpu"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.spool.parent / "node.stderr", "ab"))
+        wait_for(lambda: self.proc.poll() is not None or (self.log.exists() and
+                                                          self.log.read_text().count("listening as") > mark),
+                 180, "the node to listen", self.log)
+        assert self.proc.poll() is None, (self.spool.parent / "node.stderr").read_text()[-3000:]
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        """SIGTERM: the node stops listening, finishes what it was doing and says so; the interpreter's own exit
+        (torch's teardown, seconds) is not waited for."""
+        stops = self.text().count(" stopped\n")
+        self.proc.terminate()
+        wait_for(lambda: self.proc.poll() is not None or self.text().count(" stopped\n") > stops, 60,
+                 "the node to stop", self.log)
+        self.proc.kill()
+        self.proc.wait(30)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+
+def send(port: int, datasets, calling="TESTSCU", contexts=(CTImageStorage,)) -> list[int | None]:
+    """C-STORE datasets to the node in one association (pynetdicom as a modality would); their statuses (None: no
+    answer, the association was aborted)."""
+    from pynetdicom import AE
+    ae = AE(ae_title=calling)
+    for c in contexts:  # one context per transfer syntax: each file goes in its own
+        for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLosslessSV1):
+            ae.add_requested_context(c, ts)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ICH")
+    assert assoc.is_established, f"the node refused an association from {calling}"
+    out = []
+    try:
+        for ds in datasets:
+            st = assoc.send_c_store(ds) if assoc.is_established else None
+            out.append(int(st.Status) if st and "Status" in st else None)
+    finally:
+        assoc.release() if assoc.is_established else assoc.abort()
+    return out
+
+
+def rsna(path) -> pydicom.Dataset:
+    """A competition file as an archive would send it: its SOP Class UID (kept only in the file meta) in the data
+    set."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(path)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    return ds
+
+
+def series_files(folder: Path) -> dict[str, list[Path]]:
+    """SeriesInstanceUID -> its files, for a folder of real slices."""
+    out = {}
+    for f in sorted(folder.glob("*.dcm")):
+        out.setdefault(str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID), []).append(f)
+    return out
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def predictor(trained_run):
+    """The tiny trained run (a copy, as `p.run`) with a card whose scan-level operating point (as src.evaluate writes
+    it) the node must apply and state: a threshold inside the range of this model's outputs on CQ500, so that some
+    slices are flagged and some are not."""
+    run = copy_run(trained_run, "node_op")
+    p = Predictor.load(run, "cpu")
+    p.run, p.expected = run, {}       # files -> what the Predictor says of them, computed once
+    any_ = np.sort(expected(p, sorted(CQ500.glob("*.dcm")))[0]["any"].to_numpy()) if CQ500.exists() else [0.5]
+    card = make_card(Run(run))
+    card["operating_point"] = {"member": run.name, "threshold": float(any_[len(any_) // 2]), "target_sensitivity": 0.95,
+                               "sensitivity": 0.96, "specificity": 0.4}
+    (run / "card.json").write_text(json.dumps(card))
+    p.card = card                     # what the node reads from card.json when it loads the run
+    return p
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    o = OrthancServer(tmp_path_factory.mktemp("orthanc"))
+    o.configure()
+    o.start()
+    yield o
+    if o.proc.poll() is None:
+        o.stop()
+
+
+@pytest.fixture(scope="module")
+def node(predictor, pacs, tmp_path_factory):
+    n = NodeProcess(predictor.run, tmp_path_factory.mktemp("node") / "spool", pacs)
+    n.start()
+    yield n
+    if n.proc.poll() is None:
+        n.stop()
+
+
+def expected(predictor, files) -> tuple[dict, dict]:
+    """The Predictor's own table for the files, and SOPInstanceUID -> its row."""
+    k = tuple(map(str, files))
+    if k not in predictor.expected:
+        t = predictor.predict(files)
+        uid = {f.name: str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in map(Path, files)}
+        predictor.expected[k] = t, {uid[f]: row for f, row in zip(t["file"], t.to_dict("records"))}
+    return predictor.expected[k]
+
+
+def sr_findings(sr: pydicom.Dataset) -> dict:
+    """The SR's content as plain values: top-level items by code, and per type its highest probability (with the
+    instance it was inferred from) and its flagged slices (instance -> probability)."""
+    def code(item):
+        return item.ConceptNameCodeSequence[0].CodeValue
+
+    def image_of(item):
+        return str(item.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+
+    out = {"types": {}}
+    for item in sr.ContentSequence:
+        if item.ValueType == "TEXT":
+            out[code(item)] = item.TextValue
+        elif item.ValueType == "NUM":
+            out[code(item)] = float(item.MeasuredValueSequence[0].FloatingPointValue)
+        elif item.ValueType == "CONTAINER":
+            t = {"flagged": {}}
+            for sub in item.ContentSequence:
+                if code(sub) == "P-MAX":
+                    t["max"], t["max_at"] = float(sub.MeasuredValueSequence[0].FloatingPointValue), image_of(sub)
+                elif code(sub) == "P-SLICE":
+                    t["flagged"][image_of(sub)] = float(sub.MeasuredValueSequence[0].FloatingPointValue)
+            out["types"][{v[0]: c for c, v in TYPE_CODES.items()}[code(item)]] = t
+    return out
+
+
+def results_in(pacs: OrthancServer, study_uid: str, n_sr: int = 1):
+    """(SR datasets, SC datasets) once the node's results for a study are in Orthanc."""
+    def ready():
+        srs, scs = pacs.series_of(study_uid, "SR"), pacs.series_of(study_uid, "OT")
+        return (srs, scs) if len(srs) >= n_sr and sum(len(s["Instances"]) for s in scs) >= 2 * n_sr else None
+    return ready
+
+
+def check_results(pacs, predictor, node, files, sc_count=2) -> pydicom.Dataset:
+    """The node's SR and SC series for one real series are in its study in Orthanc and say what the Predictor says."""
+    src = pydicom.dcmread(files[0], stop_before_pixels=True)
+    srs, scs = wait_for(results_in(pacs, str(src.StudyInstanceUID)), 120, f"results of {src.SeriesInstanceUID}",
+                        node.log)
+    assert len(srs) == 1 and len(scs) == 1, (srs, scs)
+    [sr] = pacs.instances(srs[0])
+    table, by_uid = expected(predictor, files)
+    # in the source study, patient copied, fresh valid UIDs
+    assert sr.StudyInstanceUID == src.StudyInstanceUID and sr.PatientID == src.PatientID
+    for u in (sr.SeriesInstanceUID, sr.SOPInstanceUID):
+        assert UID(u).is_valid and u != src.SeriesInstanceUID, u
+    assert sr.SOPClassUID == pydicom.uid.ComprehensiveSRStorage and sr.Modality == "SR"
+    # the evidence is the source series, every scored instance
+    [study] = sr.CurrentRequestedProcedureEvidenceSequence
+    [ref_series] = study.ReferencedSeriesSequence
+    assert ref_series.SeriesInstanceUID == src.SeriesInstanceUID
+    assert {str(r.ReferencedSOPInstanceUID) for r in ref_series.ReferencedSOPSequence} == set(by_uid)
+    # the numbers are the Predictor's, at the card's operating point, stated
+    f = sr_findings(sr)
+    threshold, how = verdict_threshold(predictor.card)
+    assert f["THRESHOLD"] == pytest.approx(threshold, abs=1e-12) and f["THRESHOLD-FROM"] == how
+    assert "operating point chosen out of fold" in how
+    assert f["VERDICT"] == ("suspected hemorrhage" if table["any"].max() >= threshold else "no hemorrhage found")
+    assert f["INTENDED-USE"] == RESEARCH_USE and f["WARNING"] == SYNTHETIC_WARNING  # the demo model: generated data
+    assert "Trained on" in f["MODEL-CARD"] and f"{threshold:.3f}" in f["MODEL-CARD"]
+    for c in CLASSES:
+        t = f["types"][c]
+        assert t["max"] == pytest.approx(table[c].max(), abs=1e-5), c
+        assert by_uid[t["max_at"]][c] == pytest.approx(table[c].max(), abs=1e-5)
+        want = {u: row[c] for u, row in by_uid.items() if row[c] >= threshold}
+        assert set(t["flagged"]) == set(want), c
+        for u, p in t["flagged"].items():
+            assert p == pytest.approx(want[u], abs=1e-5)
+    assert f["types"]["any"]["flagged"] or f["VERDICT"] == "no hemorrhage found"
+    # the Grad-CAM images decode, from Orthanc's file and as Orthanc renders them, and point at their source slices
+    images = pacs.instances(scs[0])
+    assert len(images) == sc_count
+    top = table.sort_values("any", ascending=False, kind="stable")
+    top_uids = [u for u, row in by_uid.items() if row["any"] >= top["any"].iloc[sc_count - 1]]
+    for im in images:
+        assert UID(im.SOPInstanceUID).is_valid
+        assert im.SeriesInstanceUID not in (sr.SeriesInstanceUID, src.SeriesInstanceUID)
+        assert im.StudyInstanceUID == src.StudyInstanceUID and im.BurnedInAnnotation == "YES"
+        px = im.pixel_array
+        assert px.ndim == 3 and px.shape[2] == 3 and px.dtype == np.uint8 and px.std() > 5
+        assert str(im.SourceImageSequence[0].ReferencedSOPInstanceUID) in top_uids
+    assert scs[0]["MainDicomTags"]["SeriesInstanceUID"] in f["OVERLAYS"]
+    png = pacs.get(f"/instances/{scs[0]['Instances'][0]}/preview").content
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    return sr
+
+
+# ---------------------------------------------------------------- tests
+
+def test_names_destinations_and_command_line_errors(tmp_path):
+    assert key("1.2.840.113619.2.55") == "1.2.840.113619.2.55" and key("ID_44cfc8e964") == "ID_44cfc8e964"
+    for uid in ("../../etc", ".", "..", "a/b", "x" * 65, "", "1.2 3"):  # never a path outside its folder
+        assert key(uid).startswith("@") and len(key(uid)) == 33, uid
+    assert parse_destination("pacs.example.org:4242:ORTHANC") == Destination("pacs.example.org", 4242, "ORTHANC")
+    assert parse_destination("[::1]:104:PACS") == Destination("::1", 104, "PACS")
+    for bad in ("pacs:port:AET", "pacs:4242", "pacs:4242:" + "A" * 17, ":4242:AET"):
+        with pytest.raises(PipelineError, match="HOST:PORT:AET"):
+            parse_destination(bad)
+    for args, says in ((["--send-to", "pacs:4242:ORTHANC"], "--run"), (["--run", "r"], "--send-to"),
+                       (["--run", "r", "--send-to", "pacs:4242:ORTHANC", "--series-timeout", "0"], "--series-timeout")):
+        r = subprocess.run([sys.executable, "-m", "src.node", *args, "--spool-dir", str(tmp_path)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and says in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_echo_and_callers(node):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+    for calling, ok in (("TESTSCU", True), ("STRANGER", False)):
+        ae = AE(ae_title=calling)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="ICH")
+        assert assoc.is_established == ok
+        if ok:
+            assert assoc.send_c_echo().Status == 0
+            assoc.release()
+    wait_for(lambda: "calling AE title 'STRANGER' is not in --allowed-callers" in node.text(), 10, "the refusal logged")
+
+
+@pytest.mark.skipif(not REAL, reason="the real series in ../shared are absent")
+def test_real_series_come_back_as_sr_and_images_in_their_study(node, pacs, predictor):
+    cq500 = sorted(CQ500.glob("*.dcm"))
+    test_series = list(series_files(RSNA_SAMPLE / "stage_2_test_images").values())[0]
+    storescu = shutil.which("storescu")
+    if storescu:  # dcmtk, as a scanner or an archive would send; -xs proposes JPEG Lossless, the files' syntax
+        r = subprocess.run([storescu, "-xs", "-aet", "STORESCU", "-aec", "ICH", "127.0.0.1", str(node.port),
+                            *map(str, cq500)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    else:
+        assert send(node.port, [pydicom.dcmread(f) for f in cq500]) == [0] * len(cq500)
+    assert send(node.port, [rsna(f) for f in test_series]) == [0] * len(test_series)
+    sr = check_results(pacs, predictor, node, cq500)
+    check_results(pacs, predictor, node, test_series)
+    if shutil.which("dsr2html"):  # dcmtk renders the report as a viewer would
+        sr.save_as(node.spool.parent / "sr.dcm")
+        html = subprocess.run(["dsr2html", str(node.spool.parent / "sr.dcm")], capture_output=True, text=True).stdout
+        assert "Verdict" in html and "Research use, not a medical device" in html
+
+
+@pytest.mark.skipif(not REAL, reason="the real series in ../shared are absent")
+def test_duplicates_count_once_and_bad_instances_are_refused_or_skipped(node, pacs, predictor):
+    files = list(series_files(RSNA_SAMPLE / "stage_2_test_images").values())[1]
+    good = [rsna(f) for f in files]
+    mr = rsna(files[0])
+    mr.SOPClassUID, mr.Modality, mr.SOPInstanceUID = MRImageStorage, "MR", pydicom.uid.generate_uid()
+    mr.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    huge_header = rsna(files[1])
+    huge_header.Rows = huge_header.Columns = 4096
+    huge_header.SOPInstanceUID = pydicom.uid.generate_uid()
+    truncated = rsna(files[2])  # a header that passes, pixel data that does not: skipped when the series is scored
+    truncated.SOPInstanceUID, truncated.PixelData = pydicom.uid.generate_uid(), truncated.PixelData[:4000]
+    lone = rsna(files[3])       # the only instance of its series, and broken: that series fails, nothing else
+    lone.SeriesInstanceUID, lone.SOPInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    lone.PixelData = lone.PixelData[:4000]
+    statuses = send(node.port, good[:20] + good[:5] + [mr, huge_header, truncated, lone] + good[20:] + good[-3:],
+                    contexts=(CTImageStorage, MRImageStorage))
+    assert statuses == [0] * 25 + [0xC000, 0xC000, 0, 0] + [0] * (len(good) - 20 + 3)
+    # an instance larger than --max-instance-mb aborts its association while it streams
+    big = rsna(files[4])
+    big.SOPInstanceUID, big.Rows, big.Columns = pydicom.uid.generate_uid(), 1024, 1024
+    big.PixelData = np.zeros((1024, 1024), np.int16).tobytes()
+    assert send(node.port, [big]) == [None]
+    check_results(pacs, predictor, node, files)   # every good instance once, the truncated one not among them
+    wait_for(lambda: f"series {lone.SeriesInstanceUID} not scored" in node.text(), 60, "the broken series to fail",
+             node.log)
+    log = node.text()
+    assert f"skipped {truncated.SOPInstanceUID}.dcm: pixel data too short" in log
+    assert "not a CT Image" in log and "image of 4096 x 4096 pixels" in log
+    assert "aborted: an instance over 2 MB" in log
+    assert "8 duplicate(s), 2 refused" in log  # good[:5] and good[-3:] again, in the same association
+    assert list((node.spool / "failed").glob(f"{lone.SeriesInstanceUID}-*/reason.txt"))
+    assert not list(node.spool.rglob(f"{big.SOPInstanceUID}*"))  # nothing of the aborted instance was kept
+
+
+@pytest.mark.skipif(not REAL, reason="the real series in ../shared are absent")
+def test_series_over_its_limit_is_refused_and_not_scored(node, pacs):
+    series, study = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    copies = []
+    for _ in range(46):               # one real slice under 46 instance UIDs: one more than --max-series-instances
+        ds = pydicom.dcmread(sorted(CQ500.glob("*.dcm"))[0])
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, pydicom.uid.generate_uid()
+        copies.append(ds)
+    assert send(node.port, copies) == [0] * 45 + [0xA700]
+    wait_for(lambda: f"series {series} not scored" in node.text(), 60, "the series over its limit to be set aside",
+             node.log)
+    time.sleep(1)
+    assert pacs.series_of(study, "SR") == []
+
+
+@pytest.mark.skipif(not REAL, reason="the real series in ../shared are absent")
+def test_killed_mid_series_restarts_from_its_spool(node, pacs, predictor):
+    files = list(series_files(RSNA_SAMPLE / "stage_2_train_images").values())[0]
+    half = len(files) // 2
+    from pynetdicom import AE
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="ICH")
+    for f in files[:half]:
+        assert assoc.send_c_store(rsna(f)).Status == 0
+    node.kill9()                      # mid-series, mid-association, before the series could be quiet
+    assoc.abort()
+    assert len(list((node.spool / "incoming").glob("*/*.dcm"))) == half
+    node.start(series_timeout=4)      # the time a restarted node gives its senders to resume
+    # the sender resumes, re-sending a few it had sent: they count once
+    assert send(node.port, [rsna(f) for f in files[half - 3:]]) == [0] * (len(files) - half + 3)
+    check_results(pacs, predictor, node, files)
+
+
+@pytest.mark.skipif(not REAL, reason="the real series in ../shared are absent")
+def test_results_wait_while_the_pacs_is_down(node, pacs, predictor):
+    files = list(series_files(RSNA_SAMPLE / "stage_2_train_images").values())[1]
+    pacs.stop()
+    try:
+        assert send(node.port, [rsna(f) for f in files]) == [0] * len(files)
+        wait_for(lambda: node.text().count("not delivered:") >= 2, 120, "two failed deliveries", node.log)
+        assert list((node.spool / "outbox").glob("*/*.dcm"))
+    finally:
+        pacs.start()
+    check_results(pacs, predictor, node, files)
+    wait_for(lambda: not list((node.spool / "outbox").glob("*/*.dcm")), 30, "the outbox to empty", node.log)
+    assert "attempt 2, next in 1 s" in node.text()
