@@ -19,7 +19,7 @@ folds): per-class weights, one weight per member, the best single member (chosen
 per-class weights shrunk halfway toward equal.
 
 Runs go to OUT/runs/bench_<arm>_s<seed>/ and are reused when rerun with the same settings; results are appended
-to bench/out/stage1_defaults.jsonl.
+to bench/out/stage1_defaults.jsonl; --report-only prints the table of the rows already there.
 """
 from __future__ import annotations
 
@@ -120,14 +120,25 @@ def main():
     ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, help="comma-separated setting=value changes per arm")
     ap.add_argument("--stage2", action="store_true", help="also GRU, trees and blend variants per seed")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--report-only", action="store_true",
+                    help="print the table of the arms' rows already in bench/out/stage1_defaults.jsonl (the latest row "
+                         "of each arm and seed), training nothing")
     a = ap.parse_args()
+    log = ROOT / "bench" / "out" / "stage1_defaults.jsonl"
+    if a.report_only:
+        df = pd.DataFrame([json.loads(line) for line in log.read_text().splitlines() if line.strip()])
+        df = df[(df["data"] == Path(a.data_dir).resolve().name) & (df["k"] == a.k) & (df["seed"] < a.seeds)]
+        arms = [arm or "(spec)" for arm in a.arms]
+        df = df[df["arm"].isin(arms)].drop_duplicates(["arm", "seed"], keep="last")
+        df = df.sort_values("arm", key=lambda c: c.map(arms.index), kind="stable")
+        print(summary(df.dropna(axis=1, how="all")))
+        return
     spec = load_yaml(a.spec, TrainConfig)
     out = out_for(a.data_dir, spec["img_size"], spec["img_size"])
     _, meta = load_cache(out / "cache")
     labels, _ = cached_labels(a.data_dir)
     ok = meta[(meta.split == "train") & (meta.status == "ok")].set_index("ID")
     rows = []
-    log = ROOT / "bench" / "out" / "stage1_defaults.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)
     for seed in range(a.seeds):
         folds_file = out / f"bench_folds_k{a.k}_s{seed}.csv"
@@ -157,7 +168,7 @@ def summary(df: pd.DataFrame) -> str:
     """Per arm: mean and sd over seeds, and the paired gap to the first arm with its flag."""
     metrics = [c for c in df.columns if c == "wll" or c == "ratio" or c == "auc_any" or c.startswith(("member", "blend"))]
     first = df["arm"].iloc[0]
-    lines = [f"{df['data'].iloc[0]}, K={df['k'].iloc[0]}, seeds {sorted(df['seed'].unique())}",
+    lines = [f"{df['data'].iloc[0]}, K={df['k'].iloc[0]}, seeds {sorted(int(s) for s in df['seed'].unique())}",
              "| arm | " + " | ".join(f"{m} (mean +- sd)" for m in metrics) + " | gap in wll to " + first + " |",
              "|---|" + "---:|" * (len(metrics) + 1)]
     base = df[df.arm == first].set_index("seed")["wll"]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# one thread per pytest-xdist worker (the workers are the parallelism; two threads each would contend for 2 cores)
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 RSNA_SAMPLE = SHARED / "rsna_sample"
