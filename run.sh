@@ -14,6 +14,7 @@
 # available), MODELS (space-separated model specs to run instead of the device's list, e.g.
 # MODELS=configs/densenet121_256_25d.yaml), TRAIN_FLAGS, SEQ_FLAGS and
 # BOOST_FLAGS (appended to every stage-1 / GRU / LightGBM command, e.g. TRAIN_FLAGS="--epochs 1" for a smoke run),
+# BLEND_FLAGS (the blend of a run's stages, default by device: --weights fit-global on CPU, fit on GPU),
 # CACHE_SIZE (cached image size: 256 on GPU, 128 on CPU), FOLDS_FILE, SUBMISSIONS_DIR, OVERWRITE,
 # SUBSET and SUBSET_SEED (a label-stratified subset of whole patients, src/subset.py: its own data tag <data>_sub<N>),
 # LAUNCH (how stage 1 is started; several GPUs: LAUNCH=".venv/bin/torchrun --nproc_per_node=4"; batch sizes are
@@ -33,6 +34,10 @@ CPU_CONFIGS=(configs/resnet10t_128.yaml)
 # model reads the stage-1 logits only (docs/pipeline.md); pretrained GPU models share one: embeddings + logits
 GPU_SEQ_FLAGS="--features both"
 CPU_SEQ_FLAGS="--features logits"
+# blend weights: per class on the GPU specs' full data; one weight per member for the CPU spec, which runs on small
+# data, where 18 per-class weights overfit (measured on the real sample over 3 seeds: docs/figures.md)
+GPU_BLEND_FLAGS="--weights fit"
+CPU_BLEND_FLAGS="--weights fit-global"
 K_GIVEN=${K:-}
 K=${K:-5}
 SEED=${SEED:-42}
@@ -95,8 +100,10 @@ OUT_DIR=${OUT_DIR:-$($PY -m src.layout out --data-dir "$INPUT_DIR")}      # outp
 echo "data: $INPUT_DIR -> outputs: $OUT_DIR"
 
 DEVICE_CONFIG=${DEVICE_CONFIG:-$($PY -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")}
-if [ "$DEVICE_CONFIG" = gpu ]; then CONFIGS=("${GPU_CONFIGS[@]}"); IMG=${CACHE_SIZE:-256}; SEQ_FLAGS="$GPU_SEQ_FLAGS $SEQ_FLAGS"; else
+if [ "$DEVICE_CONFIG" = gpu ]; then CONFIGS=("${GPU_CONFIGS[@]}"); IMG=${CACHE_SIZE:-256}; SEQ_FLAGS="$GPU_SEQ_FLAGS $SEQ_FLAGS"
+  BLEND_FLAGS=${BLEND_FLAGS:-$GPU_BLEND_FLAGS}; else
   CONFIGS=("${CPU_CONFIGS[@]}"); IMG=${CACHE_SIZE:-128}; SEQ_FLAGS="$CPU_SEQ_FLAGS $SEQ_FLAGS"
+  BLEND_FLAGS=${BLEND_FLAGS:-$CPU_BLEND_FLAGS}
   echo "no GPU: using the small CPU configuration (resnet10t, 128 px, few epochs); DEVICE_CONFIG=gpu overrides"
 fi
 # shellcheck disable=SC2206
@@ -130,7 +137,8 @@ for CFG in "${CONFIGS[@]}"; do
     step "boost $NAME fold $k" $PY -m src.boost --stage1 "$RUN" --fold "$k" $BOOST_FLAGS $OW
   done
   # ---- 7. the blend of the run's stages (fitted once on OOF; the Predictor applies it) and their report ----
-  step "blend $NAME" $PY -m src.blend "$RUN" $OW
+  # shellcheck disable=SC2086
+  step "blend $NAME" $PY -m src.blend "$RUN" $BLEND_FLAGS $OW
   step "evaluate stage 1 vs stage 2 ($NAME)" $PY -m src.evaluate "$RUN"
   # ---- 8. the trained model as one portable file (src/export.py): what a colleague or a hospital loads ----
   step "bundle $NAME" $PY -m src.export "$RUN" $OW
@@ -139,8 +147,9 @@ done
 
 # ---- 9. blend every model's stages and write the submission ----
 SUB=$($PY -m src.layout submission --name "${TAG}_blend" --submissions-dir "$SUBMISSIONS_DIR")
+# shellcheck disable=SC2086
 step "ensemble" $PY -m src.ensemble "${RUNS[@]}" --name "${TAG}_blend" --data-dir "$INPUT_DIR" \
-  --submissions-dir "$SUBMISSIONS_DIR" $OW
+  --submissions-dir "$SUBMISSIONS_DIR" $BLEND_FLAGS $OW
 $PY -m src.submit "$SUB" -m "$TAG blend" --data-dir "$INPUT_DIR" --dry-run
 
 echo "total: $(( $(date +%s) - T_START ))s"
