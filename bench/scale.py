@@ -57,7 +57,8 @@ FULL = 874_035
 STEP_KINDS = [("prepare cache", "prepare cache"), ("folds", "folds"), ("train", "train (5 folds, capped)"),
               ("evaluate stage 1 vs", "evaluate (members)"), ("evaluate", "evaluate (stage 1)"),
               ("predict", "predict (test, 5 folds)"), ("sequence", "stage 2: GRU (5 folds)"),
-              ("boost", "stage 2: LightGBM (5 folds)"), ("ensemble", "ensemble + submission")]
+              ("boost", "stage 2: LightGBM (5 folds)"), ("blend", "blend"), ("bundle", "bundle (model file)"),
+              ("ensemble", "ensemble + submission")]
 
 
 # ---------------------------------------------------------------- data

@@ -73,3 +73,14 @@ def test_readme_is_a_landing_page_whose_links_into_docs_resolve():
     for page in sorted((ROOT / "docs").glob("*.md")):  # and the docs' links to each other and to files
         for link in re.findall(r"\]\(([^)#\s:]+)(?:#[^)]*)?\)", page.read_text()):
             assert (page.parent / link).exists(), f"{page.name}: {link}"
+
+
+def test_the_scale_rehearsal_knows_every_step_of_run_sh():
+    """bench/scale.py groups run.sh's steps by name: a step added to run.sh without a group there would end a
+    rehearsal of hours at its report."""
+    text = (ROOT / "bench" / "scale.py").read_text()
+    kinds = ast.literal_eval(text.split("STEP_KINDS = ", 1)[1].split("\n\n", 1)[0])
+    names = re.findall(r'^\s*step "([^"$]+)', (ROOT / "run.sh").read_text(), flags=re.M)
+    assert len(names) >= 10
+    for name in names:
+        assert any(name.startswith(prefix) for prefix, _ in kinds), name
