@@ -83,9 +83,9 @@ INPUT_DIR=${INPUT_DIR:-input}
 if [ ! -f "$INPUT_DIR/stage_2_train.csv" ]; then
   echo "no competition data in $INPUT_DIR/ (stage_2_train.csv): using generated demo data in input/demo"
   INPUT_DIR=input/demo
-  # 24 patients in 3 folds: a fresh clone's whole run within ~10 min on 2 cores (docs/pipeline.md has the figures)
+  # 20 patients in 3 folds: a fresh clone's whole run within ~10 min on 2 cores (docs/pipeline.md has the figures)
   K=${K_GIVEN:-3}
-  [ -f "$INPUT_DIR/stage_2_sample_submission.csv" ] || $PY -m src.synth --data-dir "$INPUT_DIR" --patients 24 --overwrite
+  [ -f "$INPUT_DIR/stage_2_sample_submission.csv" ] || $PY -m src.synth --data-dir "$INPUT_DIR" --patients 20 --overwrite
 fi
 # SUBSET=N: about N labelled training slices of whole patients, stratified on label presence, made (or reused) as a
 # data folder of symlinks in outputs/subsets/<data>_sub<N>/; its name is the data tag, so nothing mixes with the full
