@@ -45,6 +45,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.sample_cost import per_sample_ms  # noqa: E402
+from bench.scale import drop_page_cache  # noqa: E402
 from src import prepare as P  # noqa: E402
 from src.data import Augment, EpochSampler, SliceDataset, collate  # noqa: E402
 from src.dicom import DEFAULT_WINDOWS, pixels, read_dicom, rescale_params, window  # noqa: E402
@@ -218,20 +219,6 @@ def run_candidates(a) -> dict:
 
 
 # ---------------------------------------------------------------- full epochs on a cache larger than memory
-def memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def evict(path: Path) -> None:
-    """Drop a file's pages from the page cache (clean pages: no root needed)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def replicated(base: np.ndarray, prev: np.ndarray, nxt: np.ndarray, n: int):
     """Row q of the big data set is base row q % len(base) (series order, replica after replica): the neighbours
     of every q, and `position`, where q lies in today's file order (a random permutation: file names are IDs)."""
@@ -294,7 +281,7 @@ def disk_room(work: Path, need: int, keep_free: float) -> None:
 def run_epochs(a) -> dict:
     """Cold and warm epochs of both formats on a data set whose uncompressed array is >= 1.2x memory."""
     base, _, bprev, bnxt = real_rows(Path(a.data), a.size)
-    row_bytes, mem = base[0].nbytes, memory_bytes()
+    row_bytes, mem = base[0].nbytes, P.physical_memory()
     n = a.rows or math.ceil(1.2 * mem / row_bytes)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -311,7 +298,7 @@ def run_epochs(a) -> dict:
         res["today_bytes"], res["today_write_s"] = old.stat().st_size, time.perf_counter() - t
         say(f"today's format: {n:,} rows, {res['today_bytes'] / 1e9:.1f} GB ({res['today_bytes'] / mem:.2f}x memory)")
         for w, ch in configs:
-            evict(old)
+            drop_page_cache(old)
             res["today"][f"{w},{ch}"] = {"cold_s": epoch_seconds(str(old), pos, pos[prev], pos[nxt], ch, w, a.today_fraction)}
             say(f"  today, {w} worker(s), {ch} channels, cold: {res['today'][f'{w},{ch}']['cold_s']:.1f} s")
         old.unlink()
@@ -332,7 +319,7 @@ def run_epochs(a) -> dict:
     say(f"compact format: {res['compact_bytes'] / 1e9:.2f} GB")
     rows = np.arange(n)
     for w, ch in configs:
-        evict(new)
+        drop_page_cache(new)
         cold = epoch_seconds(P.PackedImages(new), rows, prev, nxt, ch, w, a.compact_fraction)
         P.prefetch(str(new), P.PackedImages(new).spans())
         warm = epoch_seconds(P.PackedImages(new), rows, prev, nxt, ch, w, a.compact_fraction)

@@ -238,7 +238,7 @@ def main():
 
 
 def drop_page_cache(path: Path):
-    """Evict a file's pages from the page cache (clean pages only, which a read-only memory map's are)."""
+    """Evict a file's pages from the page cache (fsync first: dirty pages cannot be dropped; no root needed)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
