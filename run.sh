@@ -155,5 +155,5 @@ $PY -m src.submit "$SUB" -m "$TAG blend" --data-dir "$INPUT_DIR" --dry-run
 echo "total: $(( $(date +%s) - T_START ))s"
 echo "submission: $SUB   (upload: python -m src.submit $SUB -m \"message\" --data-dir $INPUT_DIR)"
 for CFG in "${CONFIGS[@]}"; do
-  echo "model: $($PY -m src.layout bundle --out-dir "$OUT_DIR" --name "$(basename "$CFG" .yaml)")   (load: Predictor.load(FILE); try: python -m src.demo --run FILE DICOMS...)"
+  echo "model: $($PY -m src.layout bundle --out-dir "$OUT_DIR" --name "$(basename "$CFG" .yaml)")   (load: Predictor.load(FILE); try: python -m src.serve.demo --run FILE DICOMS...)"
 done

@@ -26,7 +26,9 @@ import pydicom
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src.data import SliceDataset, collate  # noqa: E402
 from src.dicom import DEFAULT_WINDOWS  # noqa: E402
-from src.prepare import decode_one, list_files, load_cache, prepare  # noqa: E402
+from src.cache import load_cache  # noqa: E402
+from src.scans import decode_one  # noqa: E402
+from src.prepare import list_files, prepare  # noqa: E402
 
 
 def baseline(path, size):

@@ -106,7 +106,8 @@ def rows_to_measure(size: int, rows: int) -> np.ndarray:
     """The real sample's slices at `size` (cycled up to `rows`), or noise in an ellipse where it is not there."""
     real = Path(__file__).resolve().parents[2] / "shared" / "rsna_sample"
     if (real / "stage_2_train_images").is_dir():
-        from src.prepare import decode_files, list_files
+        from src.scans import decode_files
+        from src.prepare import list_files
         images, _ = decode_files(list_files(real)["path"].tolist(), size=size)
         return images[np.arange(rows) % len(images)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,7 +116,7 @@ def rows_to_measure(size: int, rows: int) -> np.ndarray:
 
 
 def write_packed(path: Path, images: np.ndarray):
-    from src.prepare import encode_image, packed_tail
+    from src.cache import encode_image, packed_tail
     blobs = [encode_image(x) for x in images]
     path.write_bytes(b"".join(blobs) + packed_tail(np.r_[0, np.cumsum([len(b) for b in blobs])], images.shape))
 

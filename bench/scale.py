@@ -48,6 +48,7 @@ from joblib import Parallel, delayed
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from src.labels import to_long  # noqa: E402
+from src import layout  # noqa: E402
 from src.layout import SPLITS, SYNTHETIC_MARKER  # noqa: E402
 from src.prepare import list_files  # noqa: E402
 from src.synth import generate  # noqa: E402
@@ -253,14 +254,14 @@ def loader_cost(cache_dir: Path, n: int = 300) -> dict:
     background prefetch, PackedImages.warm, the rest) and warm (the same samples again, from the page cache)."""
     from bench.sample_cost import per_sample_ms
     from src.data import Augment, SliceDataset, neighbour_rows
-    from src.prepare import cache_paths, load_cache
+    from src.cache import load_cache
     images, meta = load_cache(cache_dir)
     prev, nxt = neighbour_rows(meta)
     ok = (meta.status == "ok").to_numpy()
     out = {}
     for mode in ("windows", "slices_windows"):
         ds = SliceDataset(images, meta["row"][ok], None, prev[ok], nxt[ok], mode, images.shape[1], Augment())
-        drop_page_cache(cache_paths(cache_dir)["images"])
+        drop_page_cache(layout.cache_files(cache_dir)["images"])
         r = {}
         for state in ("cold", "warm"):
             t = time.perf_counter()

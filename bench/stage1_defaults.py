@@ -43,7 +43,8 @@ from src.labels import cached_labels  # noqa: E402
 from src.layout import ROOT  # noqa: E402
 from src.metrics import per_class_auc, weighted_log_loss  # noqa: E402
 from src.predict import predict_run  # noqa: E402
-from src.prepare import load_cache, prepare  # noqa: E402
+from src.cache import load_cache  # noqa: E402
+from src.prepare import prepare  # noqa: E402
 from src.runs import Run  # noqa: E402
 from src.sequence import SeqConfig, train_sequence  # noqa: E402
 from src.train import train  # noqa: E402

@@ -28,7 +28,8 @@ from src.data import Augment, EpochSampler, SliceDataset, collate, neighbour_row
 from src.engine import adamw, amp_settings, configure_backend, pick_device, train_one_epoch  # noqa: E402
 from src.metrics import WeightedBCE  # noqa: E402
 from src.model import create_model  # noqa: E402
-from src.prepare import load_cache, prepare  # noqa: E402
+from src.cache import load_cache  # noqa: E402
+from src.prepare import prepare  # noqa: E402
 from src.synth import generate  # noqa: E402
 
 

@@ -26,7 +26,7 @@ def main():
         raise SystemExit("error: chromium is not installed (Debian: apt-get install chromium)")
     files = sorted(str(f) for p in map(Path, a.files) for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
     sys.path.insert(0, str(ROOT))
-    from src.webapp import launched
+    from src.serve.webapp import launched
     with launched(a.run) as (url, _):
         from playwright.sync_api import sync_playwright
         with sync_playwright() as pw:

@@ -5,15 +5,14 @@ layout (the model normalises them on the device, which moves 4x fewer bytes than
 labels, and the sample's index.
 Augmentation draws from a generator seeded by (seed, epoch, index), so a sample's augmentation does
 not depend on worker count or process, and a resumed run sees exactly the batches it would have seen.
-The cache travels to loader workers as its path and is opened again in each: the compact cache of src.prepare
-(PackedImages: rows decompressed on demand, a 2.5D sample's adjacent rows read at once, the data set's rows read
-into the page cache in the background on first use) or a plain .npy array (CacheImages, memory-mapped). Samples
+The cache travels to loader workers as its path and is opened again in each (src.cache.PackedImages: rows
+decompressed on demand, a 2.5D sample's adjacent rows read at once, the data set's rows read into the page cache in
+the background on first use); an in-memory array (a user's decoded files) is used as it is. Samples
 are assembled, flipped and warped by cv2 one 3-channel slice at a time (bench/sample_cost.py measures it).
 """
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import threading
 
@@ -23,7 +22,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .prepare import PackedImages
+from .cache import PackedImages
 from .utils import CLASSES, PipelineError
 
 # One OpenCV thread: the parallelism is the loader's worker processes, and N workers x an all-cores OpenCV pool
@@ -42,58 +41,6 @@ def neighbour_rows(meta: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     prev = np.array([row_of.get(p, r) if p else r for p, r in zip(meta["prev_id"].fillna(""), own)], dtype=np.int64)
     nxt = np.array([row_of.get(n, r) if n else r for n, r in zip(meta["next_id"].fillna(""), own)], dtype=np.int64)
     return prev, nxt
-
-
-class CacheImages:
-    """An image array saved as .npy, by its path, memory-mapped read-only on first use in each process.
-
-    Pickles as the path alone: DataLoader workers started by `spawn` or `forkserver` (macOS; Python 3.14's
-    Linux default) map the file themselves instead of each receiving a copy of the whole array. Indexes,
-    `shape`, `dtype` and `len` like the array."""
-
-    def __init__(self, path):
-        self.path, self._array = str(path), None
-
-    @property
-    def array(self) -> np.ndarray:
-        if self._array is None:
-            self._array = np.load(self.path, mmap_mode="r")
-        return self._array
-
-    def __getstate__(self):
-        return {"path": self.path}
-
-    def __setstate__(self, state):
-        self.__init__(state["path"])
-
-    def __getitem__(self, key):
-        return self.array[key]
-
-    def __len__(self):
-        return len(self.array)
-
-    shape = property(lambda self: self.array.shape)
-    dtype = property(lambda self: self.array.dtype)
-
-    def __array__(self, dtype=None, copy=None):
-        return np.array(self.array, dtype, copy=copy)
-
-
-def lazy_images(images):
-    """A path (a .npy file, else src.prepare's compact cache) or a read-only memory map of a whole .npy file ->
-    CacheImages or PackedImages of that file; anything else (PackedImages, which load_cache returns, an in-memory
-    array, a slice of a map) as it is."""
-    if isinstance(images, (str, os.PathLike)):
-        return CacheImages(images) if str(images).endswith(".npy") else PackedImages(images)
-    if isinstance(images, np.memmap) and images.mode == "r" and isinstance(images.base, mmap.mmap) and images.filename:
-        try:
-            lazy = CacheImages(images.filename)
-            a = lazy.array
-        except (OSError, ValueError):  # mapped, but not a .npy file
-            return images
-        if (a.shape, a.dtype, a.strides, a.offset) == (images.shape, images.dtype, images.strides, images.offset):
-            return lazy
-    return images
 
 
 def channels(img: np.ndarray) -> int:
@@ -190,13 +137,13 @@ def crop_border(parts: list[np.ndarray], margin: int = 4) -> list[np.ndarray]:
 
 
 class SliceDataset(Dataset):
-    """Samples from the cache. images: the cache's path, what load_cache returns (PackedImages), a .npy memory map
-    (these are reopened lazily in each process) or an in-memory array; rows: cache rows of the samples; labels:
-    (N, 6) or None."""
+    """Samples from the cache. images: the cache's path or what load_cache returns (PackedImages: reopened lazily in
+    each process), or an in-memory array; rows: cache rows of the samples; labels: (N, 6) or None."""
 
     def __init__(self, images, rows, labels=None, prev_rows=None, next_rows=None, mode="windows", size=None,
                  augment: Augment | None = None, crop=False, seed=0):
-        self.images, self.rows = lazy_images(images), np.asarray(rows, dtype=np.int64)
+        self.images = PackedImages(images) if isinstance(images, (str, os.PathLike)) else images
+        self.rows = np.asarray(rows, dtype=np.int64)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.float32)
         if mode != "windows" and (prev_rows is None or next_rows is None):
             raise PipelineError(f"input_mode {mode!r} needs the neighbour rows of every sample")

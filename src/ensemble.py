@@ -28,7 +28,7 @@ from . import layout, submission
 from .blend import blend, describe, fit_blend, members, run_blend, weight_matrix
 from .bundle import is_bundle
 from .config import parse_config, positional
-from .prepare import cache_fingerprint, cache_settings, load_cache
+from .cache import cache_fingerprint, cache_settings, load_cache
 from .runs import Run
 from .stamps import Stamp, announce_skip, file_fingerprint, fingerprint, guard
 from .utils import CLASSES, PipelineError, cli_main, write_json

@@ -38,7 +38,7 @@ from .intervals import RESAMPLES, uncertainty  # noqa: E402
 from .config import parse_config, positional  # noqa: E402
 from .labels import cached_labels, read_labels  # noqa: E402
 from .metrics import report  # noqa: E402
-from .prepare import load_cache  # noqa: E402
+from .cache import load_cache  # noqa: E402
 from .stamps import Stamp, announce_skip, file_fingerprint, guard  # noqa: E402
 from .utils import CLASSES, PipelineError, atomic_path, atomic_write, cli_main, write_json  # noqa: E402
 

@@ -12,7 +12,7 @@ whether the data was generated), the versions of torch, timm and LightGBM and th
 manifest with the SHA-256 of every member. No pickle anywhere; src/bundle.py lists what a loader refuses.
 
     from src.predictor import Predictor
-    p = Predictor.load("resnet10t_128.ichbundle")        # as a run folder; src.predict, src.demo, src.webapp and
+    p = Predictor.load("resnet10t_128.ichbundle")        # as a run folder; src.predict, src.serve.demo, src.serve.webapp and
     p.predict(["/path/to/series/"])                      # src.ensemble take a bundle wherever they take a run
 
 ONNX (`--onnx DIR`): each fold's stage-1 network, uint8 images (N, C, H, W) in, probabilities (N, 6) and the

@@ -26,7 +26,7 @@ from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from . import layout
 from .config import parse_config, positional
 from .labels import cached_labels
-from .prepare import load_cache
+from .cache import load_cache
 from .runs import load_folds
 from .stamps import announce_run, announce_skip
 from .utils import CLASSES, PipelineError, cli_main, write_csv

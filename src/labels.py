@@ -126,7 +126,8 @@ def cached_labels(data_dir, out_dir=None, cache=None) -> tuple[pd.DataFrame, str
     if not src.exists():
         read_labels(src)  # the standard error message
     cache = Path(cache) if cache else layout.cache_dir(data_dir, out_dir)
-    table, info = cache / "labels.csv", cache / "labels.json"
+    files = layout.cache_files(cache)
+    table, info = files["labels"], files["labels_info"]
     st = src.stat()
     quick = {"source": str(src.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     if table.exists() and info.exists():

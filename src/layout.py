@@ -58,6 +58,19 @@ def cache_dir(data_dir, out_dir=None) -> Path:
     return out_root(data_dir, out_dir) / "cache"
 
 
+# ---- files of the image cache (OUT/cache): src.prepare builds them, src.cache reads them. old_images / old_partial
+# are the uncompressed format's (VERSIONS["prepare"] < 3), removed by an --overwrite rebuild; labels / labels_info:
+# the label file parsed once (src.labels.cached_labels)
+CACHE_FILES = dict(images="images.bin", partial="images.partial.bin", meta="metadata.csv", summary="summary.json",
+                   config="cache_config.json", chunks="chunks", old_images="images.npy", old_partial="images.partial.npy",
+                   labels="labels.csv", labels_info="labels.json")
+
+
+def cache_files(cache: Path) -> dict[str, Path]:
+    """The image cache's files in the folder `cache` (CACHE_FILES' names)."""
+    return {k: Path(cache) / v for k, v in CACHE_FILES.items()}
+
+
 def folds_path(data_dir, k: int, seed: int) -> Path:
     return ROOT / "folds" / f"{dataset_tag(data_dir)}_k{k}_seed{seed}.csv"
 

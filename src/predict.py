@@ -25,7 +25,8 @@ from . import layout
 from .config import parse_config, positional
 from .bundle import is_bundle
 from .labels import cached_labels
-from .prepare import cache_fingerprint, decode_files, load_cache, windows_from_settings
+from .cache import cache_fingerprint, load_cache, windows_from_settings
+from .scans import decode_files
 from .runs import Run
 from .stamps import Stamp, announce_skip, guard
 from .utils import CLASSES, PipelineError, cli_main, write_csv, write_json, write_npy
@@ -54,7 +55,7 @@ def write_fold_outputs(out_dir: Path, ids_ok, probs, emb, ids_missing, prior):
 
 
 def predict_run(run_dir, dicom_dir=None, out=None, device="auto", batch_size=64, workers=4, overwrite=False, quiet=False):
-    from .predictor import Predictor, list_inputs  # torch and timm: after the up-to-date check, not before
+    from .predictor import Predictor  # torch and timm: after the up-to-date check, not before
     run = Run(run_dir)
     workers = max(0, min(workers, (os.cpu_count() or 1) - 1))  # leave a core to the model
     if is_bundle(run_dir) and not (dicom_dir and out):

@@ -33,7 +33,8 @@ from .bundle import Trained, is_bundle, read_bundle, read_run
 from .data import EpochSampler, SliceDataset, collate, neighbour_rows
 from .engine import amp_settings, configure_backend, pick_device, predict_loader
 from .model import Net, net_from_state
-from .prepare import decode_files, windows_from_settings
+from .cache import windows_from_settings
+from .scans import decode_files, list_inputs
 from .sequence import SeqFold
 from .utils import CLASSES, PipelineError
 
@@ -61,21 +62,6 @@ class Analysis:
     skipped: pd.DataFrame             # path, reason of every file that gave no slice
     images: np.ndarray                # (n files, S, S, 3) uint8 decoded with the run's preprocessing
     meta: pd.DataFrame                # the decoder's metadata (rows of `images`)
-
-
-def list_inputs(inputs) -> list[Path]:
-    """Files, and every file under folders (hidden ones excluded)."""
-    files = []
-    for p in map(Path, [inputs] if isinstance(inputs, (str, Path)) else inputs):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise PipelineError(f"not a file or folder: {p}")
-    if not files:
-        raise PipelineError("no files given")
-    return files
 
 
 def slice_dataset(cfg: dict, images, meta: pd.DataFrame) -> SliceDataset:

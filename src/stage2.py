@@ -26,7 +26,7 @@ from . import layout
 from .config import result_settings, save_yaml
 from .labels import cached_labels
 from .metrics import weighted_log_loss
-from .prepare import load_cache
+from .cache import load_cache
 from .runs import Run, load_folds
 from .stamps import Stamp, announce_skip, guard
 from .utils import CLASSES, PipelineError, get_logger, write_csv

@@ -50,7 +50,7 @@ from .config import parse_config, positional
 from .dicom import DicomError, read_dicom
 from .labels import cached_labels
 from .layout import LABELS_CSV, SAMPLE_CSV, SPLITS, SYNTHETIC_MARKER, dataset_tag
-from .prepare import cache_paths, files_fingerprint, list_files
+from .prepare import files_fingerprint, list_files
 from .stamps import Stamp, guard
 from .utils import CLASSES, PipelineError, atomic_write, cli_main, write_csv, write_json
 
@@ -101,7 +101,7 @@ def read_patient_ids(paths, jobs: int = -1, chunk: int = 500, quiet: bool = Fals
 
 def _from_cache(cache: Path, files: pd.DataFrame) -> pd.Series | None:
     """PatientID by ID from a finished image cache built from exactly these training files, else None."""
-    P = cache_paths(cache)
+    P = layout.cache_files(cache)
     stamp = Stamp.load(P["config"])
     if not (P["images"].exists() and P["meta"].exists() and stamp is not None
             and stamp.inputs.get("train_files") == files_fingerprint(files[files.split == "train"])):

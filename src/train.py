@@ -35,7 +35,7 @@ from .bundle import looks_like_bundle, stage1_weights
 from .config import TrainConfig, parse_config, result_settings, save_yaml
 from .labels import cached_labels
 from .metrics import WeightedBCE, per_class_log_loss, weighted_log_loss
-from .prepare import cache_fingerprint, cache_settings, load_cache
+from .cache import cache_fingerprint, cache_settings, load_cache
 from .runs import Run, load_folds
 from .stamps import Stamp, announce_skip, file_fingerprint, guard
 from .utils import CLASSES, PipelineError, cli_main, get_logger, write_csv, write_json, write_npy

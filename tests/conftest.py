@@ -41,7 +41,7 @@ def trained_run(demo_data, demo_cache, tmp_path_factory):
     from src.folds import make_folds
     from src.labels import read_labels
     from src.predict import predict_run
-    from src.prepare import load_cache
+    from src.cache import load_cache
     from src.sequence import SeqConfig, train_sequence
     from src.train import train
     from src.utils import write_csv
@@ -87,7 +87,7 @@ def write_stage1_run(root: Path, demo_data: Path, demo_cache: Path, k: int, oof_
 
     from src.folds import make_folds
     from src.labels import read_labels
-    from src.prepare import load_cache
+    from src.cache import load_cache
     from src.utils import CLASSES, write_csv
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

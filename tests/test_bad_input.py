@@ -17,7 +17,7 @@ from pydicom.uid import RLELossless
 from src import dicom as D
 from src.labels import to_long
 from src.model import create_model
-from src.prepare import decode_one
+from src.scans import decode_one
 from src.utils import CLASSES, PipelineError
 
 from .conftest import CQ500, RSNA_SAMPLE

@@ -17,7 +17,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless
 
 from src import dicom as D
-from src.prepare import decode_one
+from src.scans import decode_one
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,7 +138,7 @@ def test_the_page_refuses_them_and_stays_small(bombs, trained_run, demo_data):
     and its peak memory grows by less than 100 MB (its baseline, torch and the model, is reported)."""
     import requests
 
-    from src.webapp import launched
+    from src.serve.webapp import launched
     with launched(trained_run) as (url, proc):
         def hwm():
             return int(next(line.split()[1] for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
@@ -157,7 +157,7 @@ def test_the_page_refuses_them_and_stays_small(bombs, trained_run, demo_data):
 
 
 def test_a_zip_declaring_too_many_entries_is_refused_before_its_directory_is_read(tmp_path):
-    from src.webapp import MAX_FILES, UploadError, unpack_zips, zip_entries
+    from src.serve.webapp import MAX_FILES, UploadError, unpack_zips, zip_entries
     z = tmp_path / "up" / "00000" / "many.zip"
     z.parent.mkdir(parents=True)
     with zipfile.ZipFile(z, "w") as f:

@@ -15,8 +15,10 @@ import torch
 import src.bundle as B
 from src.blend import fit_blend
 from src.export import export, export_onnx
-from src.predictor import Predictor, list_inputs
-from src.prepare import decode_files, windows_from_settings
+from src.predictor import Predictor
+from src.scans import list_inputs
+from src.cache import windows_from_settings
+from src.scans import decode_files
 from src.utils import CLASSES, PipelineError
 
 from .conftest import CQ500, RSNA_SAMPLE, copy_run
@@ -73,7 +75,7 @@ def test_bundle_holds_no_pickle_and_a_manifest_of_every_member(blended):
 def test_a_bundle_alone_in_an_empty_folder_predicts_real_dicoms(blended, demo_data, tmp_path, monkeypatch):
     """No outputs/, no caches, not even the run it came from (moved away), run from an empty folder: the demo's
     analysis of real files, as its command line and page make it."""
-    from src.demo import analyse
+    from src.serve.results import analyse
     run, bundle = blended
     alone = tmp_path / "empty" / "model.ichbundle"
     alone.parent.mkdir()
@@ -99,7 +101,7 @@ def test_a_bundle_alone_in_an_empty_folder_predicts_real_dicoms(blended, demo_da
 
 def test_demo_gives_the_same_table_from_the_bundle_as_from_the_run(blended, demo_data, tmp_path):
     run, bundle = blended
-    from src.demo import analyse
+    from src.serve.results import analyse
     files = [d for d in (CQ500,) if d.exists()] or [demo_data / "stage_2_test_images"]
     a, _ = analyse(Predictor.load(run), files, cam_slices=1)
     b, _ = analyse(Predictor.load(bundle), files, cam_slices=1)

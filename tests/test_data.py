@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from src.data import Augment, CacheImages, EpochSampler, SliceDataset, collate
+from src.cache import PackedImages, encode_image, packed_tail
+from src.data import Augment, EpochSampler, SliceDataset, collate
 
 N, S = 10, 48
 
@@ -91,8 +92,11 @@ def head_images(n=N, s=S, seed=0):
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache") / "images.npy"
-    np.save(path, head_images())
+    """head_images() as src.prepare's compact cache (images.bin)."""
+    images = head_images()
+    blobs = [encode_image(x) for x in images]
+    path = tmp_path_factory.mktemp("cache") / "images.bin"
+    path.write_bytes(b"".join(blobs) + packed_tail(np.r_[0, np.cumsum([len(b) for b in blobs])], images.shape))
     return path
 
 
@@ -112,7 +116,7 @@ AUGMENTS = {"none": None, "default": Augment(), "all": Augment(hflip=0.5, vflip=
 @pytest.mark.parametrize("aug", list(AUGMENTS))
 @pytest.mark.parametrize("size,crop", [(None, False), (36, False), (24, False), (64, False), (None, True), (40, True)])
 def test_samples_equal_the_numpy_reference(cache, mode, aug, size, crop):
-    images = np.load(cache, mmap_mode="r")
+    images = head_images()
     rows, prev, nxt = neighbours()
     labels = np.random.default_rng(1).random((N, 6)).astype(np.float32)
     ds = SliceDataset(cache, rows, labels, prev, nxt, mode=mode, size=size, augment=AUGMENTS[aug], crop=crop, seed=5)
@@ -193,29 +197,17 @@ def pickled(obj):
     return p.arrays, len(p.buf.getvalue())
 
 
-def test_cache_images_behaves_like_the_array(cache):
-    arr = np.load(cache)
-    lazy = CacheImages(cache)
-    assert lazy.shape == arr.shape and lazy.dtype == arr.dtype and len(lazy) == len(arr)
-    np.testing.assert_array_equal(lazy[4, 1:5, :, 2], arr[4, 1:5, :, 2])
-    np.testing.assert_array_equal(np.asarray(lazy), arr)
-    again = pickle.loads(pickle.dumps(lazy))
-    assert again.path == lazy.path and again._array is None  # reopened on first use, not carried over
-    np.testing.assert_array_equal(again[7], arr[7])
-
-
-@pytest.mark.parametrize("source", ["path", "load_cache memmap", "CacheImages"])
+@pytest.mark.parametrize("source", ["path", "PackedImages"])
 def test_dataset_pickles_without_its_images(cache, source):
-    images = {"path": cache, "load_cache memmap": np.load(cache, mmap_mode="r"),
-              "CacheImages": CacheImages(cache)}[source]
+    images = {"path": cache, "PackedImages": PackedImages(cache)}[source]
     rows, prev, nxt = neighbours()
     labels = np.zeros((N, 6), np.float32)
     ds = SliceDataset(images, rows, labels, prev, nxt, mode="slices_windows", augment=Augment())
     ds[0]  # the map is open now, and still must not travel
-    assert isinstance(ds.images, CacheImages)
+    assert isinstance(ds.images, PackedImages)
     arrays, size = pickled(ds)
     assert {id(a) for a in arrays} <= {id(ds.rows), id(ds.labels), id(ds.prev_rows), id(ds.next_rows)}
-    assert size < np.load(cache, mmap_mode="r").nbytes / 10
+    assert size < head_images().nbytes / 10
     for i in range(N):
         assert torch.equal(pickle.loads(pickle.dumps(ds))[i][0], ds[i][0])
 
@@ -223,12 +215,14 @@ def test_dataset_pickles_without_its_images(cache, source):
 def test_in_memory_arrays_stay_in_memory(cache, tmp_path):
     """The demo's decoded images, a slice of a map, a writable map and a map of a raw file are used as they are
     (and pickled whole: the recorder does see image arrays when they are there)."""
-    mem = np.load(cache)
+    mem = head_images()
     mem.tofile(tmp_path / "raw.u8")
+    np.save(tmp_path / "images.npy", mem)
     raw = np.memmap(tmp_path / "raw.u8", np.uint8, "r", shape=mem.shape)
     rows, prev, nxt = neighbours()
     lazy = SliceDataset(cache, rows, None, prev, nxt, mode="slices_windows", augment=Augment())
-    for images in (mem, np.load(cache, mmap_mode="r")[:], np.load(cache, mmap_mode="c"), raw):
+    npy = tmp_path / "images.npy"
+    for images in (mem, np.load(npy, mmap_mode="r"), np.load(npy, mmap_mode="r")[:], np.load(npy, mmap_mode="c"), raw):
         ds = SliceDataset(images, rows, None, prev, nxt, mode="slices_windows", augment=Augment())
         assert ds.images is images
         assert any(np.shares_memory(a, images) for a in pickled(ds)[0])
@@ -239,7 +233,7 @@ def test_in_memory_arrays_stay_in_memory(cache, tmp_path):
 def test_spawned_workers_load_the_same_batches(cache):
     rows, prev, nxt = neighbours()
     labels = np.random.default_rng(0).random((N, 6)).astype(np.float32)
-    ds = SliceDataset(np.load(cache, mmap_mode="r"), rows, labels, prev, nxt, mode="slices_windows",
+    ds = SliceDataset(head_images(), rows, labels, prev, nxt, mode="slices_windows",
                       augment=Augment(), seed=3)
     ds.set_epoch(2)
 
@@ -257,7 +251,7 @@ def test_persistent_workers_follow_the_epoch(cache):
     """The epoch travels with each index: persistent workers (which keep their own copy of the dataset, out of
     set_epoch's reach) augment epoch 2 as epoch 2, exactly as a loader in the main process does."""
     rows, prev, nxt = neighbours()
-    ds = SliceDataset(np.load(cache, mmap_mode="r"), rows, None, prev, nxt, mode="windows", augment=Augment(), seed=3)
+    ds = SliceDataset(head_images(), rows, None, prev, nxt, mode="windows", augment=Augment(), seed=3)
     sampler = EpochSampler(N, seed=1, with_epoch=True)
 
     def epochs(**kw):
@@ -280,17 +274,11 @@ def test_persistent_workers_follow_the_epoch(cache):
 # --- the compact cache (src.prepare's images.bin) ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory):
-    from src.prepare import encode_image, packed_tail
-    images = head_images()
-    blobs = [encode_image(x) for x in images]
-    path = tmp_path_factory.mktemp("packed") / "images.bin"
-    path.write_bytes(b"".join(blobs) + packed_tail(np.r_[0, np.cumsum([len(b) for b in blobs])], images.shape))
-    return path
+def packed(cache):
+    return cache
 
 
 def test_packed_images_behave_like_the_array(packed):
-    from src.prepare import PackedImages
     arr, im = head_images(), PackedImages(packed)
     assert im.shape == arr.shape and im.dtype == arr.dtype and len(im) == len(arr)
     np.testing.assert_array_equal(im[4], arr[4])
@@ -310,7 +298,6 @@ def test_packed_images_behave_like_the_array(packed):
 
 
 def test_adjacent_rows_are_read_at_once(packed, monkeypatch):
-    from src.prepare import PackedImages
     im, reads = PackedImages(packed), []
     real = im._read
     monkeypatch.setattr(im, "_read", lambda start, n: reads.append(n) or real(start, n))
@@ -322,7 +309,7 @@ def test_adjacent_rows_are_read_at_once(packed, monkeypatch):
 def test_samples_from_the_compact_cache_equal_those_from_the_array(cache, packed, mode):
     rows, prev, nxt = neighbours()
     for kw in ({}, dict(augment=Augment(), seed=4), dict(size=36, crop=True, augment=Augment(vflip=0.5))):
-        a = SliceDataset(cache, rows, None, prev, nxt, mode=mode, **kw)
+        a = SliceDataset(head_images(), rows, None, prev, nxt, mode=mode, **kw)
         b = SliceDataset(packed, rows, None, prev, nxt, mode=mode, **kw)
         for epoch in range(2):
             a.set_epoch(epoch)
@@ -332,7 +319,6 @@ def test_samples_from_the_compact_cache_equal_those_from_the_array(cache, packed
 
 
 def test_the_compact_cache_pickles_as_its_path_and_spawned_workers_read_it(packed):
-    from src.prepare import PackedImages
     rows, prev, nxt = neighbours()
     labels = np.random.default_rng(0).random((N, 6)).astype(np.float32)
     ds = SliceDataset(PackedImages(packed), rows, labels, prev, nxt, mode="slices_windows", augment=Augment(), seed=3)
@@ -355,7 +341,7 @@ def test_warming_reads_what_is_not_in_memory(packed, tmp_path, monkeypatch):
     import os
     import shutil
 
-    from src.prepare import PackedImages, page_residency, prefetch
+    from src.cache import PackedImages, page_residency, prefetch
     # a copy of its own: other tests' background warm-ups may still be reading the shared file
     packed = Path(shutil.copy(packed, tmp_path / "images.bin"))
     im = PackedImages(packed)

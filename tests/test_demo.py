@@ -31,14 +31,15 @@ import pytest
 import requests
 from starlette.testclient import TestClient
 
-import src.webapp as W
-from src.demo import analyse
+import src.serve.webapp as W
+from src.serve.results import analyse
 from src.labels import read_labels
 from src.predict import predict_run
-from src.predictor import Predictor, grad_cam, list_inputs
-from src.prepare import load_cache
+from src.predictor import Predictor, grad_cam
+from src.scans import list_inputs
+from src.cache import load_cache
 from src.utils import CLASSES, write_csv
-from src.webapp import create_app
+from src.serve.webapp import create_app
 
 from .conftest import CQ500, RSNA_SAMPLE
 
@@ -68,7 +69,7 @@ def test_cli_on_real_series(run_dir, demo_data, tmp_path):
     ds.save_as(extra / "mr.dcm")
     inputs = real_series_dirs(demo_data) + [extra]
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "src.demo", "--run", str(run_dir), *map(str, inputs), "--results-dir", str(out)],
+    r = subprocess.run([sys.executable, "-m", "src.serve.demo", "--run", str(run_dir), *map(str, inputs), "--results-dir", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     # the model was trained on generated data: the command says so, before any result

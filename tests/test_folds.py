@@ -6,7 +6,7 @@ import pytest
 
 from src.folds import make_folds
 from src.labels import read_labels
-from src.prepare import load_cache
+from src.cache import load_cache
 from src.utils import CLASSES, PipelineError
 
 

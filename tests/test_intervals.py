@@ -72,7 +72,7 @@ def test_series_figures_score_a_series_by_its_highest_any(tmp_path):
 
 def test_report_card_and_demo_carry_intervals_and_the_operating_point(trained_run, tmp_path):
     from src.card import card_text
-    from src.demo import summarise
+    from src.serve.results import summarise
     from src.evaluate import evaluate_runs
     from src.predictor import Predictor
     run = copy_run(trained_run, "iv")

@@ -1,6 +1,6 @@
 """The DICOM node end to end with real parts: Debian's Orthanc as the PACS (a temporary configuration and storage on
 free local ports), dcmtk's storescu and pynetdicom as the scanners sending the real CQ500 and RSNA series, and the node
-itself as `python -m src.node` in its own process. What the node sent back is read from Orthanc's REST API and checked
+itself as `python -m src.serve.node` in its own process. What the node sent back is read from Orthanc's REST API and checked
 against the Predictor's own output for the same files; then a duplicate send, non-CT, broken and oversized instances,
 a series over its limit, kill -9 of the node mid-series and a restart, and Orthanc down when the results are ready.
 
@@ -26,9 +26,9 @@ from pydicom.uid import (UID, CTImageStorage, ExplicitVRLittleEndian, ImplicitVR
                         MRImageStorage)
 
 from src.card import make_card
-from src.demo import SYNTHETIC_WARNING, verdict_threshold
-from src.dicom_out import RESEARCH_USE, TYPE_CODES
-from src.node import Destination, key, parse_destination
+from src.serve.results import SYNTHETIC_WARNING, verdict_threshold
+from src.serve.dicom_out import RESEARCH_USE, TYPE_CODES
+from src.serve.node import Destination, key, parse_destination
 from src.predictor import Predictor
 from src.runs import Run
 from src.utils import CLASSES, PipelineError
@@ -109,7 +109,7 @@ class OrthancServer:
 
 
 class NodeProcess:
-    """`python -m src.node` in its own process, with the test's settings; killed or restarted at will."""
+    """`python -m src.serve.node` in its own process, with the test's settings; killed or restarted at will."""
 
     def __init__(self, run: Path, spool: Path, orthanc: OrthancServer):
         self.run, self.spool, self.orthanc, self.port, self.proc = run, spool, orthanc, orthanc.node_port, None
@@ -118,7 +118,7 @@ class NodeProcess:
     def start(self, series_timeout: float = TIMEOUT) -> None:
         mark = self.log.read_text().count("listening as") if self.log.exists() else 0
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "src.node", "--run", str(self.run), "--send-to",
+            [sys.executable, "-m", "src.serve.node", "--run", str(self.run), "--send-to",
              f"127.0.0.1:{self.orthanc.dicom}:{self.orthanc.aet}", "--port", str(self.port), "--spool-dir",
              str(self.spool), "--series-timeout", str(series_timeout), "--cam-slices", "2", "--allowed-callers",
              "TESTSCU,STORESCU", "--max-instance-mb", "2", "--max-series-instances", "45", "--retry-first", "0.5",
@@ -333,7 +333,7 @@ def test_names_destinations_and_command_line_errors(tmp_path):
             parse_destination(bad)
     for args, says in ((["--send-to", "pacs:4242:ORTHANC"], "--run"), (["--run", "r"], "--send-to"),
                        (["--run", "r", "--send-to", "pacs:4242:ORTHANC", "--series-timeout", "0"], "--series-timeout")):
-        r = subprocess.run([sys.executable, "-m", "src.node", *args, "--spool-dir", str(tmp_path)], cwd=ROOT,
+        r = subprocess.run([sys.executable, "-m", "src.serve.node", *args, "--spool-dir", str(tmp_path)], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and says in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

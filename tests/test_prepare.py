@@ -5,13 +5,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import src.cache as C
 import src.prepare as P
+from src.scans import order_series
 from src.dicom import read_dicom
 from src.stamps import Stamp
 
 
 def test_cache_contents_and_skipped_file(demo_data, demo_cache):
-    images, meta = P.load_cache(demo_cache / "cache")
+    images, meta = C.load_cache(demo_cache / "cache")
     n_files = len(list(demo_data.glob("stage_2_*_images/*.dcm")))
     assert images.shape == (n_files, 64, 64, 3) and images.dtype == np.uint8
     summary = json.loads((demo_cache / "cache" / "summary.json").read_text())
@@ -27,7 +29,7 @@ def test_cache_contents_and_skipped_file(demo_data, demo_cache):
 
 
 def test_slices_ordered_by_z_not_by_name(demo_cache):
-    _, meta = P.load_cache(demo_cache / "cache")
+    _, meta = C.load_cache(demo_cache / "cache")
     ok = meta[meta.status == "ok"]
     for _, s in ok.groupby("SeriesInstanceUID"):
         s = s.sort_values("slice_index")
@@ -44,14 +46,14 @@ def test_slices_ordered_by_z_not_by_name(demo_cache):
 def test_order_series_on_shuffled_rows():
     meta = pd.DataFrame({"ID": list("abcde"), "status": "ok", "SeriesInstanceUID": ["s"] * 3 + ["t"] * 2,
                          "z": [5.0, -1.0, 2.5, 9.0, 3.0]})
-    out = P.order_series(meta.sample(frac=1, random_state=1)).set_index("ID")
+    out = order_series(meta.sample(frac=1, random_state=1)).set_index("ID")
     assert out.slice_index.to_dict() == {"a": 2, "b": 0, "c": 1, "d": 1, "e": 0}
     assert out.loc["c", "prev_id"] == "b" and out.loc["c", "next_id"] == "a" and out.loc["e", "next_id"] == "d"
 
 
 def test_rows_follow_series_and_z(demo_cache):
     """A series' slices are adjacent rows in z order (train before test), so a 2.5D sample reads one place."""
-    _, meta = P.load_cache(demo_cache / "cache")
+    _, meta = C.load_cache(demo_cache / "cache")
     ok = meta[meta.status == "ok"].sort_values("row")
     assert ok.split.tolist() == sorted(ok.split.tolist(), key=lambda split: split != "train")
     for _, s in ok.groupby("SeriesInstanceUID"):
@@ -115,22 +117,22 @@ def test_rerun_is_a_no_op_and_settings_change_stops_unless_overwrite(demo_data, 
     assert (tmp_path / "images.bin").read_bytes() == before
     monkeypatch.undo()
     P.prepare(demo_data, tmp_path, size=24, jobs=1, chunk=64, quiet=True, overwrite=True)
-    assert P.load_cache(tmp_path)[0].shape[1] == 24
+    assert C.load_cache(tmp_path)[0].shape[1] == 24
 
 
 def test_the_format_is_in_the_fingerprint_and_an_old_cache_stops(demo_data, tmp_path, monkeypatch):
     """A cache of another format (here: the uncompressed images.npy of code version 2) is stale: the build stops
     naming the differences, load_cache says what to do, and --overwrite replaces it."""
     P.prepare(demo_data, tmp_path, size=32, jobs=1, chunk=64, quiet=True)
-    train_fp = P.cache_fingerprint(tmp_path, "train")
+    train_fp = C.cache_fingerprint(tmp_path, "train")
     monkeypatch.setattr(P, "FORMAT", "another format")
     files = P.list_files(demo_data)
     assert P.prepare_stamp(files, 32, P.DEFAULT_WINDOWS).id != Stamp.load(tmp_path / "cache_config.json").id
     config = json.loads((tmp_path / "cache_config.json").read_text())
     config["settings"]["format"] = "another format"
     (tmp_path / "other.json").write_text(json.dumps(config))
-    monkeypatch.setattr(P, "cache_stamp", lambda d: Stamp.load(tmp_path / "other.json"))
-    assert P.cache_fingerprint(tmp_path, "train") == train_fp  # same images: trained runs stay valid
+    monkeypatch.setattr(C, "cache_stamp", lambda d: Stamp.load(tmp_path / "other.json"))
+    assert C.cache_fingerprint(tmp_path, "train") == train_fp  # same images: trained runs stay valid
     monkeypatch.undo()
     config = json.loads((tmp_path / "cache_config.json").read_text())
     config["version"] = 2
@@ -140,9 +142,9 @@ def test_the_format_is_in_the_fingerprint_and_an_old_cache_stops(demo_data, tmp_
     with pytest.raises(P.PipelineError, match=r"(?s)code version of step prepare: 2 -> 3.*format: \(unset\) -> "):
         P.prepare(demo_data, tmp_path, size=32, jobs=1, chunk=64, quiet=True)
     with pytest.raises(P.PipelineError, match=r"images.npy there is the uncompressed format.*--overwrite"):
-        P.load_cache(tmp_path)
+        C.load_cache(tmp_path)
     P.prepare(demo_data, tmp_path, size=32, jobs=1, chunk=64, quiet=True, overwrite=True)
-    assert not (tmp_path / "images.npy").exists() and P.cache_fingerprint(tmp_path, "train") == train_fp
+    assert not (tmp_path / "images.npy").exists() and C.cache_fingerprint(tmp_path, "train") == train_fp
 
 
 def test_a_damaged_cache_file_stops_with_its_name(demo_cache, tmp_path):
@@ -152,13 +154,13 @@ def test_a_damaged_cache_file_stops_with_its_name(demo_cache, tmp_path):
     for damaged in (data[:-5], data[:len(data) // 2], b"not a cache at all" * 10):
         path.write_bytes(damaged)
         with pytest.raises(P.PipelineError, match=r"images.bin is not a complete image cache.*--overwrite"):
-            P.load_cache(tmp_path / "c")
-    offsets = P.load_cache(demo_cache / "cache")[0].offsets
+            C.load_cache(tmp_path / "c")
+    offsets = C.load_cache(demo_cache / "cache")[0].offsets
     row = int(np.argmax(np.diff(offsets[:len(offsets) // 2]) > 0))  # a stored (non-empty) row
     bad = bytearray(data)
     bad[offsets[row]:offsets[row + 1]] = b"\xff" * int(offsets[row + 1] - offsets[row])
     path.write_bytes(bytes(bad))
-    images, _ = P.load_cache(tmp_path / "c")
+    images, _ = C.load_cache(tmp_path / "c")
     with pytest.raises(P.PipelineError, match=f"row {row}"):
         images[row]
 
@@ -167,14 +169,14 @@ def test_a_changed_file_is_caught(demo_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)
     P.prepare(data, tmp_path / "c", size=32, jobs=1, chunk=64, quiet=True)
-    train_fp, test_fp = (P.cache_fingerprint(tmp_path / "c", s) for s in ("train", "test"))
+    train_fp, test_fp = (C.cache_fingerprint(tmp_path / "c", s) for s in ("train", "test"))
     f = next((data / "stage_2_test_images").glob("*.dcm"))
     f.write_bytes(f.read_bytes() + b"\0\0")  # same name, other content (another size)
     with pytest.raises(P.PipelineError, match="input test_files"):
         P.prepare(data, tmp_path / "c", size=32, jobs=1, chunk=64, quiet=True)
     P.prepare(data, tmp_path / "c", size=32, jobs=1, chunk=64, quiet=True, overwrite=True)
     # what training depends on did not change, so trained folds stay valid; test predictions are stale
-    assert P.cache_fingerprint(tmp_path / "c", "train") == train_fp and P.cache_fingerprint(tmp_path / "c", "test") != test_fp
+    assert C.cache_fingerprint(tmp_path / "c", "train") == train_fp and C.cache_fingerprint(tmp_path / "c", "test") != test_fp
 
 
 def test_disk_space_is_checked_before_anything_is_written(demo_data, tmp_path, monkeypatch):

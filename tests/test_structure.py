@@ -8,18 +8,43 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 60
 
 
+def modules() -> dict[str, Path]:
+    """Every module under src/, packages included, by dotted name within src ('cache', 'serve.node')."""
+    out = {}
+    for f in sorted((ROOT / "src").rglob("*.py")):
+        parts = f.relative_to(ROOT / "src").with_suffix("").parts
+        if parts[-1] != "__init__":
+            out[".".join(parts)] = f
+    return out
+
+
+def imported(name: str, source: str, known) -> set[str]:
+    """The src modules that module `name` (dotted within src) imports in `source`, at the top or inside functions (a
+    lazy import is still a dependency): relative imports of any level and absolute `src.` ones."""
+    package = name.split(".")[:-1]
+    deps = set()
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
+            target = [*base, *(node.module.split(".") if node.module else [])]
+        elif (node.module or "").startswith("src."):
+            target = node.module.split(".")[1:]
+        else:
+            continue
+        for a in node.names:  # `from . import layout` and `from .serve import node` name modules too
+            if ".".join([*target, a.name]) in known:
+                deps.add(".".join([*target, a.name]))
+        if ".".join(target) in known:
+            deps.add(".".join(target))
+    return deps - {name}
+
+
 def imports() -> dict[str, set[str]]:
-    """src module -> the src modules it imports, at the top or inside functions (a lazy import is still a dependency)."""
-    graph = {}
-    for f in sorted((ROOT / "src").glob("*.py")):
-        deps = set()
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                deps.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("src."):
-                deps.add(node.module.split(".")[1])
-        graph[f.stem] = deps - {f.stem}
-    return graph
+    """src module -> the src modules it imports."""
+    known = modules()
+    return {name: imported(name, f.read_text(), known) for name, f in known.items()}
 
 
 def test_no_import_cycles():
@@ -42,14 +67,20 @@ def test_no_import_cycles():
     assert not cycles, cycles
 
 
-def test_the_cycle_check_sees_lazy_imports(tmp_path):
-    tree = ast.parse("def f():\n    from .runs import Run\n")
-    assert [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] == ["runs"]
+def test_the_cycle_check_sees_lazy_and_package_imports():
+    """The function the cycle check walks, on source it has not seen: a lazy import inside a function, a parent
+    package's module (`..predictor`) and a sibling (`.results`) are all dependencies."""
+    known = {"runs", "predictor", "layout", "serve.results", "serve.node"}
+    source = "from . import layout\ndef f():\n    from .runs import Run\n"
+    assert imported("blend", source, known) == {"layout", "runs"}
+    source = "from ..predictor import Predictor\ndef g():\n    from .results import analyse\n"
+    assert imported("serve.node", source, known) == {"predictor", "serve.results"}
+    assert "serve.node" in modules() and "cache" in modules()
 
 
 def test_no_long_function_without_a_reason():
     long = []
-    for f in sorted((ROOT / "src").glob("*.py")):
+    for f in sorted((ROOT / "src").rglob("*.py")):
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = node.end_lineno - node.lineno + 1
@@ -84,3 +115,12 @@ def test_the_scale_rehearsal_knows_every_step_of_run_sh():
     assert len(names) >= 10
     for name in names:
         assert any(name.startswith(prefix) for prefix, _ in kinds), name
+
+
+def test_the_pipeline_does_not_import_the_serving_side():
+    """src/serve/ (demo, page, node, DICOM writer) builds on the pipeline and brings FastAPI, pynetdicom and
+    highdicom; no pipeline step may need them."""
+    users = sorted(m for m, deps in imports().items() if not m.startswith("serve.") and any(d.startswith("serve.") for d in deps))
+    assert users == [], users
+    assert {m for m in modules() if m.startswith("serve.")} >= {"serve.demo", "serve.webapp", "serve.node",
+                                                                "serve.dicom_out", "serve.results"}

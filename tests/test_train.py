@@ -19,7 +19,7 @@ from src.folds import make_folds
 from src.labels import read_labels
 from src.metrics import WeightedBCE, weighted_log_loss
 from src.model import create_model
-from src.prepare import load_cache
+from src.cache import load_cache
 from src.train import train
 from src.utils import CLASSES, PipelineError, write_csv
 
@@ -298,8 +298,8 @@ def test_every_step_help_shows_each_setting_with_its_comment():
     import importlib
     steps = {"train": "TrainConfig", "sequence": "SeqConfig", "prepare": "PrepareConfig", "folds": "FoldsConfig",
              "predict": "PredictConfig", "evaluate": "EvalConfig", "ensemble": "EnsembleConfig", "synth": "SynthConfig",
-             "demo": "DemoConfig", "labels": "LabelsConfig", "submit": "SubmitConfig", "webapp": "ServeConfig", "boost": "BoostConfig", "subset": "SubsetConfig",
-             "blend": "BlendConfig", "export": "ExportConfig", "node": "NodeConfig"}
+             "serve.demo": "DemoConfig", "labels": "LabelsConfig", "submit": "SubmitConfig", "serve.webapp": "ServeConfig", "boost": "BoostConfig", "subset": "SubsetConfig",
+             "blend": "BlendConfig", "export": "ExportConfig", "serve.node": "NodeConfig"}
     for mod, cls_name in steps.items():
         cls = getattr(importlib.import_module(f"src.{mod}"), cls_name)
         comments = field_comments(cls)

@@ -1,19 +1,19 @@
 """A scored series as DICOM objects a PACS stores and any viewer shows: a Structured Report and Grad-CAM images.
 
-    from src.dicom_out import result_objects
+    from src.serve.dicom_out import result_objects
     objects = result_objects(series_result, headers, card, model="resnet10t_128: ...")   # [SR, SC, SC, ...]
 
-`src.node` calls this for every series it scores; the objects go back to the PACS in the source study, as two new
+`src.serve.node` calls this for every series it scores; the objects go back to the PACS in the source study, as two new
 series with fresh UIDs and the patient and study attributes of the source:
 
 - a Comprehensive SR (highdicom): the verdict at the run's operating point and the threshold used (stated, with how
-  it was chosen: `src.demo.verdict_threshold`), per type the series' highest slice probability and every slice at or
+  it was chosen: `src.serve.results.verdict_threshold`), per type the series' highest slice probability and every slice at or
   above the threshold, each a number inferred from an IMAGE reference to its source instance (SOP Class and Instance
   UID), the model card (`src.card.card_text`: training data, out-of-fold figures), "research use, not a medical
   device", and first of all, for a model trained on generated data, that warning. Its evidence lists every instance
   of the source series.
 - a Secondary Capture series: for the most suspicious slices, the brain window with the Grad-CAM map over it
-  (`src.demo.overlay`) and a caption burned in (slice, probability, what the map explains, the disclaimer), each
+  (`src.serve.results.overlay`) and a caption burned in (slice, probability, what the map explains, the disclaimer), each
   pointing at its source instance (Source Image Sequence).
 
 Codes are from a local coding scheme ("99ICH", DICOM's form for private schemes): no standard code says
@@ -30,12 +30,12 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from .card import card_text
-from .demo import SYNTHETIC_WARNING, SeriesResult, overlay
-from .utils import CLASSES
+from ..card import card_text
+from ..utils import CLASSES
+from .results import SYNTHETIC_WARNING, SeriesResult, overlay
 
 SCHEME = "99ICH"
-MANUFACTURER = "ICH research node (src.node)"
+MANUFACTURER = "ICH research node (src.serve.node)"
 RESEARCH_USE = ("Research use, not a medical device: not validated for clinical use; do not use it for diagnosis or "
                 "triage.")
 SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902

@@ -1,7 +1,7 @@
 """A DICOM node beside a PACS: it receives head CT series over DICOM, scores them, and sends the results back as DICOM.
 
-    python -m src.node --run outputs/demo/bundles/resnet10t_128.ichbundle --send-to PACS_HOST:4242:ORTHANC
-    python -m src.node --run RUN --ae-title ICH --port 11112 --host 0.0.0.0 --allowed-callers ORTHANC --send-to ...
+    python -m src.serve.node --run outputs/demo/bundles/resnet10t_128.ichbundle --send-to PACS_HOST:4242:ORTHANC
+    python -m src.serve.node --run RUN --ae-title ICH --port 11112 --host 0.0.0.0 --allowed-callers ORTHANC --send-to ...
 
 A Storage SCP (pynetdicom) under --ae-title on --host:--port (127.0.0.1 unless told otherwise; --allowed-callers
 limits who may send) answers C-ECHO and takes CT images by C-STORE. Each instance is checked from its header before
@@ -9,8 +9,8 @@ it is kept (a CT Image of modality CT, not a localizer, with the series and inst
 size a CT slice can have: `src.dicom.read_dicom` and `check_header`); what fails is refused with the reason, in the
 C-STORE status and in the log. Kept instances are written atomically to the spool, one folder per series; an
 instance already there counts once. A series is complete when none of its instances has come for
---series-timeout seconds: it is scored by the `Predictor` (`src.demo.analyse`: the run's preprocessing, folds,
-stage 2 and blend; Grad-CAM of the most suspicious slices) and its results (`src.dicom_out`: a Structured Report
+--series-timeout seconds: it is scored by the `Predictor` (`src.serve.results.analyse`: the run's preprocessing, folds,
+stage 2 and blend; Grad-CAM of the most suspicious slices) and its results (`src.serve.dicom_out`: a Structured Report
 and Secondary Capture images, in the source study) wait in the outbox until --send-to has accepted them by C-STORE,
 retried with exponential backoff while it is down.
 
@@ -53,9 +53,9 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 
-from .config import parse_config
-from .dicom import MAX_FILE_BYTES, DicomError, check_header, read_dicom
-from .utils import PipelineError, cli_main, get_logger, write_json
+from ..config import parse_config
+from ..dicom import MAX_FILE_BYTES, DicomError, check_header, read_dicom
+from ..utils import PipelineError, cli_main, get_logger, write_json
 
 LOG = "node.log"
 FOLDERS = ("tmp", "incoming", "work", "done", "failed", "outbox", "sent")
@@ -496,7 +496,7 @@ def start_scp(cfg: NodeConfig, receiver: Receiver):
 
 def score_series(p, work: Path, cam_slices: int, log: logging.Logger) -> tuple[list[Dataset], dict]:
     """The result objects of one series folder (SR first) and the demo's summary of it."""
-    from .demo import analyse
+    from .results import analyse
     from .dicom_out import result_objects, source_header
     files = sorted(work.glob("*.dcm"))
     results, skipped = analyse(p, files, cam_slices)
@@ -593,7 +593,7 @@ class Node:
 
 
 def main():
-    cfg = parse_config(NodeConfig, description=__doc__, prog="python -m src.node")
+    cfg = parse_config(NodeConfig, description=__doc__, prog="python -m src.serve.node")
     if not cfg.run:
         raise PipelineError("--run RUN_FOLDER_OR_BUNDLE is required "
                             "(e.g. outputs/demo/bundles/resnet10t_128.ichbundle)")
@@ -602,10 +602,10 @@ def main():
                             "AE title, e.g. pacs.example.org:4242:ORTHANC)")
     parse_destination(cfg.send_to)
     Path(cfg.spool_dir).mkdir(parents=True, exist_ok=True)
-    log = get_logger("src.node", Path(cfg.spool_dir) / LOG)
+    log = get_logger("src.serve.node", Path(cfg.spool_dir) / LOG)
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # the node logs what matters, once, in its words
-    from .demo import SYNTHETIC_WARNING, model_notes
-    from .predictor import Predictor
+    from ..predictor import Predictor
+    from .results import SYNTHETIC_WARNING, model_notes
     p = Predictor.load(cfg.run, cfg.device)
     log.info(f"model: {p.description}")
     for note in model_notes(p.card):

@@ -1,6 +1,6 @@
 """The demo's local web page: upload DICOM files or a zip, see the summary, the z-plot and a slice viewer.
 
-    python -m src.webapp --run outputs/demo/runs/resnet10t_128      # http://127.0.0.1:7860
+    python -m src.serve.webapp --run outputs/demo/runs/resnet10t_128      # http://127.0.0.1:7860
 
 Every page says what the model was trained on (data folder, images and patients, out-of-fold weighted log
 loss and AUC of `any`), warns in red when that was the generated demo data, and says it is a research demo,
@@ -42,10 +42,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from .config import parse_config
-from .demo import SYNTHETIC_WARNING, analyse, model_notes, overlay, zplot
-from .predictor import Predictor
-from .utils import PipelineError, cli_main
+from ..config import parse_config
+from ..predictor import Predictor
+from ..utils import PipelineError, cli_main
+from .results import SYNTHETIC_WARNING, analyse, model_notes, overlay, zplot
 
 MAX_BYTES = 512 * 1024 * 1024      # request body, then zips counted again uncompressed as they are unpacked
 MAX_FILES = 2000
@@ -338,8 +338,8 @@ def launched(run_dir, timeout=120.0):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tempfile.TemporaryFile()  # not a pipe: nobody reads it, and a full pipe would block the server
-    proc = subprocess.Popen([sys.executable, "-m", "src.webapp", "--run", str(run_dir), "--port", str(port)],
-                            cwd=Path(__file__).resolve().parents[1], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "src.serve.webapp", "--run", str(run_dir), "--port", str(port)],
+                            cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout
@@ -363,7 +363,7 @@ def launched(run_dir, timeout=120.0):
 
 
 def main():
-    a = parse_config(ServeConfig, description=__doc__, prog="python -m src.webapp")
+    a = parse_config(ServeConfig, description=__doc__, prog="python -m src.serve.webapp")
     if not a.run:
         raise PipelineError("--run RUN_FOLDER_OR_BUNDLE is required (e.g. outputs/demo/runs/resnet10t_128)")
     serve(a.run, a.host, a.port)
