@@ -46,7 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.sample_cost import per_sample_ms  # noqa: E402
 from bench.scale import drop_page_cache  # noqa: E402
+from src import cache as C  # noqa: E402
 from src import prepare as P  # noqa: E402
+from src import scans  # noqa: E402
 from src.data import Augment, EpochSampler, SliceDataset, collate  # noqa: E402
 from src.dicom import DEFAULT_WINDOWS, pixels, read_dicom, rescale_params, window  # noqa: E402
 
@@ -60,7 +62,7 @@ def real_rows(data_dir: Path, size: int):
     every file of a Kaggle-layout folder, in the cache's row order, with each row's neighbours in its series."""
     files = P.list_files(data_dir)
     files = files.iloc[P.row_order(files)].reset_index(drop=True)
-    images, meta = P.decode_files(files["path"].tolist(), DEFAULT_WINDOWS, size)
+    images, meta = scans.decode_files(files["path"].tolist(), DEFAULT_WINDOWS, size)
     hu = []
     for path in files["path"]:
         ds = read_dicom(path)
@@ -188,12 +190,12 @@ def run_candidates(a) -> dict:
         res["today: uncompressed .npy (memmap)"] = {"bytes": raw, "encode_ms": 0.0, "exact": True,
                                                     "decode_ms": timed(lambda r: np.array(mm[r]), range(len(mm))),
                                                     "loader_ms": loader_ms(mm, prev, nxt)}
-        blobs = [P.encode_image(x) for x in images]
+        blobs = [C.encode_image(x) for x in images]
         path = Path(tmp) / "images.bin"
-        path.write_bytes(b"".join(blobs) + P.packed_tail(np.r_[0, np.cumsum([len(b) for b in blobs])], images.shape))
-        packed = P.PackedImages(path)
+        path.write_bytes(b"".join(blobs) + C.packed_tail(np.r_[0, np.cumsum([len(b) for b in blobs])], images.shape))
+        packed = C.PackedImages(path)
         res["LZ4 (chosen: images.bin, PackedImages)"] = {
-            "bytes": float(np.mean([len(b) for b in blobs])), "encode_ms": timed(P.encode_image, images),
+            "bytes": float(np.mean([len(b) for b in blobs])), "encode_ms": timed(C.encode_image, images),
             "decode_ms": timed(lambda r: packed.read_rows([r]), range(len(images))),
             "exact": bool(np.array_equal(packed[:], images)), "loader_ms": loader_ms(packed, prev, nxt)}
         for name, (enc, dec) in candidates(images.shape[1:]).items():
@@ -242,12 +244,12 @@ def write_npy(path: Path, base: np.ndarray, position: np.ndarray, block: int = 5
 
 def write_packed(path: Path, base: np.ndarray, n: int) -> None:
     """The new format: row q holds base[q % len(base)], rows in series order, as src.prepare writes it."""
-    blobs = [P.encode_image(x) for x in base]
+    blobs = [C.encode_image(x) for x in base]
     sizes = np.array([len(b) for b in blobs], np.int64)
     with open(path, "wb") as f:
         for s in range(0, n, len(base)):
             f.write(b"".join(blobs[:min(len(base), n - s)]))
-        f.write(P.packed_tail(np.r_[0, np.cumsum(sizes[np.arange(n) % len(base)])], (n, *base.shape[1:])))
+        f.write(C.packed_tail(np.r_[0, np.cumsum(sizes[np.arange(n) % len(base)])], (n, *base.shape[1:])))
 
 
 def count(batch) -> int:
@@ -281,7 +283,7 @@ def disk_room(work: Path, need: int, keep_free: float) -> None:
 def run_epochs(a) -> dict:
     """Cold and warm epochs of both formats on a data set whose uncompressed array is >= 1.2x memory."""
     base, _, bprev, bnxt = real_rows(Path(a.data), a.size)
-    row_bytes, mem = base[0].nbytes, P.physical_memory()
+    row_bytes, mem = base[0].nbytes, C.physical_memory()
     n = a.rows or math.ceil(1.2 * mem / row_bytes)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -306,7 +308,7 @@ def run_epochs(a) -> dict:
         pm, xm, posm = replicated(base, bprev, bnxt, m)
         small = work / "images_small.npy"
         write_npy(small, base, posm)
-        P.prefetch(str(small), [(0, small.stat().st_size)])
+        C.prefetch(str(small), [(0, small.stat().st_size)])
         for w, ch in configs:
             s = epoch_seconds(str(small), posm, posm[pm], posm[xm], ch, w, min(1.0, a.today_fraction * n / m))
             res["today"][f"{w},{ch}"]["warm_s"] = s * n / m
@@ -320,9 +322,9 @@ def run_epochs(a) -> dict:
     rows = np.arange(n)
     for w, ch in configs:
         drop_page_cache(new)
-        cold = epoch_seconds(P.PackedImages(new), rows, prev, nxt, ch, w, a.compact_fraction)
-        P.prefetch(str(new), P.PackedImages(new).spans())
-        warm = epoch_seconds(P.PackedImages(new), rows, prev, nxt, ch, w, a.compact_fraction)
+        cold = epoch_seconds(C.PackedImages(new), rows, prev, nxt, ch, w, a.compact_fraction)
+        C.prefetch(str(new), C.PackedImages(new).spans())
+        warm = epoch_seconds(C.PackedImages(new), rows, prev, nxt, ch, w, a.compact_fraction)
         res["compact"][f"{w},{ch}"] = {"cold_s": cold, "warm_s": warm}
         say(f"  compact, {w} worker(s), {ch} channels: cold {cold:.1f} s, warm {warm:.1f} s")
     new.unlink()
@@ -352,7 +354,7 @@ def _old_chunk(paths: list, start: int, array_path: str, size: int) -> list:
     """The previous build's work unit: decode, then one pwrite of the chunk's rows into the .npy."""
     buf, records = np.zeros((len(paths), size, size, 3), np.uint8), []
     for i, p in enumerate(paths):
-        img, head, reason = P.decode_one(p, DEFAULT_WINDOWS, size)
+        img, head, reason = scans.decode_one(p, DEFAULT_WINDOWS, size)
         if img is not None:
             buf[i] = img
         records.append({"ID": Path(p).stem, "row": start + i, "status": "ok" if img is not None else "skipped", **head})
@@ -375,7 +377,7 @@ def old_build(data: Path, out: Path, size: int, jobs: int, chunk: int = 128) -> 
     del arr
     recs = Parallel(n_jobs=jobs)(delayed(_old_chunk)(paths[s:s + chunk], s, str(out / "images.npy"), size)
                                  for s in range(0, len(paths), chunk))
-    P.order_series(pd.DataFrame([r for c in recs for r in c])).to_csv(out / "metadata.csv", index=False)
+    scans.order_series(pd.DataFrame([r for c in recs for r in c])).to_csv(out / "metadata.csv", index=False)
 
 
 def run_build(a) -> dict:
