@@ -148,12 +148,12 @@ done
 # ---- 9. blend every model's stages and write the submission ----
 SUB=$($PY -m src.layout submission --name "${TAG}_blend" --submissions-dir "$SUBMISSIONS_DIR")
 # shellcheck disable=SC2086
-step "ensemble" $PY -m src.ensemble "${RUNS[@]}" --name "${TAG}_blend" --data-dir "$INPUT_DIR" \
+step "submission" $PY -m src.make_submission "${RUNS[@]}" --name "${TAG}_blend" --data-dir "$INPUT_DIR" \
   --submissions-dir "$SUBMISSIONS_DIR" $BLEND_FLAGS $OW
-$PY -m src.submit "$SUB" -m "$TAG blend" --data-dir "$INPUT_DIR" --dry-run
+$PY -m src.upload "$SUB" -m "$TAG blend" --data-dir "$INPUT_DIR" --dry-run
 
 echo "total: $(( $(date +%s) - T_START ))s"
-echo "submission: $SUB   (upload: python -m src.submit $SUB -m \"message\" --data-dir $INPUT_DIR)"
+echo "submission: $SUB   (upload: python -m src.upload $SUB -m \"message\" --data-dir $INPUT_DIR)"
 for CFG in "${CONFIGS[@]}"; do
   echo "model: $($PY -m src.layout bundle --out-dir "$OUT_DIR" --name "$(basename "$CFG" .yaml)")   (load: Predictor.load(FILE); try: python -m src.serve.demo --run FILE DICOMS...)"
 done

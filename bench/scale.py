@@ -59,7 +59,7 @@ STEP_KINDS = [("prepare cache", "prepare cache"), ("folds", "folds"), ("train", 
               ("evaluate stage 1 vs", "evaluate (members)"), ("evaluate", "evaluate (stage 1)"),
               ("predict", "predict (test, 5 folds)"), ("sequence", "stage 2: GRU (5 folds)"),
               ("boost", "stage 2: LightGBM (5 folds)"), ("blend", "blend"), ("bundle", "bundle (model file)"),
-              ("ensemble", "ensemble + submission")]
+              ("submission", "submission")]
 
 
 # ---------------------------------------------------------------- data

@@ -15,7 +15,7 @@ Weights fitted and scored on the same predictions flatter themselves, so the fil
 weights fitted on the other folds ("cross-fitted") and the OOF loss they give: the figure to expect on new data.
 
 The file (OUT/blends/<name>.json; a stage-1 run's own stages under the run's name) is the one source of blend
-weights: src.ensemble applies them to the test predictions, the Predictor (and so the demo, the page and a
+weights: src.make_submission applies them to the test predictions, the Predictor (and so the demo, the page and a
 bundle) to new scans, and src.evaluate shows them. Its stamp holds the members' fingerprints: a blend of the
 same members is not fitted again, and one whose members changed stops the step (`--overwrite` refits it).
 """
@@ -33,7 +33,7 @@ from .config import parse_config, positional
 from .labels import cached_labels
 from .metrics import EPS, binary_log_loss, per_class_auc, weighted_log_loss
 from .runs import Run
-from .stamps import Stamp, announce_skip, guard
+from .stamps import Stamp, guard
 from .utils import CLASSES, PipelineError, cli_main, write_json
 
 MODES = ("fit", "fit-global", "equal", "best")
@@ -152,10 +152,7 @@ def fit_blend(run_dirs, name: str = "", weights: str = "fit", out_dir=None, stag
     name = name or default_name(runs)
     path = blend_path(runs, name, out_dir)
     stamp = blend_stamp(runs, weights, shrink)
-    if guard(stamp, path, path.exists(), overwrite, f"the blend {path}", clear=[path],
-             redo="add --overwrite to this command"):
-        if not quiet:
-            announce_skip(f"blend {path}")
+    if guard(stamp, path, path.exists(), overwrite, f"the blend {path}", clear=[path], quiet=quiet):
         return load_blend(path)
     if labels is None:
         labels, _ = cached_labels(*runs[0].data())

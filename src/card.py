@@ -45,7 +45,8 @@ def make_card(run: Run, report: dict | None = None) -> dict:
         card["images"], card["patients"] = len(folds), int(folds["PatientID"].nunique())
     except (OSError, ValueError, KeyError):
         pass
-    summary = layout.cache_dir(data_dir, out_dir) / "summary.json"
+    card["prior"] = label_frequencies(data_dir, out_dir)
+    summary = layout.cache_files(layout.cache_dir(data_dir, out_dir))["summary"]
     if summary.exists():
         card["synthetic"] = bool(json.loads(summary.read_text()).get("synthetic", False))
     elif data_dir:
@@ -67,6 +68,28 @@ def make_card(run: Run, report: dict | None = None) -> dict:
     if report and report.get("operating_point"):
         card["operating_point"] = report["operating_point"]
     return card
+
+
+def label_frequencies(data_dir, out_dir) -> dict | None:
+    """Each class's share of the training images (the label file's), or None when it cannot be read."""
+    from .labels import cached_labels
+    try:
+        labels, _ = cached_labels(data_dir, out_dir)
+    except (PipelineError, OSError, KeyError):
+        return None
+    return {c: float(v) for c, v in labels[CLASSES].mean().items()}
+
+
+def training_prior(card: dict, source) -> np.ndarray:
+    """The answer for an image without usable pixels, wherever a file needs a row for every image (test.csv, a
+    submission): the model's training label frequencies (the card's `prior`), in CLASSES order. The front ends, which
+    answer per series, list such a file as not scored instead (docs/pipeline.md "Images without usable pixels")."""
+    prior = card.get("prior")
+    if not prior or any(prior.get(c) is None for c in CLASSES):
+        raise PipelineError(f"{source}: its model card has no training prior (made by an older version): for a run "
+                            f"folder run `python -m src.evaluate RUN`, for a bundle export it again from its run "
+                            f"(python -m src.export RUN --overwrite)")
+    return np.array([prior[c] for c in CLASSES], dtype=float)
 
 
 def stage1_scores(run: Run, data_dir, out_dir) -> dict | None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import re
 import warnings
 from dataclasses import dataclass
 
@@ -353,11 +352,11 @@ def header_fields(ds) -> dict:
     }
 
 
-_ID_FROM_NAME = re.compile(r"(ID_[0-9a-fA-F]+)")
-
-
 def image_id_from_path(path) -> str:
-    """Kaggle names files `ID_<hex>.dcm`; other files keep their stem as the ID."""
-    name = str(path).rsplit("/", 1)[-1]
-    m = _ID_FROM_NAME.match(name)
-    return m.group(1) if m else name.rsplit(".", 1)[0]
+    """A file's image ID: its stem. Kaggle names files `ID_<hex>.dcm`, and `ID_44cfc8e964.dcm` is image
+    `ID_44cfc8e964`; any other name keeps its whole stem too (`ID_bomb000001.dcm` is `ID_bomb000001`, never `ID_b`, so
+    such names cannot collide). Only a letters-only extension (.dcm, .DCM, .ima, .dicom) is dropped: files named by
+    their SOP Instance UID (`1.2.840.113619.2.55.3.4.15`) keep every part of it."""
+    name = str(path).replace("\\", "/").rsplit("/", 1)[-1]
+    stem, dot, ext = name.rpartition(".")
+    return stem if dot and stem and ext.isalpha() else name

@@ -39,7 +39,7 @@ from .config import parse_config, positional  # noqa: E402
 from .labels import cached_labels, read_labels  # noqa: E402
 from .metrics import report  # noqa: E402
 from .cache import load_cache  # noqa: E402
-from .stamps import Stamp, announce_skip, file_fingerprint, guard  # noqa: E402
+from .stamps import Stamp, file_fingerprint, guard  # noqa: E402
 from .utils import CLASSES, PipelineError, atomic_path, atomic_write, cli_main, write_json  # noqa: E402
 
 
@@ -75,11 +75,10 @@ def evaluate_runs(run_dirs, out_dir=None, labels_path=None, quiet=False, blend_n
     if info_path is not None:
         inputs["blend"] = file_fingerprint(info_path)
     stamp = Stamp("evaluate", {"labels": str(labels_path or ""), "resamples": resamples}, inputs)
-    if guard(stamp, out_dir / "summary.json", (out_dir / "report.md").exists(), True, f"the report {out_dir}",
-             exists=(out_dir / "summary.json").exists()):  # a view: rewritten, never refused, when its inputs change
-        if not quiet:
-            announce_skip(f"report {out_dir}")
-        return json.loads((out_dir / "summary.json").read_text())
+    files = layout.report_files(out_dir)
+    if guard(stamp, files["summary"], files["markdown"].exists(), True, f"the report {out_dir}",
+             exists=files["summary"].exists(), quiet=quiet):  # a view: rewritten, never refused, when its inputs change
+        return json.loads(files["summary"].read_text())
     labels = read_labels(labels_path) if labels_path else cached_labels(*run_list[0].data())[0]
     results, oofs = {}, {}
     for r in run_list:
@@ -106,11 +105,11 @@ def evaluate_runs(run_dirs, out_dir=None, labels_path=None, quiet=False, blend_n
         summary["blend_file"] = str(info_path)
     add_uncertainty(summary, oofs, labels, run_list, resamples, "blend" if info is not None else run_list[0].name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_roc(oofs, labels, out_dir / "roc.png")
-    plot_calibration(oofs, labels, out_dir / "calibration.png")
-    plot_loss_curves(run_list, out_dir / "loss_curves.png")
-    write_markdown(summary, out_dir / "report.md")
-    write_json(summary, out_dir / "summary.json")
+    plot_roc(oofs, labels, files["roc"])
+    plot_calibration(oofs, labels, files["calibration"])
+    plot_loss_curves(run_list, files["loss_curves"])
+    write_markdown(summary, files["markdown"])
+    write_json(summary, files["summary"])
     for r in run_list:  # a stage-1 run carries what it was trained on and how well it did
         if not r.is_stage2():
             write_json(make_card(r, summary), r.path / layout.CARD)
@@ -177,7 +176,7 @@ def write_markdown(summary: dict, path):
             f"{get(n)['per_class'][c]['log_loss']:.4f} / {_num(get(n)['per_class'][c]['auc'], '{:.3f}')} / "
             f"{get(n)['per_class'][c]['accuracy']:.3f}" for n in cols) + " |")
     lines += intervals_markdown(summary, names)
-    lines += ["", "Plots: roc.png, calibration.png, loss_curves.png", ""]
+    lines += ["", "Plots: " + ", ".join(layout.REPORT_FILES[k] for k in ("roc", "calibration", "loss_curves")), ""]
     with atomic_write(path) as f:
         f.write("\n".join(lines))
 
@@ -304,8 +303,8 @@ def main():
     out = Path(a.report_dir) if a.report_dir else layout.report_dir(run_list[0].path)
     s = evaluate_runs([r.path for r in run_list], out, a.labels or None, blend_name=a.blend or None,
                       resamples=a.resamples)
-    if (out / "report.md").exists():
-        print((out / "report.md").read_text())
+    if layout.report_files(out)["markdown"].exists():
+        print(layout.report_files(out)["markdown"].read_text())
     print(f"report: {out}")
     return s
 

@@ -13,7 +13,7 @@ manifest with the SHA-256 of every member. No pickle anywhere; src/bundle.py lis
 
     from src.predictor import Predictor
     p = Predictor.load("resnet10t_128.ichbundle")        # as a run folder; src.predict, src.serve.demo, src.serve.webapp and
-    p.predict(["/path/to/series/"])                      # src.ensemble take a bundle wherever they take a run
+    p.predict(["/path/to/series/"])                      # src.make_submission take a bundle wherever they take a run
 
 ONNX (`--onnx DIR`): each fold's stage-1 network, uint8 images (N, C, H, W) in, probabilities (N, 6) and the
 pooled embedding out, dynamic batch; its normalisation is inside, as in the network.
@@ -30,7 +30,7 @@ from . import layout
 from .bundle import read_run, write_bundle
 from .config import parse_config, positional
 from .runs import Run
-from .stamps import Stamp, announce_skip, file_fingerprint, guard
+from .stamps import Stamp, file_fingerprint, guard
 from .utils import PipelineError, cli_main
 
 
@@ -49,12 +49,9 @@ def export(run_dir, out=None, fp16: bool = False, overwrite: bool = False, quiet
     """Write the run's bundle (default OUT/bundles/<run>.ichbundle); returns its path."""
     run = Run(run_dir)
     out = Path(out) if out else layout.bundle_path(run.path)
-    stamp_file = out.with_name(out.name + ".stamp.json")
+    stamp_file = layout.bundle_stamp(out)
     stamp = export_stamp(run, fp16)
-    if guard(stamp, stamp_file, out.exists(), overwrite, f"the bundle {out}", clear=[out, stamp_file],
-             redo="add --overwrite to this command"):
-        if not quiet:
-            announce_skip(f"bundle {out}")
+    if guard(stamp, stamp_file, out.exists(), overwrite, f"the bundle {out}", clear=[out, stamp_file], quiet=quiet):
         return out
     t = read_run(run.path)
     manifest = write_bundle(t, out, fp16)

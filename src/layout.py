@@ -11,7 +11,7 @@ not run.sh, spells one of these paths; they ask here.
     OUT/blends/<name>.json                blend weights fitted on OOF predictions (src.blend); <run>.json: a run's
                                           own stages, which the Predictor applies
     OUT/report/<run>/                     the evaluation report of a run and its stages (src.evaluate)
-    OUT/ensemble/<name>.json              what made a submission;  OUT/bundles/<run>.ichbundle: a portable model
+    OUT/submissions/<name>.json           what made a submission;  OUT/bundles/<run>.ichbundle: a portable model
     folds/<data>_k<K>_seed<S>.csv         fold assignments;  submissions/stage_2_<name>.csv
 
 run.sh asks for the paths it passes between steps:
@@ -117,6 +117,15 @@ def report_dir(run: Path) -> Path:
     return run_out_root(run) / "report" / Path(run).name
 
 
+# the files of a report folder (src.evaluate)
+REPORT_FILES = dict(summary="summary.json", markdown="report.md", roc="roc.png", calibration="calibration.png",
+                    loss_curves="loss_curves.png")
+
+
+def report_files(report: Path) -> dict[str, Path]:
+    return {k: Path(report) / v for k, v in REPORT_FILES.items()}
+
+
 def subsets_dir(where=None) -> Path:
     """Where src.subset puts its data folders (outputs/subsets by default)."""
     return Path(where) if where else ROOT / "outputs" / "subsets"
@@ -131,8 +140,9 @@ def run_blend_file(run: Path) -> Path:
     return blend_file(run_out_root(run), Path(run).name)
 
 
-def ensemble_json(out: Path, name: str) -> Path:
-    return Path(out) / "ensemble" / f"{name}.json"
+def submission_record(out: Path, name: str) -> Path:
+    """What made submissions/stage_2_<name>.csv (src.make_submission): OUT/submissions/<name>.json."""
+    return Path(out) / "submissions" / f"{name}.json"
 
 
 def submission_path(name: str, submissions_dir=None) -> Path:
@@ -142,6 +152,11 @@ def submission_path(name: str, submissions_dir=None) -> Path:
 def bundle_path(run: Path) -> Path:
     """Where src.export writes a run's bundle by default: OUT/bundles/<run>.ichbundle."""
     return run_out_root(run) / "bundles" / (Path(run).name + BUNDLE_SUFFIX)
+
+
+def bundle_stamp(bundle: Path) -> Path:
+    """What made a bundle (src.export's stamp): beside it, <bundle>.stamp.json."""
+    return Path(bundle).with_name(Path(bundle).name + ".stamp.json")
 
 
 def main(argv=None):

@@ -105,16 +105,6 @@ def auc_weighted(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None, orde
     return float((pos * (below + 0.5 * neg)).sum() / (total_pos * total_neg))
 
 
-def patient_bootstrap(groups: np.ndarray, n: int = 1000, seed: int = 0):
-    """Weights per row of `n` bootstrap resamples over patients: each draws as many patients as there are, with
-    replacement, and a row weighs as often as its patient was drawn."""
-    codes, uniq = pd.factorize(pd.Series(groups))
-    rng = np.random.default_rng(seed)
-    for _ in range(n):
-        counts = np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq))
-        yield counts[codes].astype(float)
-
-
 def interval(values, level: float = 0.95) -> list[float]:
     """The central `level` percentile interval of bootstrap values (NaN ones left out)."""
     v = np.asarray([x for x in values if x == x], float)

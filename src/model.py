@@ -7,9 +7,9 @@ of another size and adapts the first convolution to 9 input channels. The ImageN
 that can reach neither stops at once with one line naming the model and the two ways on (`--weights FILE`,
 `--pretrained false`), where timm alone would retry for ~45 s and end in a traceback.
 
-Checkpoints are src.checkpoint's (read with `weights_only=True`); this module builds the network from one. A
-`--weights` file that timm cannot use (garbage, carries code, not a state dict) or of which no tensor fits the
-model (timm would silently keep random weights) is a PipelineError naming the file.
+A `--weights` file that timm cannot use (garbage, carries code, not a state dict) or of which no tensor fits the
+model (timm would silently keep random weights) is a PipelineError naming the file. `net_from_state` builds the
+network from a checkpoint's config and weights (src.checkpoint reads them, with `weights_only=True`).
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from . import checkpoint
 from .utils import CLASSES, PipelineError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -160,9 +159,3 @@ def net_from_state(config: dict, state_dict: dict) -> Net:
     model = create_model(config["model"], 9 if config["input_mode"] == "slices_windows" else 3, drop_rate=0.0)
     model.load_state_dict(state_dict)
     return model.eval()
-
-
-def model_from_checkpoint(path, map_location="cpu") -> tuple[Net, dict]:
-    """(model in eval mode with a stage-1 checkpoint's weights, the checkpoint's config dict)."""
-    ck = checkpoint.load(path, map_location)
-    return net_from_state(ck["config"], ck["model"]), ck["config"]

@@ -24,11 +24,11 @@ import pandas as pd
 from . import layout
 from .config import parse_config, positional
 from .bundle import is_bundle
-from .labels import cached_labels
+from .card import training_prior
 from .cache import cache_fingerprint, load_cache, windows_from_settings
-from .scans import decode_files
+from .scans import decode_files, list_inputs
 from .runs import Run
-from .stamps import Stamp, announce_skip, guard
+from .stamps import Stamp, guard
 from .utils import CLASSES, PipelineError, cli_main, write_csv, write_json, write_npy
 
 
@@ -64,7 +64,7 @@ def predict_run(run_dir, dicom_dir=None, out=None, device="auto", batch_size=64,
     if dicom_dir:
         p = Predictor.load(run.path, device, stage2=False, batch_size=batch_size, workers=0)
         images, meta = decode_files(list_inputs([dicom_dir]), windows_from_settings(p.settings), p.settings["size"])
-        out, prior, stamp = Path(out) if out else run.path / "predict_folder", np.full(len(CLASSES), np.nan), None
+        out, stamp = Path(out) if out else run.path / "predict_folder", None
     else:
         data_dir, out_dir = run.data()
         cache = layout.cache_dir(data_dir, out_dir)
@@ -73,10 +73,8 @@ def predict_run(run_dir, dicom_dir=None, out=None, device="auto", batch_size=64,
                            {"run": run.fingerprint(with_test=False), "cache": cache_fingerprint(cache, "test")})
         done = bool(ks) and all((run.fold_dir(k) / layout.TEST).exists() for k in ks)
         if guard(stamp, run.path / layout.PREDICT, done, overwrite, f"the test predictions of {run.path}",
-                      clear=[run.fold_dir(k) / f for k in ks for f in (layout.TEST, layout.TEST_EMB)] + [run.path / layout.PREDICT],
-                      redo="add --overwrite to this command"):
-            if not quiet:
-                announce_skip(f"test predictions of {run.name}")
+                 clear=[run.fold_dir(k) / f for k in ks for f in (layout.TEST, layout.TEST_EMB)] + [run.path / layout.PREDICT],
+                 quiet=quiet):
             return run.path
         p = Predictor.load(run.path, device, stage2=False, batch_size=batch_size, workers=workers)
         images, meta = load_cache(cache)
@@ -84,9 +82,8 @@ def predict_run(run_dir, dicom_dir=None, out=None, device="auto", batch_size=64,
         if meta.empty:
             raise PipelineError(f"the cache in {cache} has no test images")
         out = run.path
-        labels, _ = cached_labels(data_dir, out_dir)
-        prior = labels[CLASSES].mean().to_numpy()
     missing = meta[meta.status != "ok"]
+    prior = training_prior(p.card, run.path) if len(missing) else None
     if stamp:  # the stamp first: a kill before the last test.csv leaves a stamped, unfinished step that reruns
         write_json({"stamp": stamp.to_dict(), "status": "running"}, out / layout.PREDICT)
     for name, o in p.iter_fold_predictions(images, meta, progress=not quiet):

@@ -50,7 +50,7 @@ from .dicom import DEFAULT_WINDOWS, DicomError, header_fields, image_id_from_pat
 from .labels import cached_labels
 from .layout import SPLITS, SYNTHETIC_MARKER
 from .scans import META_COLUMNS, decode_one, order_series, record
-from .stamps import Stamp, announce_skip, fingerprint, guard
+from .stamps import Stamp, fingerprint, guard
 from .utils import PipelineError, atomic_write, cli_main, write_csv, write_json, write_npy
 
 
@@ -198,9 +198,8 @@ def prepare(data_dir, cache_dir=None, size=256, windows=DEFAULT_WINDOWS, jobs=-1
     stamp = prepare_stamp(files, size, windows, limit)
     if guard(stamp, P["config"], P["images"].exists(), overwrite, f"the image cache {cache_dir}",
              exists=P["images"].exists() or P["old_images"].exists(),
-             clear=[P["images"], P["meta"], P["summary"], P["old_images"]], redo="--overwrite (rebuilds the whole cache)"):
-        if not quiet:
-            announce_skip(f"image cache {cache_dir}")
+             clear=[P["images"], P["meta"], P["summary"], P["old_images"]], redo="--overwrite (rebuilds the whole cache)",
+             quiet=quiet):
         return json.loads(P["summary"].read_text())
 
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -98,6 +98,6 @@ def decode_files(paths, windows=DEFAULT_WINDOWS, size=256, jobs=1, split="test")
     meta = pd.DataFrame(records, columns=META_COLUMNS)
     meta["z"] = pd.to_numeric(meta["z"], errors="coerce")
     # a user's files without a SeriesInstanceUID are taken as one series rather than left unordered
-    uid = meta["SeriesInstanceUID"].fillna("").astype(str)
+    uid = meta["SeriesInstanceUID"].astype(object).where(meta["SeriesInstanceUID"].notna(), "").astype(str)
     meta["SeriesInstanceUID"] = uid.where((uid != "") | (meta.status != "ok"), "unknown-series")
     return images, order_series(meta)

@@ -11,7 +11,7 @@ trains on folds != K and is validated on fold K, and its test inputs are the tes
 
 Outputs of a stage-2 fold, in OUT/runs/<kind>_<stage-1 run>/fold<K>/ (src.layout): fingerprint.json, config.yaml,
 train.log, the model's own files, test.csv (test images outside any readable series keep their stage-1
-prediction) and, last, oof.csv: src.evaluate, src.blend and src.ensemble treat a stage-2 run as one more run.
+prediction) and, last, oof.csv: src.evaluate, src.blend and src.make_submission treat a stage-2 run as one more run.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from .labels import cached_labels
 from .metrics import weighted_log_loss
 from .cache import load_cache
 from .runs import Run, load_folds
-from .stamps import Stamp, announce_skip, guard
+from .stamps import Stamp, guard
 from .utils import CLASSES, PipelineError, get_logger, write_csv
 
 
@@ -178,8 +178,7 @@ def run_fold(kind: str, cfg, fit: Callable, with_emb: bool = True, step: str | N
     run_dir = run.fold_dir(cfg.fold)
     stamp = Stamp(step or kind, result_settings(cfg), {"stage1": stage1.fingerprint()})
     if guard(stamp, run_dir / layout.STAMP, (run_dir / layout.FINISHED).exists(), cfg.overwrite,
-             f"stage-2 fold {cfg.fold} ({run_dir})", clear=[run_dir], redo="add --overwrite to this command"):
-        announce_skip(f"stage-2 fold {cfg.fold} of {run.name} ({run_dir / layout.OOF})")
+             f"stage-2 fold {cfg.fold} of {run.name} ({run_dir})", clear=[run_dir]):
         return run_dir
     inputs = stage1_inputs(stage1, cfg.fold, with_emb)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ def file_fingerprint(path) -> str:
 
 # A step's code version: bump it when a change of the code alters what the step outputs for the same settings
 # and inputs (a decoding fix, a new feature), so outputs of the old code are not reused as if they were current.
-VERSIONS = {"prepare": 3, "train": 2, "predict": 2, "sequence": 2, "boost": 1, "evaluate": 2, "ensemble": 2}
+VERSIONS = {"prepare": 3, "train": 2, "predict": 2, "sequence": 2, "boost": 1, "evaluate": 3, "submission": 1}
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Stamp:
         if not path.exists():
             return None
         d = json.loads(path.read_text())
-        d = d.get("stamp", d)  # a stamp may sit inside a larger record (predict.json, ensemble json)
+        d = d.get("stamp", d)  # a stamp may sit inside a larger record (predict.json, a submission's record)
         if not isinstance(d, dict) or "step" not in d or "settings" not in d:
             return None  # written by an older version: no fingerprint
         return Stamp(d["step"], d["settings"], d.get("inputs", {}), d.get("version", 0))
@@ -110,13 +110,17 @@ def announce_run() -> None:
         print(f"[run ] {name}", flush=True)
 
 
-def guard(stamp: Stamp, stamp_file: Path, done: bool, overwrite: bool, what: str, clear=None, exists=None,
-          redo: str = "") -> bool:
-    """Decide whether a step runs, before it writes anything. True: skip (up to date); False: run.
+REDO = "add --overwrite to this command"  # how to redo most steps; guard's default
 
-    stamp_file: where the output's stamp lives; done: whether the output is complete; exists: whether any
-    of the output is there (default: the stamp or a complete output); clear: the paths to remove before an
-    overwrite; redo: how to redo it, for the message."""
+
+def guard(stamp: Stamp, stamp_file: Path, done: bool, overwrite: bool, what: str, clear=None, exists=None,
+          redo: str = REDO, quiet: bool = False) -> bool:
+    """Decide whether a step runs, before it writes anything. True: skip (up to date, and said so: `announce_skip`,
+    unless quiet); False: run (announced, and the old output cleared first when it is redone).
+
+    stamp_file: where the output's stamp lives; done: whether the output is complete; what: the output, for the
+    messages ("the blend OUT/blends/x.json"); exists: whether any of the output is there (default: the stamp or a
+    complete output); clear: the paths to remove before an overwrite; redo: how to redo it, for the message."""
     old = Stamp.load(stamp_file)
     if exists is None:
         exists = old is not None or done
@@ -126,12 +130,14 @@ def guard(stamp: Stamp, stamp_file: Path, done: bool, overwrite: bool, what: str
     if old is not None and old.id == stamp.id:
         if not done:
             announce_run()
+        elif not quiet:
+            announce_skip(what)
         return done  # finished: skip; unfinished: the step continues it
     diffs = stamp.differences(old)
     if not overwrite:
         raise PipelineError(
             f"{what} was made with other settings than this run's:\n    " + "\n    ".join(diffs) +
-            f"\n  It was not reused and nothing was written. To redo it with the new settings: {redo or 'add --overwrite'}"
+            f"\n  It was not reused and nothing was written. To redo it with the new settings: {redo}"
             "\n  (OVERWRITE=1 bash run.sh redoes every stale step); to keep it, run with its old settings"
             " or give the new run another name.")
     announce_run()

@@ -1,4 +1,6 @@
-"""Kaggle submission files: build from a wide prediction table, validate against the sample submission.
+"""The Kaggle submission file's format: built from a wide prediction table, validated against the sample submission.
+
+src.make_submission writes one with it, src.upload checks one with it before sending it.
 
 A valid stage-2 file has the header `ID,Label`, exactly the IDs of `stage_2_sample_submission.csv`
 in its order (six rows per image), no NaN, and every value in [0, 1]. A file that is empty, not UTF-8
@@ -76,7 +78,7 @@ def validate_file(path, sample_path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"submission file not found: {path}")
-    df = read_user_csv(path, "a submission CSV with header ID,Label (python -m src.ensemble writes one)",
+    df = read_user_csv(path, "a submission CSV with header ID,Label (python -m src.make_submission writes one)",
                        dtype={"ID": str})
     sample_ids, _ = read_sample_submission(sample_path)
     validate(df, sample_ids, name=str(path))

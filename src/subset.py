@@ -200,8 +200,8 @@ def make_subset(data_dir, n: int, seed: int = 0, subsets_dir=None, out_dir=None,
     stamp = Stamp("subset", {"n": n, "seed": seed, "method": METHOD},
                        {"train_files": files_fingerprint(train.reset_index()), "labels": label_sha})
     if guard(stamp, dest / INFO, (dest / INFO).exists(), overwrite, f"the subset folder {dest}",
-                  exists=dest.exists(), clear=[dest], redo="--overwrite (remakes the subset folder; "
-                  "the outputs made from the old one then stop at their own fingerprint checks)"):
+             exists=dest.exists(), clear=[dest], quiet=True, redo="--overwrite (remakes the subset folder; "
+             "the outputs made from the old one then stop at their own fingerprint checks)"):
         if not quiet:
             say(f"up to date: {dest} (made from the same files, labels, N and seed)")
         return dest

@@ -238,11 +238,8 @@ def plan_fold(cfg: TrainConfig, rank: int, world: int, device) -> Fold | None:
                 (run_dir / f).unlink(missing_ok=True)
     skip = guard(stamp, run_dir / layout.STAMP, not redo_oof and oof_was == cfg.tta, cfg.overwrite,
                  f"fold {cfg.fold} of run {cfg.run_name} ({run_dir})", clear=[run_dir],
-                 exists=any((run_dir / f).exists() for f in (layout.LAST, layout.OOF, layout.STAMP)),
-                 redo="add --overwrite to this command") if fold.main else False
+                 exists=any((run_dir / f).exists() for f in (layout.LAST, layout.OOF, layout.STAMP))) if fold.main else False
     if fold.sync(skip):
-        if fold.main:
-            announce_skip(f"fold {cfg.fold} of {cfg.run_name} ({run_dir / layout.OOF})")
         return None
     return fold
 

@@ -179,7 +179,7 @@ def _sample(tmp_path):
 def test_submit_cli_bad_file(tmp_path, content, message):
     f = tmp_path / "sub.csv"
     f.write_bytes(content)
-    err = _cli("src.submit", str(f), "-m", "x", "--sample", str(_sample(tmp_path)), "--dry-run")
+    err = _cli("src.upload", str(f), "-m", "x", "--sample", str(_sample(tmp_path)), "--dry-run")
     assert str(f) in err and re.search(message, err), err
 
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from src.boost import BoostConfig, BoostFold, feature_names, series_features, train_boost
-from src.ensemble import ensemble
+from src.make_submission import make_submission
 from src.evaluate import evaluate_runs
 from src.metrics import weighted_log_loss
 from src.stage2 import check_no_leak
@@ -100,7 +100,7 @@ def test_outputs_in_stage1_format_and_better_than_stage1(stage1, boosted, tmp_pa
     pooled = pd.concat(oofs)
     assert summary["runs"]["boost_s1"]["weighted_log_loss"] == pytest.approx(
         weighted_log_loss(labels.loc[pooled.index, CLASSES].to_numpy(), pooled[CLASSES].to_numpy()))
-    info = ensemble([run, boost_run], "t", submissions_dir=tmp_path / "sub", out_dir=tmp_path / "out", quiet=True)
+    info = make_submission([run, boost_run], "t", submissions_dir=tmp_path / "sub", out_dir=tmp_path / "out", quiet=True)
     assert [m["run"] for m in info["members"]] == [str(run), str(boost_run)]
     assert info["test_images"] == (ok.split == "test").sum()
 

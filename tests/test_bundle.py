@@ -254,14 +254,14 @@ def test_fine_tuning_starts_from_the_bundles_fold(blended, demo_data):
         make_model(TrainConfig(data_dir=str(demo_data), model="resnet18", fold=0, weights=str(bundle)))
 
 
-def test_ensemble_takes_a_bundle_with_equal_weights(blended, demo_data, tmp_path):
-    from src.ensemble import ensemble
+def test_a_submission_takes_a_bundle_with_equal_weights(blended, demo_data, tmp_path):
+    from src.make_submission import make_submission
     from src.submission import validate_file
     run, bundle = blended
     out = run.parent.parent
     with pytest.raises(PipelineError, match="--weights equal"):
-        ensemble([run, bundle], "mix", data_dir=demo_data, submissions_dir=tmp_path, out_dir=out, quiet=True)
-    info = ensemble([run, bundle], "mix", weights="equal", data_dir=demo_data, submissions_dir=tmp_path, out_dir=out,
+        make_submission([run, bundle], "mix", data_dir=demo_data, submissions_dir=tmp_path, out_dir=out, quiet=True)
+    info = make_submission([run, bundle], "mix", weights="equal", data_dir=demo_data, submissions_dir=tmp_path, out_dir=out,
                     quiet=True)
     sub = validate_file(tmp_path / "stage_2_mix.csv", demo_data / "stage_2_sample_submission.csv")
     assert len(info["members"]) == 2 and len(sub) == len(pd.read_csv(demo_data / "stage_2_sample_submission.csv"))

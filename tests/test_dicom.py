@@ -247,3 +247,22 @@ def test_z_skips_fields_that_are_not_numbers(tmp_path):
     assert D.slice_z(ds) == (7.5, "SliceLocation")
     del ds.SliceLocation
     assert D.slice_z(ds)[1] == "missing"
+
+
+@pytest.mark.parametrize("name,want", [("ID_44cfc8e964.dcm", "ID_44cfc8e964"), ("stage_2_test_images/ID_0a1b.dcm", "ID_0a1b"),
+                                       ("ID_bomb000001.dcm", "ID_bomb000001"), ("ID_44cfc8e964_copy.DCM", "ID_44cfc8e964_copy"),
+                                       ("series/1.2.840.113619.2.55.3.4.15", "1.2.840.113619.2.55.3.4.15"),
+                                       ("IM0001", "IM0001"), ("slice.ima", "slice")])
+def test_an_image_id_is_the_whole_stem(name, want):
+    """`ID_<hex>` is matched only as a whole stem: a prefix match made `ID_bomb000001.dcm` image `ID_b`."""
+    assert D.image_id_from_path(name) == want
+
+
+def test_names_that_share_an_id_prefix_do_not_collide(tmp_path):
+    """Two files `ID_bomb000001.dcm` and `ID_bomb000002.dcm` (a user's names) are two images in the cache build."""
+    from src.prepare import list_files
+    raw = np.full((16, 16), 1000, np.uint16)
+    for n in ("ID_bomb000001", "ID_bomb000002"):
+        (tmp_path / "stage_2_test_images").mkdir(exist_ok=True)
+        write_ds(tmp_path / "stage_2_test_images" / f"{n}.dcm", raw, bits=16, rep=0, intercept=-1024)
+    assert sorted(list_files(tmp_path)["ID"]) == ["ID_bomb000001", "ID_bomb000002"]

@@ -1,3 +1,4 @@
+import json
 import re
 from pathlib import Path
 
@@ -8,10 +9,10 @@ import yaml
 
 from src import submission
 from src.blend import blend, cross_fitted, fit_weights
-from src.ensemble import ensemble
+from src.make_submission import make_submission
 from src.labels import to_long
 from src.metrics import weighted_log_loss
-from src.submit import has_credentials, submit
+from src.upload import has_credentials, submit
 from src.utils import CLASSES, PipelineError
 
 
@@ -89,7 +90,7 @@ def test_per_class_weights_use_what_each_member_is_good_at():
     assert weighted_log_loss(y, honest) == pytest.approx(weighted_log_loss(y, blend([a, b], w)), abs=1e-3)
 
 
-def fake_run(root, name, data_dir, oof_value, test_images, folds=(0, 1)):
+def fake_run(root, name, data_dir, oof_value, test_images, folds=(0, 1), test_base=0.2):
     labels = pd.read_csv(data_dir / "labels_wide.csv", index_col=0)
     for k in folds:
         d = root / name / f"fold{k}"
@@ -99,11 +100,11 @@ def fake_run(root, name, data_dir, oof_value, test_images, folds=(0, 1)):
         oof = pd.DataFrame(np.clip(labels.loc[ids].to_numpy() * oof_value + (1 - oof_value) / 2, 0, 1), index=ids, columns=CLASSES)
         oof.insert(0, "fold", k)
         oof.rename_axis("ID").to_csv(d / "oof.csv")
-        pd.DataFrame(0.2 + 0.1 * k, index=pd.Index(test_images, name="ID"), columns=CLASSES).to_csv(d / "test.csv")
+        pd.DataFrame(test_base + 0.1 * k, index=pd.Index(test_images, name="ID"), columns=CLASSES).to_csv(d / "test.csv")
     return root / name
 
 
-def test_ensemble_writes_valid_submission(tmp_path):
+def test_make_submission_writes_a_valid_submission(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     rng = np.random.default_rng(1)
@@ -115,29 +116,34 @@ def test_ensemble_writes_valid_submission(tmp_path):
     test_ids = ["ID_a01", "ID_a02"]
     sample_file(data, test_ids)
     a = fake_run(tmp_path / "out" / "runs", "a", data, 0.8, test_ids)
-    b = fake_run(tmp_path / "out" / "runs", "b", data, 0.2, test_ids)
-    info = ensemble([a, b], "t", data_dir=data, submissions_dir=tmp_path / "subs", out_dir=tmp_path / "out", quiet=True)
+    b = fake_run(tmp_path / "out" / "runs", "b", data, 0.2, test_ids, test_base=0.6)
+    info = make_submission([a, b], "t", data_dir=data, submissions_dir=tmp_path / "subs", out_dir=tmp_path / "out", quiet=True)
     sub = submission.validate_file(tmp_path / "subs" / "stage_2_t.csv", data / "stage_2_sample_submission.csv")
     assert len(sub) == 12
     assert info["blend_oof_wll"] <= min(m["oof_wll"] for m in info["members"]) + 1e-12
-    # fold means: test values are the mean of 0.2 and 0.3 in both members
-    assert np.allclose(sub["Label"], 0.25)
+    # the submission applies the weights fitted once on OOF (the blend file), not equal ones: member a (0.25, the
+    # mean of its folds' 0.2 and 0.3) is far better out of fold than b (0.65), so the fitted blend leans to a
+    w = json.loads(Path(info["blend_file"]).read_text())["weights"]
+    assert min(w["a"]) > 0.7, w
+    want = {f"{i}_{c}": w["a"][k] * 0.25 + w["b"][k] * 0.65 for i in test_ids for k, c in enumerate(CLASSES)}
+    np.testing.assert_allclose(sub["Label"], [round(want[i], 6) for i in sub["ID"]], atol=1e-6)
+    assert np.abs(sub["Label"] - 0.45).min() > 0.05  # equal weights would give 0.45
     assert not list((tmp_path / "subs").glob(".*"))  # no temporary file left behind
     c = fake_run(tmp_path / "out" / "runs", "c", data, 0.8, ["ID_a01"])
     with pytest.raises(PipelineError, match="other images"):
-        ensemble([a, c], "x", data_dir=data, submissions_dir=tmp_path / "subs", quiet=True)
+        make_submission([a, c], "x", data_dir=data, submissions_dir=tmp_path / "subs", quiet=True)
     # the same members again: nothing is redone; a member whose predictions changed: stop, and --overwrite redoes
     kw = dict(data_dir=data, submissions_dir=tmp_path / "subs", out_dir=tmp_path / "out", quiet=True)
     mtime = (tmp_path / "subs" / "stage_2_t.csv").stat().st_mtime_ns
-    assert ensemble([a, b], "t", **kw)["blend_oof_wll"] == info["blend_oof_wll"]
+    assert make_submission([a, b], "t", **kw)["blend_oof_wll"] == info["blend_oof_wll"]
     assert (tmp_path / "subs" / "stage_2_t.csv").stat().st_mtime_ns == mtime
     oof = pd.read_csv(b / "fold0" / "oof.csv", index_col=0)
     oof[CLASSES] = oof[CLASSES] * 0.9
     oof.to_csv(b / "fold0" / "oof.csv")
     with pytest.raises(PipelineError, match=r"input b: .*changed"):
-        ensemble([a, b], "t", **kw)
+        make_submission([a, b], "t", **kw)
     assert (tmp_path / "subs" / "stage_2_t.csv").stat().st_mtime_ns == mtime
-    assert ensemble([a, b], "t", overwrite=True, **kw)["members"][1]["oof_wll"] != info["members"][1]["oof_wll"]
+    assert make_submission([a, b], "t", overwrite=True, **kw)["members"][1]["oof_wll"] != info["members"][1]["oof_wll"]
 
 
 def test_submit_dry_run_and_missing_credentials(tmp_path, monkeypatch, capsys):
@@ -186,12 +192,12 @@ def test_unreadable_submission_names_the_file(tmp_path, content, message):
 
 
 def test_the_kaggle_client_runs():
-    """src.submit hands the file to the official client: it must start (kaggle 2.2.4 imports `six` without
+    """src.upload hands the file to the official client: it must start (kaggle 2.2.4 imports `six` without
     declaring it; requirements.txt pins it)."""
     import subprocess
     import sys
 
-    from src.submit import kaggle_command
+    from src.upload import kaggle_command
     exe = kaggle_command("f.csv", "m")[0]
     r = subprocess.run([exe, "competitions", "submit", "--help"], capture_output=True, text=True, timeout=120,
                        env={"HOME": "/nonexistent", "PATH": str(Path(sys.executable).parent)})

@@ -297,8 +297,8 @@ def test_config_flags_file_and_errors(tmp_path):
 def test_every_step_help_shows_each_setting_with_its_comment():
     import importlib
     steps = {"train": "TrainConfig", "sequence": "SeqConfig", "prepare": "PrepareConfig", "folds": "FoldsConfig",
-             "predict": "PredictConfig", "evaluate": "EvalConfig", "ensemble": "EnsembleConfig", "synth": "SynthConfig",
-             "serve.demo": "DemoConfig", "labels": "LabelsConfig", "submit": "SubmitConfig", "serve.webapp": "ServeConfig", "boost": "BoostConfig", "subset": "SubsetConfig",
+             "predict": "PredictConfig", "evaluate": "EvalConfig", "make_submission": "SubmissionConfig", "synth": "SynthConfig",
+             "serve.demo": "DemoConfig", "labels": "LabelsConfig", "upload": "UploadConfig", "serve.webapp": "ServeConfig", "boost": "BoostConfig", "subset": "SubsetConfig",
              "blend": "BlendConfig", "export": "ExportConfig", "serve.node": "NodeConfig"}
     for mod, cls_name in steps.items():
         cls = getattr(importlib.import_module(f"src.{mod}"), cls_name)

@@ -1,10 +1,10 @@
 """Validate a submission file and upload it with the official Kaggle client.
 
-    python -m src.submit submissions/stage_2_demo_blend.csv -m "resnet10t + sequence" --dry-run
-    python -m src.submit submissions/stage_2_input_blend.csv -m "5-fold seresnext50 + GRU"
+    python -m src.upload submissions/stage_2_demo_blend.csv -m "resnet10t + sequence" --dry-run
+    python -m src.upload submissions/stage_2_input_blend.csv -m "5-fold seresnext50 + GRU"
 
 Runs `kaggle competitions submit -c rsna-intracranial-hemorrhage-detection -f FILE -m MESSAGE` after the
-file passed the same validation as the ensembler's (IDs and order of the sample submission, no NaN,
+file passed the same validation as src.make_submission's (src.submission) (IDs and order of the sample submission, no NaN,
 values in [0, 1]). Credentials: ~/.kaggle/kaggle.json, or KAGGLE_USERNAME and KAGGLE_KEY in the
 environment (https://www.kaggle.com/settings, "Create New Token"). --dry-run validates and prints the
 command without running it.
@@ -67,7 +67,7 @@ def submit(path, message, sample, dry_run=False) -> int:
 
 
 @dataclass
-class SubmitConfig:
+class UploadConfig:
     file: str = positional(None)      # the submission CSV (submissions/stage_2_<name>.csv)
     message: str = short("", "-m")    # the submission's description on Kaggle (required)
     sample: str = ""                  # the data's sample submission (default: DATA_DIR/stage_2_sample_submission.csv)
@@ -76,9 +76,9 @@ class SubmitConfig:
 
 
 def main():
-    a = parse_config(SubmitConfig, description=__doc__, prog="python -m src.submit")
+    a = parse_config(UploadConfig, description=__doc__, prog="python -m src.upload")
     if not a.file or not a.message:
-        raise PipelineError("give the submission file and a message: python -m src.submit FILE -m \"message\"")
+        raise PipelineError("give the submission file and a message: python -m src.upload FILE -m \"message\"")
     sys.exit(submit(a.file, a.message, a.sample or str(Path(a.data_dir) / SAMPLE_CSV), a.dry_run))
 
 
