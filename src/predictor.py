@@ -34,7 +34,7 @@ from .data import EpochSampler, SliceDataset, collate, neighbour_rows
 from .engine import amp_settings, configure_backend, pick_device, predict_loader
 from .model import Net, net_from_state
 from .cache import windows_from_settings
-from .scans import decode_files, list_inputs
+from .scans import META_COLUMNS, decode_files, list_inputs, read_headers
 from .sequence import SeqFold
 from .utils import CLASSES, PipelineError
 
@@ -58,10 +58,11 @@ class FoldOutput:
 @dataclass
 class Analysis:
     """What `Predictor.analyse` found in a set of files."""
-    table: pd.DataFrame               # one row per readable slice: ID, file, series, slice (1-based, z order), z, six classes
-    skipped: pd.DataFrame             # path, reason of every file that gave no slice
-    images: np.ndarray                # (n files, S, S, 3) uint8 decoded with the run's preprocessing
+    table: pd.DataFrame               # one row per scored slice: ID, file, series, slice (1-based, z order), z, six classes
+    skipped: pd.DataFrame             # path, reason of every file that gave no slice (unreadable, or no CT image)
+    images: np.ndarray                # (n files decoded, S, S, 3) uint8 with the run's preprocessing
     meta: pd.DataFrame                # the decoder's metadata (rows of `images`)
+    series: pd.DataFrame | None = None  # with a selector: every series of the inputs, scored or not and why
 
 
 def slice_dataset(cfg: dict, images, meta: pd.DataFrame) -> SliceDataset:
@@ -159,12 +160,27 @@ class Predictor:
         return dict(self.iter_fold_predictions(images, meta, progress))
 
     # ---- files -> table
-    def analyse(self, inputs, progress=False) -> Analysis:
-        """Decode files/folders with the run's preprocessing and predict every readable slice."""
+    def analyse(self, inputs, progress=False, select=None) -> Analysis:
+        """Decode files/folders with the run's preprocessing and predict every readable slice; with `select` (a
+        function from the files' headers, src.scans.read_headers, to one row per series with `scored` and `reason`:
+        src.serve.selector.select), only the slices of the series it chooses, read from their headers first."""
         paths = list_inputs(inputs)
-        images, meta = decode_files(paths, windows_from_settings(self.settings), self.settings["size"])
-        skipped = meta.loc[meta.status != "ok", ["path", "reason"]].reset_index(drop=True)
-        return Analysis(self.score(images, meta, progress), skipped, images, meta)
+        series, skipped = None, pd.DataFrame(columns=["path", "reason"])
+        if select is not None:
+            heads = read_headers(paths)
+            ok = heads[heads.status == "ok"]
+            skipped = heads.loc[heads.status != "ok", ["path", "reason"]]
+            series = select(ok)
+            chosen = set(series.loc[series.scored, "SeriesInstanceUID"])
+            paths = ok.loc[ok["SeriesInstanceUID"].isin(chosen), "path"].tolist()
+        if paths:
+            images, meta = decode_files(paths, windows_from_settings(self.settings), self.settings["size"])
+        else:  # nothing to score: an empty table, every file accounted for in `skipped` or `series`
+            images, meta = np.zeros((0, self.settings["size"], self.settings["size"], 3), np.uint8), \
+                pd.DataFrame(columns=[*META_COLUMNS, "slice_index", "series_len", "prev_id", "next_id"])
+        bad = meta.loc[meta.status != "ok", ["path", "reason"]]
+        skipped = pd.concat([skipped, bad], ignore_index=True) if len(bad) else skipped.reset_index(drop=True)
+        return Analysis(self.score(images, meta, progress), skipped, images, meta, series)
 
     def score(self, images, meta: pd.DataFrame, progress=False) -> pd.DataFrame:
         """One row per readable slice of `meta` (rows of `images`, decoded with this model's preprocessing: files
@@ -172,7 +188,7 @@ class Predictor:
         folds averaged, each stage-2 model applied fold by fold to its own stage-1 fold's outputs, combined with
         the blend weights."""
         cols = ["ID", "file", "series", "slice", "z", *CLASSES]
-        if (meta.status != "ok").all():
+        if not len(meta) or (meta.status != "ok").all():
             return pd.DataFrame(columns=cols)
         per_fold = self.fold_predictions(images, meta, progress)
         order = meta[meta.status == "ok"].set_index("ID").sort_values(["SeriesInstanceUID", "slice_index"])
@@ -207,10 +223,11 @@ class Predictor:
         table.insert(0, "ID", ids)
         return table
 
-    def predict(self, inputs, progress=False) -> pd.DataFrame:
-        """One row per readable slice (ID, file, series, slice in z order, z, six probabilities); files that gave
-        no slice are named in a warning (`analyse(...).skipped` lists them with the reason)."""
-        a = self.analyse(inputs, progress)
+    def predict(self, inputs, progress=False, select=None) -> pd.DataFrame:
+        """One row per readable slice (ID, file, series, slice in z order, z, six probabilities) of every series, or of
+        those `select` chooses (see analyse); files that gave no slice are named in a warning (`analyse(...).skipped`
+        lists them with the reason)."""
+        a = self.analyse(inputs, progress, select)
         if len(a.skipped):
             warnings.warn(f"{len(a.skipped)} file(s) gave no CT slice, e.g. "
                           + "; ".join(f"{Path(p).name}: {r}" for p, r in a.skipped.values[:3]), stacklevel=2)

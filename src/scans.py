@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
 
-from .dicom import DEFAULT_WINDOWS, DicomError, dicom_to_image, header_fields, image_id_from_path, read_dicom
+from .dicom import (DEFAULT_WINDOWS, DicomError, dicom_to_image, header_fields, image_id_from_path, read_dicom,
+                    series_fields)
 from .utils import PipelineError
 
 
@@ -32,6 +33,35 @@ def list_inputs(inputs) -> list[Path]:
     if not files:
         raise PipelineError("no files given")
     return files
+
+
+UNKNOWN_SERIES = "unknown-series"  # the series of a user's files that carry no SeriesInstanceUID
+
+
+def read_one_header(path: str) -> dict:
+    """One file's header, pixels left on disk: status ok with header_fields and series_fields, or skipped with the
+    reason the file cannot be read."""
+    try:
+        ds = read_dicom(path, stop_before_pixels=True)
+        head = {**header_fields(ds), **series_fields(ds)}
+    except DicomError as e:
+        return {"path": str(path), "status": "skipped", "reason": str(e)}
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:  # a malformed element read lazily
+        return {"path": str(path), "status": "skipped", "reason": f"unreadable header ({type(e).__name__}: {str(e)[:120]})"}
+    head["SeriesInstanceUID"] = head["SeriesInstanceUID"] or UNKNOWN_SERIES
+    return {"path": str(path), "status": "ok", "reason": "", **head}
+
+
+def read_headers(paths, jobs: int = 1) -> pd.DataFrame:
+    """Every file's header (read_one_header), one row per file in the order given: what a series selector reads
+    before any pixel is decoded."""
+    rows = Parallel(n_jobs=jobs)(delayed(read_one_header)(str(p)) for p in paths) if jobs != 1 \
+        else [read_one_header(str(p)) for p in paths]
+    df = pd.DataFrame(rows)
+    for c in ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "SOPClassUID", "ImageType", "SeriesNumber",
+              "SeriesDescription", "Manufacturer", "ConvolutionKernel", "ContrastBolusAgent"):
+        df[c] = df[c].fillna("").astype(str) if c in df else ""
+    return df
 
 
 META_COLUMNS = ["ID", "split", "row", "status", "reason", "path", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
@@ -99,5 +129,5 @@ def decode_files(paths, windows=DEFAULT_WINDOWS, size=256, jobs=1, split="test")
     meta["z"] = pd.to_numeric(meta["z"], errors="coerce")
     # a user's files without a SeriesInstanceUID are taken as one series rather than left unordered
     uid = meta["SeriesInstanceUID"].astype(object).where(meta["SeriesInstanceUID"].notna(), "").astype(str)
-    meta["SeriesInstanceUID"] = uid.where((uid != "") | (meta.status != "ok"), "unknown-series")
+    meta["SeriesInstanceUID"] = uid.where((uid != "") | (meta.status != "ok"), UNKNOWN_SERIES)
     return images, order_series(meta)

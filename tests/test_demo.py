@@ -75,23 +75,32 @@ def test_cli_on_real_series(run_dir, demo_data, tmp_path):
     # the model was trained on generated data: the command says so, before any result
     assert "WARNING: This model was trained on generated demo data" in r.stdout
     files = list_inputs(inputs[:-1])
-    n_series = len({pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in files})
-    series_dirs = [d for d in out.iterdir() if d.is_dir()]
-    assert len(series_dirs) == n_series
+    heads = {f: pydicom.dcmread(f, stop_before_pixels=True) for f in files}
+    studies = {h.StudyInstanceUID for h in heads.values()}
+    study_dirs = sorted(d for d in out.iterdir() if d.is_dir())
+    assert len(study_dirs) == len(studies | {ds.StudyInstanceUID})  # one result per study, the MR copy's too
     total = 0
-    for d in series_dirs:
-        pr = pd.read_csv(d / "predictions.csv")
-        total += len(pr)
-        assert (np.diff(pr["z"]) > 0).all()                       # slices in z order, whatever the file order
-        assert ((pr[CLASSES] >= 0) & (pr[CLASSES] <= 1)).all().all()
-        assert (d / "zplot.png").stat().st_size > 1000 and len(list(d.glob("gradcam_*.png"))) == min(4, len(pr))
-        md = (d / "summary.md").read_text()
-        assert "highest probability" in md and "never seen a real head" in md and "not a medical device" in md
-        assert f"Trained on '{demo_data.name}'" in md
+    for d in study_dirs:
+        assert "Verdict at" in (d / "summary.md").read_text()
+        for s in (x for x in d.iterdir() if x.is_dir()):  # one folder per scored series
+            pr = pd.read_csv(s / "predictions.csv")
+            total += len(pr)
+            assert (np.diff(pr["z"]) > 0).all()                       # slices in order, whatever the file order
+            assert ((pr[CLASSES] >= 0) & (pr[CLASSES] <= 1)).all().all()
+            assert (s / "zplot.png").stat().st_size > 1000 and len(list(s.glob("gradcam_*.png"))) == min(4, len(pr))
+            md = (s / "summary.md").read_text()
+            assert "highest probability" in md and "never seen a real head" in md and "not a medical device" in md
+            assert f"Trained on '{demo_data.name}'" in md
     assert total == len(files)
+    series = pd.read_csv(out / "series.csv", keep_default_na=False)
+    # the MR copy is a one-file series of its own study's MR series: listed, not scored, with the reason
+    mr = series[series.SeriesInstanceUID == ds.SeriesInstanceUID]
+    assert mr.scored.tolist() == [False] and mr.reason.tolist() == ["Modality MR, not CT"]
+    assert series.scored.sum() == len(studies)
+    assert "not scored: no series of this study" in (out / ds.StudyInstanceUID / "summary.md").read_text()
     skipped = pd.read_csv(out / "skipped.csv")
     reasons = dict(zip(skipped.path.map(lambda s: Path(s).name), skipped.reason))
-    assert "unreadable DICOM" in reasons["notes.txt"] and "not a CT image (Modality MR)" == reasons["mr.dcm"]
+    assert list(reasons) == ["notes.txt"] and "unreadable DICOM" in reasons["notes.txt"]
 
 
 def test_predictor_api_applies_stage_2_like_the_test_set(run_dir, demo_data):

@@ -184,7 +184,14 @@ def test_native_reader_equals_pydicom_on_real_files():
 
 def test_z_fallbacks(tmp_path):
     ds = D.read_dicom(write_ds(tmp_path / "a.dcm", np.zeros((4, 4), np.uint16), bits=12, rep=0, intercept=-1024))
-    assert D.slice_z(ds) == (12.5, "ImagePositionPatient")
+    assert D.slice_z(ds) == (12.5, "ImagePositionPatient[2]")  # no orientation: the patient's z
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    assert D.slice_z(ds) == (12.5, "ImagePositionPatient")     # axial: along the normal (0, 0, 1) is z
+    ds.ImagePositionPatient = [10, 20, 30]
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]             # sagittal: the normal is -x
+    assert D.slice_z(ds) == (-10.0, "ImagePositionPatient")
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0, 0]         # not six numbers: ignored
+    assert D.slice_z(ds) == (30.0, "ImagePositionPatient[2]")
     del ds.ImagePositionPatient
     ds.SliceLocation = "7.5"
     assert D.slice_z(ds) == (7.5, "SliceLocation")

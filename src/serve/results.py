@@ -1,12 +1,14 @@
 """The serving side's shared answer: a scored series, its summary and verdict, and the pictures of it.
 
-    from src.serve.results import analyse
-    results, skipped = analyse(Predictor.load(BUNDLE), ["/path/to/study/"])   # one SeriesResult per series
+    from src.serve.results import analyse_study
+    studies, skipped = analyse_study(Predictor.load(BUNDLE), ["/path/to/study/"])   # one StudyResult per study
 
-`analyse` runs a `Predictor` over files and folders and returns, per series, the per-slice table, the brain
-window of each slice, Grad-CAM maps of the most suspicious slices and the summary (`summarise`): per type the
-highest slice probability and the slices at or above the verdict's threshold, and the verdict itself, given at the
-operating point the run's report chose out of fold (`verdict_threshold`). `model_notes` is what a reader must know
+`analyse_study` lets the series selector (src/serve/selector.py) choose, per study, the series the model can read,
+runs a `Predictor` over them, and returns per study every series (scored or not, and why), the scored series and the
+study's verdict. Each scored series (`SeriesResult`) has its per-slice table, the brain window of each slice,
+Grad-CAM maps of the most suspicious slices and its summary (`summarise`): per type the highest slice probability
+and the slices at or above the verdict's threshold, and the verdict itself, given at the operating point the run's
+report chose out of fold (`verdict_threshold`). `analyse` scores every readable series, no selector. `model_notes` is what a reader must know
 about the model first (the generated-data warning, the model card, the research-use disclaimer). The demo CLI, the
 page, the DICOM node and its DICOM writer all take their answer from here, so the four cannot disagree.
 """
@@ -26,6 +28,7 @@ import pandas as pd  # noqa: E402
 from ..card import card_text  # noqa: E402
 from ..predictor import Predictor  # noqa: E402
 from ..utils import CLASSES, atomic_path  # noqa: E402
+from .selector import SeriesRules, select  # noqa: E402
 
 THRESHOLD = 0.5  # used only when the run's report has chosen no operating point
 DISCLAIMER = "Research demo, not a medical device."
@@ -74,9 +77,54 @@ def summarise(series: str, table: pd.DataFrame, card: dict | None = None) -> dic
     return s
 
 
+@dataclass
+class StudyResult:
+    study: str                        # StudyInstanceUID
+    series: pd.DataFrame              # every series of the study, scored or not, and why (selector.SERIES_COLUMNS)
+    scored: list[SeriesResult]        # the series scored: the one closest to the training data, or every eligible one
+    summary: dict                     # the study's verdict (from the scored series), threshold, and every series listed
+
+
+def analyse_study(p: Predictor, files, cam_slices: int | None = 4, progress=False, rules: SeriesRules | None = None,
+                  all_series: bool | None = None) -> tuple[list[StudyResult], pd.DataFrame]:
+    """(one StudyResult per study in the files, DataFrame of files that gave no slice with their reasons): the series
+    selector (`rules`, default configs/serve/series_rules.yaml) chooses what is scored, from the headers alone."""
+    rules = rules or SeriesRules.load()
+    a = p.analyse(files, progress, select=lambda heads: select(heads, rules, all_series))
+    by_series = {r.series: r for r in series_results(p, a, cam_slices)}
+    studies = []
+    for study, listing in a.series.groupby("StudyInstanceUID", sort=False):
+        listing = listing.reset_index(drop=True)
+        for i in listing.index[listing.scored & ~listing.SeriesInstanceUID.isin(list(by_series))]:
+            listing.loc[i, ["scored", "reason"]] = False, "no slice of it could be decoded (the files are listed as skipped)"
+        scored = [by_series[s] for s in listing.loc[listing.scored, "SeriesInstanceUID"]]
+        for r in scored:
+            r.summary["selection_notes"] = listing.loc[listing.SeriesInstanceUID == r.series, "notes"].iloc[0]
+        studies.append(StudyResult(str(study), listing, scored, study_summary(str(study), listing, scored, p.card, rules)))
+    return studies, a.skipped
+
+
+def study_summary(study: str, listing: pd.DataFrame, scored: list[SeriesResult], card: dict, rules: SeriesRules) -> dict:
+    """The study's answer: flagged when a scored series is; "not scored" when no series could be."""
+    t, how = verdict_threshold(card)
+    if scored:
+        verdict = "suspected hemorrhage" if any(r.summary["verdict"] == "suspected hemorrhage" for r in scored) \
+            else "no hemorrhage found"
+    else:
+        verdict = "not scored: no series of this study is one the model can read (see the reasons)"
+    return {"study": study, "verdict": verdict, "threshold": t, "threshold_from": how,
+            "scored_series": [r.series for r in scored], "series_rules": rules.source,
+            "series": listing.to_dict(orient="records"), "model": card or {}, "notes": model_notes(card or {})}
+
+
 def analyse(p: Predictor, files, cam_slices: int | None = 4, progress=False):
-    """(list of SeriesResult, DataFrame of skipped files with reasons)."""
+    """(list of SeriesResult, DataFrame of skipped files with reasons): every readable series, no selector."""
     a = p.analyse(files, progress)
+    return series_results(p, a, cam_slices), a.skipped
+
+
+def series_results(p: Predictor, a, cam_slices: int | None = 4) -> list[SeriesResult]:
+    """One SeriesResult per series of an analysis' table, with Grad-CAM maps of its most suspicious slices."""
     results = []
     for series, g in a.table.groupby("series", sort=True):
         g = g.reset_index(drop=True)
@@ -87,7 +135,7 @@ def analyse(p: Predictor, files, cam_slices: int | None = 4, progress=False):
         cams = {int(pos): maps[g["ID"].iloc[pos]] for pos in chosen}
         table = g.drop(columns=["series"])
         results.append(SeriesResult(str(series), table, a.images[rows, :, :, 0], cams, summarise(str(series), table, p.card)))
-    return results, a.skipped
+    return results
 
 
 def overlay(brain: np.ndarray, cam: np.ndarray | None, size=256) -> np.ndarray:

@@ -1,0 +1,191 @@
+"""The series selector on a study as a PACS sends it (tests/studies.py, built from the real RSNA sample): only the
+original axial soft-tissue non-contrast series is scored, every other series is listed with its reason; a site's
+changed rule changes what is scored; slices are ordered along the slice normal, tilted or not."""
+import shutil
+import warnings
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from src.dicom import read_dicom, slice_z
+from src.predictor import Predictor
+from src.scans import decode_files, list_inputs, read_headers
+from src.serve.results import analyse_study
+from src.serve.selector import SeriesRules, kernel_kind, select
+from src.utils import PipelineError
+
+from .conftest import RSNA_SAMPLE
+from .studies import mixed_study
+
+pytestmark = pytest.mark.skipif(not RSNA_SAMPLE.exists(), reason="../shared/rsna_sample (the real files) not present")
+
+REASONS = {"localizer": "ImageType LOCALIZER: not an original axial acquisition",
+           "thin": "eligible, but series 2 of the study is closer to the training data (one result per study; "
+                   "--all-series scores every eligible series)",
+           "bone": "kernel BONE: a bone or sharp kernel, not soft tissue",
+           "contrast": "contrast agent 'IOHEXOL': the model learned non-contrast CT",
+           "sagittal": "ImageType DERIVED/REFORMATTED/SECONDARY: not an original axial acquisition",
+           "coronal": "ImageType DERIVED/REFORMATTED/SECONDARY: not an original axial acquisition",
+           "dose": "Modality SR, not CT"}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mixed") / "study"
+    return d, mixed_study(d)
+
+
+def decisions(folder, rules=None, **kw) -> pd.DataFrame:
+    heads = read_headers(list_inputs([folder]))
+    assert (heads.status == "ok").all()
+    return select(heads, rules or SeriesRules.load(), **kw).set_index("SeriesInstanceUID")
+
+
+def test_only_the_axial_soft_tissue_series_is_scored(study):
+    folder, uids = study
+    d = decisions(folder)
+    assert len(d) == 8 and d.loc[uids["axial"], "scored"] and d.scored.sum() == 1
+    for kind, why in REASONS.items():
+        assert d.loc[uids[kind], "reason"] == why, kind
+    assert d.loc[uids["axial"], "reason"] == "" and d.loc[uids["axial"], "notes"] == ""
+    assert d.SeriesNumber.tolist() == ["1", "2", "3", "4", "5", "601", "602", "997"]  # the study's own order
+
+
+def test_all_series_scores_every_eligible_one(study):
+    folder, uids = study
+    d = decisions(folder, all_series=True)
+    assert set(d.index[d.scored]) == {uids["axial"], uids["thin"]}
+
+
+def test_a_sites_rules_file_changes_what_is_scored(study, tmp_path):
+    """A copy of the shipped file with two rules changed: contrast allowed, every eligible series scored."""
+    folder, uids = study
+    site = tmp_path / "site_rules.yaml"
+    text = SeriesRules.load().source
+    site.write_text(open(text).read().replace("refuse_contrast: true", "refuse_contrast: false")
+                    .replace("all_series: false", "all_series: true"))
+    d = decisions(folder, SeriesRules.load(site))
+    assert set(d.index[d.scored]) == {uids["axial"], uids["thin"], uids["contrast"]}
+    # and a stricter tilt: the sample's series tilted by 14.5 degrees is no longer scored
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("max_tilt_degrees: 10\n")
+    tilted = decisions(RSNA_SAMPLE / "stage_2_train_images", SeriesRules.load(strict), all_series=True)
+    assert tilted.loc["ID_5f8484c3e0", "reason"] == ("oblique slices: the slice normal is 14 degrees from the "
+                                                     "patient's z axis (at most 10)")
+    assert tilted.loc["ID_44cfc8e964", "scored"]
+
+
+@pytest.mark.parametrize("text,message", [("max_tilts: 10\n", r"unknown rule\(s\) \['max_tilts'\]"),
+                                          ("slice_thickness_mm: 5\n", r"slice_thickness_mm must be \[low, high\]"),
+                                          ("refuse_contrast: maybe\n", r"refuse_contrast must be true or false"),
+                                          ("- a list\n", r"a series rules file is a YAML mapping"),
+                                          ("unknown_kernel: sometimes\n", r"unknown_kernel must be allow or refuse")])
+def test_a_broken_rules_file_is_a_clear_error(tmp_path, text, message):
+    f = tmp_path / "rules.yaml"
+    f.write_text(text)
+    with pytest.raises(PipelineError, match=rf"{f}: {message}"):
+        SeriesRules.load(f)
+
+
+@pytest.mark.parametrize("kernel,vendor,kind", [("STANDARD", "GE MEDICAL SYSTEMS", "soft"), ("BONE", "GE MEDICAL SYSTEMS", "sharp"),
+                                                ("BONEPLUS", "GE", "sharp"), ("H30s", "SIEMENS", "soft"),
+                                                ("Hr38", "Siemens Healthineers", "soft"), ("H70h", "SIEMENS", "sharp"),
+                                                ("J70h", "", "sharp"), ("FC23", "TOSHIBA", "soft"), ("FC30", "Canon", "sharp"),
+                                                ("FC52", "TOSHIBA", "sharp"), ("UB", "Philips", "soft"), ("D", "Philips", "sharp"),
+                                                ("YC", "Philips", "sharp"), ("Q99x", "SIEMENS", "sharp"), ("H55s", "SIEMENS", "unknown"),
+                                                ("XYZ", "", "unknown"), ("", "GE", "unknown")])
+def test_the_kernel_table(kernel, vendor, kind):
+    assert kernel_kind(kernel, vendor) == kind
+
+
+def copy_series(study, uids, kind, dest, keep):
+    """The files of one series of the study whose InstanceNumber passes keep(n)."""
+    folder, _ = study
+    dest.mkdir()
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        if ds.SeriesInstanceUID == uids[kind] and keep(int(ds.InstanceNumber)):
+            shutil.copy(f, dest / f.name)
+    return dest
+
+
+def test_missing_slices_are_refused_and_one_missing_slice_is_a_note(study, tmp_path):
+    folder, uids = study
+    three = copy_series(study, uids, "axial", tmp_path / "three", lambda n: n not in (10, 11, 12))
+    d = decisions(three)
+    assert d.loc[uids["axial"], "reason"] == ("a gap of 20 mm between slices 5 mm apart: missing slices (2.5D input "
+                                              "and the sequence model read neighbours)")
+    one = copy_series(study, uids, "axial", tmp_path / "one", lambda n: n != 10)
+    d = decisions(one)
+    assert d.loc[uids["axial"], "scored"] and d.loc[uids["axial"], "notes"] == \
+        "uneven spacing: largest step 10 mm, median 5 mm"
+
+
+def tilt(ds: pydicom.Dataset, degrees: float, k: int, step: float) -> None:
+    """Slice k of a stack tilted about x by `degrees`, `step` mm apart along its normal."""
+    t = np.radians(degrees)
+    row, col = np.array([1, 0, 0.0]), np.array([0, np.cos(t), np.sin(t)])
+    normal = np.cross(row, col)
+    ds.ImageOrientationPatient = [*row, *[round(v, 6) for v in col]]
+    ds.ImagePositionPatient = [round(v, 4) for v in np.array([-125.0, -125.0, 0.0]) + k * step * normal]
+
+
+def test_a_tilted_series_is_ordered_along_its_normal(study, tmp_path):
+    """A 25-degree gantry tilt, files in shuffled order: slices come out in stack order, the step along the normal
+    is the true 5 mm (ImagePositionPatient[2] steps by 5 x cos 25 = 4.53 mm), and 2.5D neighbours follow."""
+    folder, uids = study
+    src = copy_series(study, uids, "axial", tmp_path / "src", lambda n: True)
+    files = sorted(src.iterdir(), key=lambda f: int(pydicom.dcmread(f, stop_before_pixels=True).InstanceNumber))
+    out = tmp_path / "tilted"
+    out.mkdir()
+    order = np.random.default_rng(3).permutation(len(files))
+    for k, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        tilt(ds, 25, k, 5.0)
+        ds.save_as(out / f"f{order[k]:03d}.dcm", enforce_file_format=True)
+    last = read_dicom(out / f"f{order[-1]:03d}.dcm")
+    t = np.radians(25)
+    normal = np.cross([1, 0, 0], [0, np.cos(t), np.sin(t)])  # (0, -sin 25, cos 25)
+    assert slice_z(last) == (pytest.approx(float(np.dot([float(v) for v in last.ImagePositionPatient], normal)), abs=1e-4),
+                             "ImagePositionPatient")
+    _, meta = decode_files(sorted(out.iterdir()), size=32)
+    meta = meta.sort_values("slice_index")
+    want = [f"f{order[k]:03d}" for k in range(len(files))]
+    assert meta["ID"].tolist() == want
+    assert np.allclose(np.diff(meta["z"]), 5.0, atol=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ipp_z = [float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in meta["path"]]
+    assert np.allclose(np.diff(ipp_z), 5.0 * np.cos(t), atol=1e-3)  # 4.53 mm: what ordering by z would measure
+    assert meta["prev_id"].tolist()[1:] == want[:-1] and meta["next_id"].tolist()[:-1] == want[1:]
+    d = decisions(out)
+    assert d.loc[uids["axial"], "scored"] and d.loc[uids["axial"], "tilt_degrees"] == 25.0
+
+
+def test_a_sagittal_series_is_ordered_along_x(study):
+    """ImagePositionPatient[2] is the same for every sagittal slice: ordered along the normal (-x), not by name."""
+    folder, uids = study
+    heads = read_headers(list_inputs([folder]))
+    sag = heads[heads.SeriesInstanceUID == uids["sagittal"]]
+    _, meta = decode_files(sag["path"].tolist(), size=32)
+    meta = meta.sort_values("slice_index")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        xs = [float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[0]) for p in meta["path"]]
+    # the normal of rows (0, 1, 0) x columns (0, 0, -1) is -x: the order runs along it, strictly
+    assert np.all(np.diff(xs) < 0) and len(set(meta["z"])) == 24
+
+
+def test_the_demo_answers_once_for_the_study(study, trained_run):
+    folder, uids = study
+    studies, skipped = analyse_study(Predictor.load(trained_run), [folder], cam_slices=1)
+    assert len(studies) == 1 and skipped.empty
+    s = studies[0]
+    assert s.study == uids["study"] and [r.series for r in s.scored] == [uids["axial"]]
+    assert len(s.scored[0].table) == 33
+    listing = s.series.set_index("SeriesInstanceUID")
+    for kind, why in REASONS.items():
+        assert listing.loc[uids[kind], "reason"] == why
+    assert s.summary["verdict"] == s.scored[0].summary["verdict"] and s.summary["scored_series"] == [uids["axial"]]
