@@ -36,14 +36,16 @@ from .results import DISCLAIMER, SYNTHETIC_WARNING, analyse_study, model_notes, 
 from .selector import SERIES_COLUMNS, SeriesRules
 
 
+def model_header(title: str, card: dict) -> list[str]:
+    """What a page says first: its title, the generated-data warning, the model card and the disclaimer."""
+    warning = [f"> **WARNING: {SYNTHETIC_WARNING}**", ""] if card.get("synthetic") else []
+    return [f"# {title}", "", *warning, f"Model: {card_text(card)}", "", f"*{DISCLAIMER}*", ""]
+
+
 def summary_markdown(s: dict) -> str:
-    card = s.get("model", {})
-    lines = [f"# Series {s['series']}", ""]
-    if card.get("synthetic"):
-        lines += [f"> **WARNING: {SYNTHETIC_WARNING}**", ""]
-    lines += [f"Model: {card_text(card)}", "", f"*{DISCLAIMER}*", "",
-              f"{s['slices']} slices. Verdict at {s['threshold']:.3f} ({s['threshold_from']}): **{s['verdict']}**.", "",
-              f"| type | highest probability | at slice | slices at or above {s['threshold']:.3f} |", "|---|---:|---:|---|"]
+    lines = model_header(f"Series {s['series']}", s.get("model", {})) + [
+        f"{s['slices']} slices. Verdict at {s['threshold']:.3f} ({s['threshold_from']}): **{s['verdict']}**.", "",
+        f"| type | highest probability | at slice | slices at or above {s['threshold']:.3f} |", "|---|---:|---:|---|"]
     for c, t in s["types"].items():
         lines.append(f"| {c} | {t['max_probability']:.3f} | {t['slice_of_max']} | "
                      f"{', '.join(map(str, t['slices_above_threshold'])) or '-'} |")
@@ -52,14 +54,10 @@ def summary_markdown(s: dict) -> str:
 
 def study_markdown(s: dict) -> str:
     """The study's page: the model first, then the verdict, then every series, scored or not and why."""
-    card = s.get("model", {})
-    lines = [f"# Study {s['study']}", ""]
-    if card.get("synthetic"):
-        lines += [f"> **WARNING: {SYNTHETIC_WARNING}**", ""]
-    lines += [f"Model: {card_text(card)}", "", f"*{DISCLAIMER}*", "",
-              f"Verdict at {s['threshold']:.3f} ({s['threshold_from']}): **{s['verdict']}**.", "",
-              f"Series (chosen by the rules of {s['series_rules']}):", "",
-              "| series | description | files | scored | why not / notes |", "|---|---|---:|---|---|"]
+    lines = model_header(f"Study {s['study']}", s.get("model", {})) + [
+        f"Verdict at {s['threshold']:.3f} ({s['threshold_from']}): **{s['verdict']}**.", "",
+        f"Series (chosen by the rules of {s['series_rules']}):", "",
+        "| series | description | files | scored | why not / notes |", "|---|---|---:|---|---|"]
     for r in s["series"]:
         lines.append(f"| {r['SeriesNumber'] or r['SeriesInstanceUID']} | {r['SeriesDescription'] or '-'} | {r['files']} | "
                      f"{'yes' if r['scored'] else 'no'} | {(r['reason'] or r['notes'] or '-').replace('|', '/')} |")
