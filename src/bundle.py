@@ -142,9 +142,10 @@ def pack(t: Trained, fp16: bool = False) -> dict[str, bytes]:
     return members
 
 
-def write_bundle(t: Trained, path, fp16: bool = False) -> dict:
+def write_bundle(t: Trained, path, fp16: bool = False, provenance: dict | None = None) -> dict:
     """One zip file (stored, not compressed: weights do not compress) holding the members and a manifest with the
-    SHA-256 of each; written to a temporary name and renamed. Returns the manifest."""
+    SHA-256 of each (and `provenance`, when given: what a copy was made from and what changed, src.serve.validate);
+    written to a temporary name and renamed. Returns the manifest."""
     import datetime
     import hashlib
     import zipfile
@@ -153,6 +154,8 @@ def write_bundle(t: Trained, path, fp16: bool = False) -> dict:
     manifest = {"format": FORMAT, "version": VERSION, "name": t.name,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "members": {n: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for n, b in members.items()}}
+    if provenance:
+        manifest["provenance"] = provenance
     with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
             z.writestr(MANIFEST, json.dumps(manifest, indent=1))

@@ -119,7 +119,9 @@ def card_text(card: dict) -> str:
          f"{ci('oof_auc_any_ci', '{:.3f}')}.")
     op = card.get("operating_point")
     if op and op.get("threshold") == op.get("threshold"):
+        where = (f"scans among the site's {op['site']['scans']} labelled scans it was chosen on "
+                 f"({op['site']['date']})" if op.get("source") == "site" else "series out of fold")
         s += (f" Scans: a series is flagged when its highest `any` reaches {op['threshold']:.3f}, which flagged "
-              f"{fmt(op.get('sensitivity'), '{:.0%}')} of the bleeding series out of fold (specificity "
+              f"{fmt(op.get('sensitivity'), '{:.0%}')} of the bleeding {where} (specificity "
               f"{fmt(op.get('specificity'), '{:.0%}')}).")
     return s

@@ -8,7 +8,7 @@ runs a `Predictor` over them, and returns per study every series (scored or not,
 study's verdict. Each scored series (`SeriesResult`) has its per-slice table, the brain window of each slice,
 Grad-CAM maps of the most suspicious slices and its summary (`summarise`): per type the highest slice probability
 and the slices at or above the verdict's threshold, and the verdict itself, given at the operating point the run's
-report chose out of fold (`verdict_threshold`). `analyse` scores every readable series, no selector. `model_notes` is what a reader must know
+report chose out of fold, or the site's own one in a site copy of a bundle (src.serve.validate; `verdict_threshold`). `analyse` scores every readable series, no selector. `model_notes` is what a reader must know
 about the model first (the generated-data warning, the model card, the research-use disclaimer). The demo CLI, the
 page, the DICOM node and its DICOM writer all take their answer from here, so the four cannot disagree.
 """
@@ -52,10 +52,16 @@ class SeriesResult:
 
 
 def verdict_threshold(card: dict | None) -> tuple[float, str]:
-    """(threshold, how it was chosen): the operating point src.evaluate chose out of fold for a stated scan-level
-    sensitivity, else 0.5."""
+    """(threshold, how it was chosen): a site's own operating point when src.serve.validate wrote one into the card
+    (a site copy of a bundle), else the one src.evaluate chose out of fold for a stated scan-level sensitivity, else
+    0.5."""
     op = (card or {}).get("operating_point") or {}
     t = op.get("threshold")
+    if t is not None and t == t and op.get("source") == "site":
+        s = op["site"]
+        return float(t), (f"the site's operating point, chosen on {s['scans']} of its own labelled scans "
+                          f"({s['positive']} bleeding; labels {s['labels']}, {s['date']}) to flag "
+                          f"{op['target_sensitivity']:.0%} of bleeding scans (specificity there {op['specificity']:.0%})")
     if t is not None and t == t:
         return float(t), (f"the operating point chosen out of fold to flag {op['target_sensitivity']:.0%} of bleeding "
                           f"scans (specificity there {op['specificity']:.0%})")
