@@ -55,6 +55,7 @@ from .selector import SERIES_COLUMNS, SeriesRules  # noqa: E402
 from .site import (GROUPS, at_threshold, by_group, choose_threshold, inventory, match_labels, parse_target,  # noqa: E402
                    read_site_labels, scan_figures)
 
+SCORES_VERSION = 1  # of a kept study's scores (REPORT_DIR/scores/): bump when a change of the code alters them
 SCAN_COLUMNS = ["StudyInstanceUID", "patient", "folder", "label_line", "scored", "reason", "notes", "series",
                 "slices", "Manufacturer", "ManufacturerModelName", "kernel"]
 
@@ -87,10 +88,11 @@ def model_key(source) -> str:
 
 
 def study_key(model: str, rules: SeriesRules, files) -> str:
-    """The model, the series rules and each file's path, size and time: what a kept score was made from."""
+    """The code's version, the model, the series rules and each file's path, size and time: what a kept score was
+    made from."""
     stats = [(str(f), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files]
-    return fingerprint({"model": model, "rules": {k: v for k, v in dataclasses.asdict(rules).items() if k != "source"},
-                        "files": stats})
+    rules = {k: v for k, v in dataclasses.asdict(rules).items() if k != "source"}
+    return fingerprint({"version": SCORES_VERSION, "model": model, "rules": rules, "files": stats})
 
 
 def score_study(p: Predictor, files, heads: pd.DataFrame, rules: SeriesRules) -> dict:
