@@ -250,7 +250,7 @@ def test_the_site_threshold_and_its_copy_of_the_bundle(validated, site, bundle):
 
 def test_other_keys_give_the_same_figures_and_kept_scores_are_reused(validated, site, tmp_path, monkeypatch):
     """Labels keyed by folder or by SeriesInstanceUID match the same studies; a second run reuses each study's kept
-    scores, and a study whose file changed is scored again."""
+    scores, and a study whose file changed, or whose kept file is damaged, is scored again."""
     calls = []
     real = V.score_study
     monkeypatch.setattr(V, "score_study", lambda p, files, *a: calls.append(files) or real(p, files, *a))
@@ -263,8 +263,10 @@ def test_other_keys_give_the_same_figures_and_kept_scores_are_reused(validated, 
     assert calls == []
     changed = next((site.dir / "scan03").iterdir())
     os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    damaged = site.truth.set_index("folder").loc["scan05", "StudyInstanceUID"]
+    (tmp_path / "folder" / "scores" / f"{hashlib.sha256(damaged.encode()).hexdigest()[:20]}.json").write_text("{")
     V.validate(config(validated.cfg.run, site.dir, tmp_path / "folder.csv", tmp_path / "folder"), progress=False)
-    assert [Path(f[0]).parent.name for f in calls] == ["scan03"]
+    assert sorted(Path(f[0]).parent.name for f in calls) == ["scan03", "scan05"]
 
 
 @pytest.fixture(scope="module")

@@ -129,7 +129,7 @@ def read_site_labels(path) -> SiteLabels:
     return labels
 
 
-def _fields(path: Path, header: list[str], rows, problems: Problems):
+def _fields(header: list[str], rows, problems: Problems):
     """(line, {column: value}) of each row with as many fields as the header."""
     for line, r in rows:
         if len(r) != len(header):
@@ -151,7 +151,7 @@ def _plain(path: Path, header: list[str], rows) -> SiteLabels:
                             f"{', '.join(CLASSES)} and patient (remove the others, or correct a misspelt class)")
     classes = [c for c in CLASSES if c in header]
     problems, out = Problems(path), []
-    for line, rec in _fields(path, header, rows, problems):
+    for line, rec in _fields(header, rows, problems):
         row = {"key": rec[keys[0]], "line": line, "patient": rec.get("patient", ""), "votes": ""}
         if not row["key"]:
             problems.add(f"line {line}: the {keys[0]} is empty")
@@ -172,7 +172,7 @@ def _cq500(path: Path, header: list[str], rows) -> SiteLabels:
         raise PipelineError(f"{path}: a CQ500 reads.csv without the column(s) {missing} (it has name, Category and "
                             f"R1:ICH ... R3:SAH for three readers)")
     problems, out = Problems(path), []
-    for line, rec in _fields(path, header, rows, problems):
+    for line, rec in _fields(header, rows, problems):
         row, votes = {"key": rec["name"], "line": line, "patient": rec["name"]}, []
         if not row["key"]:
             problems.add(f"line {line}: the name is empty")

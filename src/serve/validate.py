@@ -121,6 +121,14 @@ def _mode(values: pd.Series) -> str:
     return str(v.mode().iloc[0]) if len(v) else ""
 
 
+def _kept(path: Path) -> dict:
+    """A kept study's scores, or {} (none, or a damaged file: the study is scored again)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def score_studies(predictor, matched: pd.DataFrame, heads: pd.DataFrame, rules: SeriesRules, cache: Path,
                   model: str, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(one row per study, every series, skipped files), each study's result kept in `cache` once scored and
@@ -130,7 +138,7 @@ def score_studies(predictor, matched: pd.DataFrame, heads: pd.DataFrame, rules: 
     for i, s in enumerate(matched.itertuples()):
         key = study_key(model, rules, s.files)
         path = cache / f"{hashlib.sha256(s.StudyInstanceUID.encode()).hexdigest()[:20]}.json"
-        kept = json.loads(path.read_text()) if path.exists() else {}
+        kept = _kept(path)
         if kept.get("key") == key:
             out, reused = kept["result"], reused + 1
         else:
