@@ -54,19 +54,24 @@ def load(path, map_location="cpu") -> dict:
                             f"{str(e).splitlines()[0][:160] if str(e) else 'no detail'})") from e
 
 
-def stage1(model, ema, opt, scaler, epoch, best, best_epoch, history, cfg, stamp, device) -> dict:
-    """A stage-1 training state: `model` is the weights the run predicts with (the average when EMA is on)."""
+def stage1(trained, ema, opt, scaler, epoch, best, best_epoch, history, cfg, stamp, device) -> dict:
+    """A stage-1 training state: `model` is the weights the run predicts with (the average when EMA is on), `raw`
+    the trained network's own under EMA."""
     import torch
-    return {"model": (ema.module if ema else model).state_dict(), "raw": model.state_dict() if ema else None,
+    return {"model": (ema.module if ema else trained).state_dict(), "raw": trained.state_dict() if ema else None,
             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
             "best_score": best, "best_epoch": best_epoch, "history": history, "config": dataclasses.asdict(cfg),
             "stamp": stamp.id, "rng": {"torch": torch.get_rng_state(),
                                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
 
 
-def restore(path, model, ema, opt, scaler, stamp, device, log=None) -> tuple[int, float, int, list]:
+def restore(path, trained, ema, opt, scaler, stamp, device, log=None) -> tuple[int, float, int, list]:
     """Load a stage-1 last.pth (or, when it is corrupt, the one before it) into the live objects and the RNG;
-    returns (epochs done, best score, best epoch, history)."""
+    returns (epochs done, best score, best epoch, history).
+
+    Also across precisions: a fold saved where no GradScaler ran (bfloat16 or float32: an empty scaler state)
+    and resumed where float16 needs one (a GPU without bfloat16) starts a fresh scaler, which finds its scale
+    within a few steps; the other way, the saved scale is not needed and a disabled scaler ignores it."""
     import torch
     try:
         ck = load(path)
@@ -78,10 +83,15 @@ def restore(path, model, ema, opt, scaler, stamp, device, log=None) -> tuple[int
         ck = load(previous(path))
     if ck.get("stamp") != stamp.id:
         raise PipelineError(f"{path} was made with other settings than this run's; --overwrite starts the fold again")
-    model.load_state_dict(ck["raw"] if ema else ck["model"])
+    trained.load_state_dict(ck["raw"] if ema else ck["model"])
     if ema:
         ema.module.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"]), scaler.load_state_dict(ck["scaler"])
+    opt.load_state_dict(ck["optimizer"])
+    if scaler.is_enabled() and not ck["scaler"]:
+        if log:
+            log.info(f"{Path(path).name} was saved without a GradScaler (bfloat16 or float32); float16 here: a fresh one")
+    else:
+        scaler.load_state_dict(ck["scaler"])
     torch.set_rng_state(ck["rng"]["torch"])
     if device.type == "cuda":  # as many GPU generators as both runs have: resuming on another GPU count works
         for i, state in enumerate(ck["rng"].get("cuda", [])[:torch.cuda.device_count()]):

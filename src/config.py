@@ -83,7 +83,8 @@ class TrainConfig:
     grad_clip: float = 1.0             # max gradient norm (0: off)
     ema: float = 0.0                   # decay of an exponential moving average of the weights (0: off); the
                                        # average is what the run validates and predicts with, its decay warming up
-                                       # from 0 over the first steps (timm ModelEmaV3); the raw weights are scored too
+                                       # from 0 over the first steps (timm ModelEmaV3); the raw weights are scored
+                                       # once, after the last epoch (every epoch with --validate-raw)
     amp: str = "auto"                  # auto (CUDA: bf16 if supported else fp16+GradScaler; CPU: bf16 where the
                                        # CPU has it natively, else float32), fp16, bf16, off
     channels_last: bool = True         # NHWC memory layout (faster convolutions with AMP)
@@ -93,6 +94,10 @@ class TrainConfig:
     workers: int = 2                   # data loader processes
     device: str = "auto"               # auto, cpu, cuda
     log_every: int = 50                # steps between loss readings (each one waits for the GPU)
+    val_batch_size: int = 0            # images per forward pass of validation and the OOF pass (0: by device,
+                                       # src.engine.infer_batch_size: 256 on CUDA, 64 on the CPU; docs/gpu.md)
+    validate_raw: bool = False         # under EMA, also score the raw weights every epoch (a second validation
+                                       # pass each epoch); else once, after the last epoch
     tensorboard: bool = True           # TensorBoard curves in the fold's tb/ folder: loss and lr every log_every
                                        # steps, validation figures every epoch (tensorboard --logdir OUT/runs)
     resume: bool = False               # continue from last.pth of this fold if it exists
@@ -118,7 +123,7 @@ class TrainConfig:
 
 # settings that say how or where a step runs, not what it computes: left out of fingerprints
 RUN_CONTROL = {"data_dir", "out_dir", "folds_file", "run_name", "workers", "device", "log_every", "resume",
-               "overwrite", "stop_after_epochs", "stage1", "threads", "tensorboard"}
+               "overwrite", "stop_after_epochs", "stage1", "threads", "tensorboard", "val_batch_size", "validate_raw"}
 
 
 def default_run_name(model: str, img_size: int, input_mode: str = "windows") -> str:

@@ -35,10 +35,9 @@ def amp_settings(device: torch.device, mode: str = "auto") -> tuple[torch.dtype 
     """(autocast dtype or None for full precision, whether a GradScaler is needed).
 
     CUDA: bfloat16 where the GPU supports it (no scaler needed: bf16 has float32's range), else float16
-    with GradScaler. CPU: bfloat16 autocast only where the CPU computes it natively (AVX-512 BF16 or AMX: 2-3x
-    faster than float32 for ResNets, bench/train_step.py); elsewhere float32, because emulated bf16 is 10-20x
-    slower (measured on a 2-core AVX2 AMD EPYC: resnet10t at 128 px, 32 images a step, 0.8 s in float32
-    against 8.4-9.1 s under bf16 autocast)."""
+    with GradScaler. CPU: bfloat16 autocast only where the CPU computes it natively (`cpu_has_native_bf16`);
+    elsewhere float32, because emulated bf16 is many times slower than float32 (docs/benchmarks.md, "the
+    training step and the loader", has both measurements and their command)."""
     if mode == "off":
         return None, False
     if device.type == "cuda":
@@ -53,11 +52,20 @@ def amp_settings(device: torch.device, mode: str = "auto") -> tuple[torch.dtype 
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bfloat16 in hardware on this CPU (AVX-512 BF16 / AMX), not by emulation."""
+    """Whether this CPU has bfloat16 instructions (x86: AVX-512 BF16 or AMX-BF16; Arm: BF16), as torch's cpuinfo
+    reads them from the processor: oneDNN then computes bfloat16 in hardware, not by emulation. (torch's
+    `_is_mkldnn_bf16_supported` answers another question: it also says yes on AVX-512 CPUs without BF16.)"""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # an internal of torch's: absent means unknown, and float32 is safe
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):  # a torch without the query: unknown, and float32 is safe
         return False
+    return any(bool(caps.get(k)) for k in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
+
+
+def infer_batch_size(device: torch.device) -> int:
+    """Images per inference forward pass, by device: 256 on CUDA (launch overhead a small share of a pass, a few GB
+    of activations: the arithmetic is in docs/gpu.md), 64 on the CPU (larger batches gain nothing there)."""
+    return 256 if device.type == "cuda" else 64
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -80,6 +88,12 @@ def adamw(param_groups, lr: float, device: torch.device) -> torch.optim.AdamW:
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
     return opt
+
+
+def scale_lr(opt: torch.optim.Optimizer, factor: float) -> None:
+    """Each group's lr becomes its peak (`base_lr`, see `adamw`) x factor: how a schedule is applied."""
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * factor
 
 
 def warmup_cosine(t: float, warmup: float) -> float:
@@ -131,9 +145,7 @@ def train_one_epoch(net, loader, opt, scaler, loss_fn, device, amp_dtype=None, *
             scaler.scale(loss / accum_steps).backward()
         if boundary:
             if lr_at is not None:
-                f = lr_at(step)
-                for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * f
+                scale_lr(opt, lr_at(step))
             if grad_clip:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)

@@ -29,7 +29,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class Net(nn.Module):
     """uint8 images in, logits (and optionally the pooled embedding) out.
 
-    Normalisation lives here so every caller (train, predict, demo) feeds the same raw cache bytes."""
+    Normalisation lives here so every caller (train, predict, demo) feeds the same raw cache bytes. The classifier
+    is the backbone's own (`head`), registered once: a module registered twice lists its tensors twice in
+    `state_dict()`, and timm's ModelEmaV3, which walks that list, then averages them twice a step."""
 
     def __init__(self, backbone: nn.Module, in_chans: int = 3, drop_rate: float = 0.0):
         super().__init__()
@@ -38,11 +40,22 @@ class Net(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN * reps).view(1, -1, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD * reps).view(1, -1, 1, 1) * 255, persistent=False)
         self.dropout = nn.Dropout(drop_rate)
-        self.head = backbone.get_classifier()
+
+    @property
+    def head(self) -> nn.Module:
+        """The classifier: the backbone's, not a second registration of it."""
+        return self.backbone.get_classifier()
 
     @property
     def num_features(self) -> int:
         return self.backbone.num_features
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints and bundles written before the classifier was registered once hold it a second time under
+        # head.*, the same tensors as the backbone's: that copy is dropped, so they still load.
+        for k in [k for k in state_dict if k.startswith(prefix + "head.")]:
+            del state_dict[k]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() - self.mean) / self.std

@@ -38,7 +38,7 @@ class PredictConfig:
     dicom_dir: str = ""               # predict this folder of DICOMs instead of the cache's test images
     pred_dir: str = ""                # with --dicom-dir: where to write (default RUN/predict_folder)
     device: str = "auto"              # auto (CUDA when available), cpu, cuda
-    batch_size: int = 64              # images per forward pass
+    batch_size: int = 0               # images per forward pass (0: by device, src.engine.infer_batch_size)
     workers: int = 4                  # data loader processes (pinned memory on CUDA); at most the cores less one
     overwrite: bool = False           # redo predictions made from another state of the run or cache
 
@@ -54,9 +54,10 @@ def write_fold_outputs(out_dir: Path, ids_ok, probs, emb, ids_missing, prior):
     write_csv(df, out_dir / layout.TEST, float_format="%.6g")
 
 
-def predict_run(run_dir, dicom_dir=None, out=None, device="auto", batch_size=64, workers=4, overwrite=False, quiet=False):
+def predict_run(run_dir, dicom_dir=None, out=None, device="auto", batch_size=0, workers=4, overwrite=False, quiet=False):
+    from .engine import infer_batch_size, pick_device
     from .predictor import Predictor  # torch and timm: after the up-to-date check, not before
-    run = Run(run_dir)
+    run, batch_size = Run(run_dir), batch_size or infer_batch_size(pick_device(device))
     workers = max(0, min(workers, (os.cpu_count() or 1) - 1))  # leave a core to the model
     if is_bundle(run_dir) and not (dicom_dir and out):
         raise PipelineError(f"{run_dir} is a bundle: it predicts DICOM files, --dicom-dir DIR --pred-dir OUT "

@@ -16,6 +16,12 @@ Early stopping: training ends when the validation loss has not improved for `--p
 the best epoch's weights make the outputs (the validation fold is the fold whose OOF rows these are,
 as for stage 1's choice of best epoch).
 
+Optimisation is the engine's (src/engine.py): its AdamW (fused on CUDA) and its cosine schedule
+(`warmup_cosine`, no warmup), stepped once an epoch (the epoch's progress e / epochs, as a per-epoch
+CosineAnnealingLR would). The loop over batches is this module's own, not `engine.train_one_epoch`: a GRU batch
+is a gather of whole series with a padding mask and their lengths, not the image loader's (images, labels) batch,
+and it needs none of that loop's mixed precision, gradient scaling, accumulation or DDP.
+
 Inputs, leakage checks and the per-fold skeleton are src/stage2.py's, shared with the trees (src/boost.py).
 Outputs in OUT/runs/seq_<stage-1 run>/fold<K>/: fingerprint.json, config.yaml, epochs.csv, train.log, best.pth
 (src.checkpoint's GRU dict), test.csv and oof.csv in stage 1's format.
@@ -34,7 +40,7 @@ from torch import nn
 
 from . import checkpoint, layout
 from .config import parse_config
-from .engine import pick_device
+from .engine import adamw, pick_device, scale_lr, warmup_cosine
 from .metrics import WeightedBCE, weighted_log_loss
 from .stage2 import FoldContext, FoldResult, SeriesSet, Stage1Inputs, logit, run_fold
 from .utils import CLASSES, PipelineError, cli_main, write_csv
@@ -181,22 +187,23 @@ def fit(cfg: SeqConfig, inputs: Stage1Inputs, ctx: FoldContext) -> FoldResult:
 def train_epochs(cfg: SeqConfig, model, btr: Batcher, bva: Batcher, y_val, batch: int, device, log):
     """Epochs until the validation loss stops improving for `patience` epochs: (best loss, its weights, history)."""
     rng = np.random.default_rng(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    opt = adamw([{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}], cfg.lr, torch.device(device))
     loss_fn = WeightedBCE(device)
     best, best_state, bad, history = float("inf"), None, 0, []
     for epoch in range(cfg.epochs):
         t0, loss_sum, n = time.time(), torch.zeros((), device=device), 0
+        scale_lr(opt, warmup_cosine(epoch / cfg.epochs, 0.0))
         model.train()
         perm = rng.permutation(len(btr.s))
         for b in range(0, len(perm), batch):
             idx = perm[b:b + batch]
             emb, lg, y, mask, lengths, _ = btr.batch(idx, rng.random(len(idx)) < cfg.reverse)
             loss = loss_fn(model(emb, lg, lengths), y, mask)
-            opt.zero_grad(set_to_none=True), loss.backward(), opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
             loss_sum += loss.detach() * int(lengths.sum())
             n += int(lengths.sum())
-        sched.step()
         score = weighted_log_loss(y_val, predict_series(model, bva, cfg.tta_reverse))
         history.append({"epoch": epoch + 1, "train_loss": loss_sum.item() / max(n, 1), "val_wll": score,
                         "seconds": time.time() - t0})

@@ -181,7 +181,8 @@ class Fold:
     log: object = None
 
     @property
-    def main(self) -> bool:
+    def is_rank0(self) -> bool:
+        """Rank 0 (the only process of a one-process run) writes the fold's files and logs."""
         return self.rank == 0
 
     def sync(self, value):
@@ -224,31 +225,58 @@ def plan_fold(cfg: TrainConfig, rank: int, world: int, device) -> Fold | None:
         stage1_weights(cfg.weights, f"fold{cfg.fold if cfg.weights_fold < 0 else cfg.weights_fold}", cfg.model, cfg.in_chans)
     labels, labels_sha = cached_labels(cfg.data_dir, cfg.out_dir)
     stamp = fold_stamp(cfg, labels_sha)
-    trained_as_asked = (Stamp.load(run_dir / layout.STAMP) or stamp).id == stamp.id and (run_dir / layout.LAST).exists()
-    oof_was = oof_tta(run_dir)
-    redo_oof = trained_as_asked and oof_was not in (None, cfg.tta)
+    now = progress(cfg, stamp)
     fold = Fold(cfg, rank, world, device, run_dir, stamp, labels)
     if world > 1:
         dist.barrier()  # every rank has read the files before rank 0 changes them
-    if redo_oof:
+    if now.redo_oof:
         fold.cfg = dataclasses.replace(cfg, resume=True)
-        if fold.main:
-            print(f"fold {cfg.fold}: redoing the OOF pass with tta {cfg.tta} (was {oof_was}); the training is kept")
+        if fold.is_rank0:
+            print(f"fold {cfg.fold}: redoing the OOF pass with tta {cfg.tta} (was {now.oof_tta}); the training is kept")
             for f in (layout.OOF, layout.OOF_EMB, layout.OOF_INFO):
                 (run_dir / f).unlink(missing_ok=True)
-    skip = guard(stamp, run_dir / layout.STAMP, not redo_oof and oof_was == cfg.tta, cfg.overwrite,
+    skip = guard(stamp, run_dir / layout.STAMP, now.finished, cfg.overwrite,
                  f"fold {cfg.fold} of run {cfg.run_name} ({run_dir})", clear=[run_dir],
-                 exists=any((run_dir / f).exists() for f in (layout.LAST, layout.OOF, layout.STAMP))) if fold.main else False
+                 exists=any((run_dir / f).exists() for f in (layout.LAST, layout.OOF, layout.STAMP))) if fold.is_rank0 else False
     if fold.sync(skip):
         return None
     return fold
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a fold's folder stands against the settings asked for: the one judge of whether a fold is finished
+    (for `main`'s check before torch is imported, and for plan_fold)."""
+    same_settings: bool               # its fingerprint.json is the one these settings make
+    trained: bool                     # ... and its last.pth exists: the training is done, or can be resumed
+    oof_tta: str | None               # the TTA of its finished OOF pass (None: no finished OOF pass)
+    tta: str                          # the TTA asked for
+
+    @property
+    def finished(self) -> bool:
+        """Nothing to do: trained with these settings, and its OOF pass made with this TTA."""
+        return self.same_settings and self.oof_tta == self.tta
+
+    @property
+    def redo_oof(self) -> bool:
+        """Only the TTA changed: keep the training, redo the final OOF pass from last.pth."""
+        return self.trained and self.oof_tta not in (None, self.tta)
+
+
+def progress(cfg: TrainConfig, stamp: Stamp | None = None) -> Progress:
+    """The fold's Progress; `stamp` (fold_stamp's) is computed when not given."""
+    run_dir = Run.of(cfg.data_dir, cfg.out_dir, cfg.run_name).fold_dir(cfg.fold)
+    stamp = stamp or fold_stamp(cfg, cached_labels(cfg.data_dir, cfg.out_dir)[1])
+    old = Stamp.load(run_dir / layout.STAMP)
+    same = old is not None and old.id == stamp.id
+    return Progress(same, same and (run_dir / layout.LAST).exists(), oof_tta(run_dir), cfg.tta)
+
+
 def start_fold(fold: Fold) -> None:
     """The fold's folder: its log (starting with the command line), stamp, resolved config and preprocessing."""
     cfg = fold.cfg
-    fold.log = get_logger(f"train.{cfg.run_name}.{cfg.fold}", fold.run_dir / layout.LOG if fold.main else None)
-    if fold.main:
+    fold.log = get_logger(f"train.{cfg.run_name}.{cfg.fold}", fold.run_dir / layout.LOG if fold.is_rank0 else None)
+    if fold.is_rank0:
         fold.run_dir.mkdir(parents=True, exist_ok=True)
         fold.log.info("command: " + " ".join([Path(sys.executable).name, "-m", "src.train", *sys.argv[1:]]))
         fold.stamp.save(fold.run_dir / layout.STAMP)
@@ -259,11 +287,13 @@ def start_fold(fold: Fold) -> None:
 
 @dataclass
 class Parts:
-    """What the epochs work with."""
-    model: torch.nn.Module            # the trained weights
-    net: torch.nn.Module              # the model, wrapped in DistributedDataParallel on several processes
-    ema: ModelEmaV3 | None
-    eval_model: torch.nn.Module       # the weights that are validated, kept and used for the OOF pass
+    """What the epochs work with: one name per role of the network."""
+    trained: torch.nn.Module          # the network the optimiser trains (its raw weights)
+    parallel: torch.nn.Module         # `trained` as the training step runs it: in DistributedDataParallel on several
+                                      # processes, `trained` itself on one
+    ema: ModelEmaV3 | None            # the weight average's updater (None: no EMA)
+    kept: torch.nn.Module             # the weights validated, kept in best.pth and used for the OOF pass: the
+                                      # EMA's average under EMA, else `trained`
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     loss_fn: WeightedBCE
@@ -282,79 +312,89 @@ def build(fold: Fold, images, tr: pd.DataFrame, va: pd.DataFrame) -> Parts:
     from torch.utils.data import DataLoader
     
     from .data import EpochSampler, collate
-    from .engine import amp_settings, configure_backend
+    from .engine import amp_settings, configure_backend, infer_batch_size
     cfg, device, rank, world = fold.cfg, fold.device, fold.rank, fold.world
     amp_dtype, use_scaler = amp_settings(device, cfg.amp)
     configure_backend(device)
-    if fold.main:
+    if fold.is_rank0:
         fold.log.info(f"fold {cfg.fold}: {len(tr)} train / {len(va)} val slices; device {device} x{world}; amp "
                       f"{amp_dtype or 'off'}{' + GradScaler' if use_scaler else ''}; model {cfg.model} @ {cfg.img_size}px")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and in a resumed run
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = make_model(cfg).to(device, memory_format=fmt)
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    trained = make_model(cfg).to(device, memory_format=fmt)
+    parallel = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else trained
     tr_ds, va_ds = make_dataset(images, tr, cfg, True), make_dataset(images, va, cfg, False)
     sampler = EpochSampler(len(tr_ds), True, cfg.seed, rank, world, positives=tr["any"].to_numpy() > 0,
                            balanced=cfg.balanced, with_epoch=True)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate,
                      persistent_workers=cfg.workers > 0)
     tr_dl = DataLoader(tr_ds, cfg.batch_size, sampler=sampler, drop_last=len(tr_ds) > cfg.batch_size * world, **loader_kw)
-    va_dl = DataLoader(va_ds, cfg.batch_size * 2, sampler=EpochSampler(len(va_ds), False, rank=rank, world=world, pad=False),
-                       **loader_kw)
-    ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True) if cfg.ema else None
-    return Parts(model, net, ema, ema.module if ema else model, make_optimizer(model, cfg, device), torch.amp.GradScaler(
-        device.type, enabled=use_scaler), WeightedBCE(device), sampler, tr_dl, va_dl,
-        min(len(tr_dl), cfg.max_steps_per_epoch or len(tr_dl)), amp_dtype)
+    va_dl = DataLoader(va_ds, cfg.val_batch_size or infer_batch_size(device),
+                       sampler=EpochSampler(len(va_ds), False, rank=rank, world=world, pad=False), **loader_kw)
+    ema = ModelEmaV3(trained, decay=cfg.ema, use_warmup=True) if cfg.ema else None
+    return Parts(trained, parallel, ema, ema.module if ema else trained, make_optimizer(trained, cfg, device),
+                 torch.amp.GradScaler(device.type, enabled=use_scaler), WeightedBCE(device), sampler, tr_dl, va_dl,
+                 min(len(tr_dl), cfg.max_steps_per_epoch or len(tr_dl)), amp_dtype)
 
 
 def fit(fold: Fold, m: Parts, y_val: np.ndarray) -> bool:
-    """The epochs: train, validate (the averaged weights, and the raw ones under EMA), checkpoint (best.pth before
-    last.pth: a kill between the two redoes the epoch). False when stopped early by --stop-after-epochs."""
+    """The epochs: train, validate (`kept`; under EMA the raw weights too, once after the last epoch or, with
+    --validate-raw, every epoch), checkpoint (best.pth before last.pth: a kill between the two redoes the epoch).
+    False when stopped early by --stop-after-epochs."""
     from .engine import train_one_epoch, warmup_cosine
     cfg, device, world, last = fold.cfg, fold.device, fold.world, fold.run_dir / layout.LAST
     start, best, best_epoch, history = 0, float("inf"), -1, []
     if cfg.resume and last.exists():
-        start, best, best_epoch, history = checkpoint.restore(last, m.model, m.ema, m.opt, m.scaler, fold.stamp, device,
-                                                              fold.log if fold.main else None)
-        if fold.main:
+        start, best, best_epoch, history = checkpoint.restore(last, m.trained, m.ema, m.opt, m.scaler, fold.stamp,
+                                                              device, fold.log if fold.is_rank0 else None)
+        if fold.is_rank0:
             fold.log.info(f"resumed from {last} after epoch {start} (best {best:.5f})")
-    tb = Curves(fold.run_dir / layout.TENSORBOARD if fold.main and cfg.tensorboard else None)
+    tb = Curves(fold.run_dir / layout.TENSORBOARD if fold.is_rank0 and cfg.tensorboard else None)
     for epoch in range(start, cfg.epochs):
         if cfg.stop_after_epochs and epoch - start >= cfg.stop_after_epochs:
-            if fold.main:
+            if fold.is_rank0:
                 fold.log.info(f"stopping after {cfg.stop_after_epochs} epoch(s) as asked; continue with --resume")
             tb.close()
             return False
         m.sampler.set_epoch(epoch)  # the epoch travels with each index to the workers
-        res = train_one_epoch(m.net, m.tr_dl, m.opt, m.scaler, m.loss_fn, device, m.amp_dtype, steps=m.steps,
+        res = train_one_epoch(m.parallel, m.tr_dl, m.opt, m.scaler, m.loss_fn, device, m.amp_dtype, steps=m.steps,
                               accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, channels_last=cfg.channels_last,
                               lr_at=lambda s, e=epoch: warmup_cosine((e * m.steps + s + 1) / (cfg.epochs * m.steps), cfg.warmup),
                               ema=m.ema, ema_step0=epoch * -(-m.steps // cfg.accum_steps),
-                              log_every=cfg.log_every, progress=fold.main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                              log_every=cfg.log_every, progress=fold.is_rank0, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                               on_log=tb.step_logger(epoch * m.steps))
-        probs, _ = validate(m.eval_model, m.va_dl, device, m.amp_dtype, world, cfg, rank=fold.rank)
-        score = weighted_log_loss(y_val, probs)
-        raw = {"val_wll_raw": weighted_log_loss(y_val, validate(m.model, m.va_dl, device, m.amp_dtype, world, cfg,
-                                                                 rank=fold.rank)[0])} if m.ema else {}
-        improved = score < best
-        best, best_epoch = (score, epoch) if improved else (best, best_epoch)
-        history.append({"epoch": epoch + 1, "train_loss": res.loss, "val_wll": score,
-                        **{f"val_ll_{c}": float(v) for c, v in zip(CLASSES, per_class_log_loss(y_val, probs))},
-                        **raw, "lr": m.opt.param_groups[0]["lr"], "train_images_per_s": res.images_per_s * world,
-                        "seconds": res.seconds})
-        tb.epoch(epoch + 1, history[-1], (epoch + 1) * m.steps)
-        if fold.main:
-            ck = checkpoint.stage1(m.model, m.ema, m.opt, m.scaler, epoch + 1, best, best_epoch, history, cfg,
+        row = {"epoch": epoch + 1, "train_loss": res.loss, **score_epoch(fold, m, y_val, epoch + 1 == cfg.epochs),
+               "lr": m.opt.param_groups[0]["lr"], "train_images_per_s": res.images_per_s * world, "seconds": res.seconds}
+        improved = row["val_wll"] < best
+        best, best_epoch = (row["val_wll"], epoch) if improved else (best, best_epoch)
+        history.append(row)
+        tb.epoch(epoch + 1, row, (epoch + 1) * m.steps)
+        if fold.is_rank0:
+            ck = checkpoint.stage1(m.trained, m.ema, m.opt, m.scaler, epoch + 1, best, best_epoch, history, cfg,
                                    fold.stamp, device)
             if improved:
                 checkpoint.save(ck, fold.run_dir / layout.BEST)
             checkpoint.save(ck, last, keep_previous=True)
             write_csv(pd.DataFrame(history), fold.run_dir / layout.EPOCHS, index=False, float_format="%.6g")
-            fold.log.info(f"epoch {epoch + 1}: train loss {res.loss:.4f}, val wll {score:.4f}{' (best)' if improved else ''}"
-                          + (f" (raw weights {raw['val_wll_raw']:.4f})" if raw else "") + ", "
+            fold.log.info(f"epoch {epoch + 1}: train loss {res.loss:.4f}, val wll {row['val_wll']:.4f}"
+                          f"{' (best)' if improved else ''}" + (f" (raw weights {row['val_wll_raw']:.4f})"
+                                                                  if "val_wll_raw" in row else "") + ", "
                           f"{res.images_per_s * world:.0f} img/s, {res.seconds:.0f}s")
     tb.close()
     return True
+
+
+def score_epoch(fold: Fold, m: Parts, y_val: np.ndarray, last_epoch: bool) -> dict:
+    """An epoch's validation figures of `kept`; under EMA also of the raw weights (`val_wll_raw`), after the last
+    epoch only unless --validate-raw: a second pass over the validation fold for a figure that matters at the end."""
+    cfg, run = fold.cfg, (fold.device, m.amp_dtype, fold.world, fold.cfg)
+    probs, _ = validate(m.kept, m.va_dl, *run, rank=fold.rank)
+    row = {"val_wll": weighted_log_loss(y_val, probs),
+           **{f"val_ll_{c}": float(v) for c, v in zip(CLASSES, per_class_log_loss(y_val, probs))}}
+    if m.ema is not None and (cfg.validate_raw or last_epoch):
+        row["val_wll_raw"] = weighted_log_loss(y_val, validate(m.trained, m.va_dl, *run, rank=fold.rank)[0])
+    return row
 
 
 class Curves:
@@ -392,14 +432,14 @@ def write_oof(fold: Fold, m: Parts, va: pd.DataFrame, y_val: np.ndarray) -> None
     """Out-of-fold predictions and embeddings of the best epoch's weights, with the run's TTA; oof.csv last."""
     import torch.distributed as dist
     cfg, run_dir = fold.cfg, fold.run_dir
-    if fold.main:
-        m.eval_model.load_state_dict(checkpoint.load(run_dir / layout.BEST)["model"])
+    if fold.is_rank0:
+        m.kept.load_state_dict(checkpoint.load(run_dir / layout.BEST)["model"])
     if fold.world > 1:  # every rank needs rank 0's best weights for the sharded final pass
-        for t in m.eval_model.state_dict().values():
+        for t in m.kept.state_dict().values():
             dist.broadcast(t, 0)
-    probs, emb = validate(m.eval_model, m.va_dl, fold.device, m.amp_dtype, fold.world, cfg, final=True, run_dir=run_dir,
+    probs, emb = validate(m.kept, m.va_dl, fold.device, m.amp_dtype, fold.world, cfg, final=True, run_dir=run_dir,
                           rank=fold.rank)
-    if fold.main:
+    if fold.is_rank0:
         oof = pd.DataFrame(probs, columns=CLASSES, index=va.index)
         oof.insert(0, "fold", cfg.fold)
         write_npy(emb, run_dir / layout.OOF_EMB)
@@ -412,19 +452,9 @@ def write_oof(fold: Fold, m: Parts, va: pd.DataFrame, y_val: np.ndarray) -> None
         dist.barrier()
 
 
-def finished(cfg: TrainConfig, stamp: Stamp | None = None) -> bool:
-    """Whether the fold is trained with these settings and its OOF pass made with this TTA: nothing to do."""
-    run_dir = Run.of(cfg.data_dir, cfg.out_dir, cfg.run_name).fold_dir(cfg.fold)
-    if not (run_dir / layout.OOF).exists():
-        return False
-    stamp = stamp or fold_stamp(cfg, cached_labels(cfg.data_dir, cfg.out_dir)[1])
-    old = Stamp.load(run_dir / layout.STAMP)
-    return old is not None and old.id == stamp.id and oof_tta(run_dir) == cfg.tta
-
-
 def main():
     cfg = parse_config(TrainConfig, description=__doc__, prog="python -m src.train")
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and finished(cfg):  # decided before torch is imported
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and progress(cfg).finished:  # decided before torch is imported
         announce_skip(f"fold {cfg.fold} of {cfg.run_name}")
         return
     train(cfg)

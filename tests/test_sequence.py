@@ -105,11 +105,15 @@ def test_zero_init_head_starts_at_stage1():
 
 
 def test_early_stopping_and_rerun(stage1):
+    """Training stops `patience` epochs after the best one, well before the epoch cap (fails when early stopping is
+    disabled: all 30 epochs run), and the best epoch's weights are the ones kept."""
     run, labels, folds, ok = stage1
     d = train_sequence(SeqConfig(stage1=str(run), fold=0, epochs=30, patience=2, lr=0.05, hidden=16, run_name="es"))
     e = pd.read_csv(d / "epochs.csv")
     best = int(e["val_wll"].idxmin())
-    assert len(e) <= 30 and (len(e) == 30 or len(e) == best + 1 + 2)  # stopped 2 epochs after the best
+    assert len(e) == best + 1 + 2 < 30  # stopped 2 epochs after the best
+    assert (e["val_wll"].iloc[best + 1:] >= e["val_wll"].iloc[best] - 1e-6).all()  # no better epoch after it
+    assert f"early stop after epoch {len(e)}: no improvement for 2 epochs" in (d / "train.log").read_text()
     ck = torch.load(d / "best.pth", weights_only=True)
     assert ck["epoch"] == best + 1
     mtime = (d / "oof.csv").stat().st_mtime_ns

@@ -13,7 +13,7 @@ import torch
 
 from src import checkpoint, stamps
 from src.config import TrainConfig, build_parser, field_comments, parse_config
-from src.data import EpochSampler, SliceDataset, neighbour_rows
+from src.data import EpochSampler, SliceDataset, collate, neighbour_rows
 from src.engine import train_one_epoch, warmup_cosine
 from src.folds import make_folds
 from src.labels import read_labels
@@ -71,23 +71,79 @@ def test_one_epoch_writes_oof_embeddings_checkpoint(demo_data, demo_cache, folds
     assert {"train_loss", "val_wll", "seconds", *[f"val_ll_{c}" for c in CLASSES]} <= set(e.columns)
 
 
-def test_resume_gives_same_weights(demo_data, demo_cache, folds_file, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    link_cache(demo_cache, a), link_cache(demo_cache, b)
-    kw = dict(epochs=3, max_steps_per_epoch=3, hflip=0.5, affine=0.8, drop_rate=0.2, balanced=0.3, ema=0.9)
-    train(tiny_cfg(demo_data, demo_cache, folds_file, a, **kw))
-    run_b = train(tiny_cfg(demo_data, demo_cache, folds_file, b, stop_after_epochs=1, **kw))
+RESUME_KW = dict(epochs=3, max_steps_per_epoch=3, hflip=0.5, affine=0.8, drop_rate=0.2, balanced=0.3, ema=0.9)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_data, demo_cache, folds_file, tmp_path_factory):
+    """A fold trained in one go with RESUME_KW: what an interrupted and resumed fold must end as."""
+    a = tmp_path_factory.mktemp("uninterrupted")
+    link_cache(demo_cache, a)
+    return train(tiny_cfg(demo_data, demo_cache, folds_file, a, **RESUME_KW))
+
+
+def assert_same_fold(a: Path, b: Path) -> None:
+    """Bit-identical weights (the weight average and the trained weights alike) and the same OOF predictions."""
+    for key in ("model", "raw"):
+        wa, wb = checkpoint.load(a / "last.pth")[key], checkpoint.load(b / "last.pth")[key]
+        assert set(wa) == set(wb), key
+        assert [k for k in wa if not torch.equal(wa[k], wb[k])] == [], key
+    pd.testing.assert_frame_equal(pd.read_csv(a / "oof.csv"), pd.read_csv(b / "oof.csv"))
+
+
+@pytest.mark.xdist_group("resume")
+def test_resume_gives_same_weights(demo_data, demo_cache, folds_file, uninterrupted, tmp_path):
+    b = tmp_path / "b"
+    link_cache(demo_cache, b)
+    run_b = train(tiny_cfg(demo_data, demo_cache, folds_file, b, stop_after_epochs=1, **RESUME_KW))
     assert checkpoint.load(run_b / "last.pth")["epoch"] == 1 and not (run_b / "oof.csv").exists()
-    train(tiny_cfg(demo_data, demo_cache, folds_file, b, resume=True, **kw))
-    for key in ("model", "raw"):  # the weight average and the trained weights alike
-        wa = checkpoint.load(a / "runs/t/fold0/last.pth")[key]
-        wb = checkpoint.load(run_b / "last.pth")[key]
-        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    train(tiny_cfg(demo_data, demo_cache, folds_file, b, resume=True, **RESUME_KW))
+    assert_same_fold(uninterrupted, run_b)
     ck = checkpoint.load(run_b / "last.pth")
     assert not all(torch.equal(ck["model"][k], ck["raw"][k]) for k in ck["raw"])  # the average is not the raw weights
     assert "val_wll_raw" in pd.read_csv(run_b / "epochs.csv").columns
-    pd.testing.assert_frame_equal(pd.read_csv(a / "runs/t/fold0/oof.csv"), pd.read_csv(run_b / "oof.csv"))
     assert len(pd.read_csv(run_b / "epochs.csv")) == 3
+
+
+def cli_args(cfg: TrainConfig) -> list[str]:
+    """`python -m src.train` flags giving exactly cfg."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if v != f.default:
+            out += [f"--{f.name.replace('_', '-')}", str(v).lower() if isinstance(v, bool) else str(v)]
+    return out
+
+
+@pytest.mark.xdist_group("resume")
+def test_a_fold_killed_by_sigkill_resumes_to_the_uninterrupted_result(demo_data, demo_cache, folds_file, uninterrupted,
+                                                                     tmp_path):
+    """The training process is killed for real (SIGKILL: no handler, no cleanup, as the OOM killer or a lost machine
+    would) during epoch 2, once epoch 1's checkpoint is on disk; `--resume` then ends with bit-identical weights
+    and the same OOF file as a fold trained in one go, as src/train.py promises. Fails when a resume does not
+    restore the whole state (weights, EMA, optimizer, RNG, epoch), or when a kill leaves a checkpoint unreadable."""
+    import signal
+    import time
+    link_cache(demo_cache, tmp_path)
+    cfg = tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, **RESUME_KW)
+    run = tmp_path / "runs" / "t" / "fold0"
+    p = subprocess.Popen([sys.executable, "-m", "src.train", *cli_args(cfg)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    # epoch 1's line is logged after its checkpoints are written: the process is then in epoch 2
+    while not ((run / "train.log").exists() and "epoch 1: train loss" in (run / "train.log").read_text()):
+        assert p.poll() is None, p.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "epoch 1 never ended"
+        time.sleep(0.02)
+    os.kill(p.pid, signal.SIGKILL)
+    assert p.wait(timeout=60) == -signal.SIGKILL
+    # epoch 2 when a slow machine got past its checkpoint before the kill landed; never the finished fold
+    assert checkpoint.load(run / "last.pth")["epoch"] in (1, 2) and not (run / "oof.csv").exists()
+    train(dataclasses.replace(cfg, resume=True))
+    log = (run / "train.log").read_text()
+    assert log.count("command:") == 2 and "resumed from" in log
+    assert len(pd.read_csv(run / "epochs.csv")) == 3
+    assert_same_fold(uninterrupted, run)
 
 
 def torchrun(nproc, args, tmp_path):
@@ -102,11 +158,17 @@ def torchrun(nproc, args, tmp_path):
 
 
 def test_ddp_two_processes_then_resume_on_one(demo_data, demo_cache, folds_file, tmp_path):
-    """2 processes (gloo) train epoch 1 and stop; 1 process resumes: another process count continues the run."""
+    """2 processes (gloo) train epoch 1 and stop; 1 process resumes: another process count continues the run, on
+    the same learning-rate curve. Each process of 2 takes half the batches an epoch, so the schedule must follow
+    training progress, not a step counter: the lr after each epoch is lr x warmup_cosine(epoch / epochs) (fails
+    when the schedule counts optimizer steps, which the resumed run takes twice as many of per epoch)."""
     link_cache(demo_cache, tmp_path)
     args = ["--data-dir", str(demo_data), "--out-dir", str(tmp_path), "--folds-file", str(folds_file), "--k", "2",
-            "--fold", "1", "--run-name", "ddp", "--model", "resnet10t", "--img-size", "48", "--epochs", "2",
-            "--batch-size", "8", "--workers", "0", "--max-steps-per-epoch", "3"]
+            "--fold", "1", "--run-name", "ddp", "--model", "resnet10t", "--img-size", "32", "--epochs", "3",
+            "--batch-size", "8", "--workers", "0", "--lr", "0.002", "--warmup", "0.2"]
+    folds = pd.read_csv(folds_file).set_index("ID")
+    n_train = int((folds.fold != 1).sum())
+    assert -(-n_train // 2) // 8 != n_train // 8  # the premise: the steps of an epoch differ between 2 and 1 process
     r = torchrun(2, args + ["--stop-after-epochs", "1"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs/ddp/fold1"
@@ -116,11 +178,12 @@ def test_ddp_two_processes_then_resume_on_one(demo_data, demo_cache, folds_file,
     r = subprocess.run([sys.executable, "-m", "src.train", *args, "--resume"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    folds = pd.read_csv(folds_file).set_index("ID")
     oof = pd.read_csv(run / "oof.csv").set_index("ID")
     assert sorted(oof.index) == sorted(folds.index[folds.fold == 1])  # every validation image exactly once
-    assert np.load(run / "oof_emb.npy").shape[0] == len(oof) and len(pd.read_csv(run / "epochs.csv")) == 2
+    assert np.load(run / "oof_emb.npy").shape[0] == len(oof) and len(pd.read_csv(run / "epochs.csv")) == 3
     assert "resumed from" in (run / "train.log").read_text()
+    lr = pd.read_csv(run / "epochs.csv")["lr"].to_numpy()
+    assert np.allclose(lr, [0.002 * warmup_cosine(e / 3, 0.2) for e in (1, 2, 3)], rtol=1e-5, atol=1e-12), lr
 
 
 def test_ddp_error_ends_every_process_with_the_message(demo_data, demo_cache, folds_file, tmp_path):
@@ -363,11 +426,125 @@ def test_tensorboard_curves_are_written_and_can_be_switched_off(demo_data, demo_
     assert not (run_off / "tb").exists() and (run_off / "oof.csv").exists()
 
 
+def cpuinfo_flags() -> set[str]:
+    """The processor's feature flags as the Linux kernel reports them (x86 `flags`, Arm `Features`)."""
+    text = Path("/proc/cpuinfo").read_text()
+    return {f for line in text.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
+            for f in line.split(":", 1)[1].split()}
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="no /proc/cpuinfo (not Linux): nothing to compare with")
 def test_cpu_autocast_only_where_the_cpu_computes_bf16_natively(monkeypatch):
-    """Emulated bf16 was 10-20x slower than float32 on an AVX2 CPU: auto picks float32 there, bf16 where native."""
+    """Emulated bf16 is many times slower than float32 (docs/benchmarks.md): auto picks float32 there, bf16 where
+    native. The detection is tested for real, against an independent reading of this machine's processor (the
+    kernel's /proc/cpuinfo flags, where the code asks torch's cpuinfo, which reads the processor itself); only the
+    other kind of processor, which this machine is not, is mocked, at torch's processor query. Fails when the
+    detection does not follow the processor's bf16 instructions (a constant answer, or torch's
+    _is_mkldnn_bf16_supported, which says yes on every AVX-512 CPU)."""
     import src.engine as E
     cpu = torch.device("cpu")
-    monkeypatch.setattr(E, "cpu_has_native_bf16", lambda: False)
-    assert E.amp_settings(cpu, "auto") == (None, False) and E.amp_settings(cpu, "bf16") == (torch.bfloat16, False)
-    monkeypatch.setattr(E, "cpu_has_native_bf16", lambda: True)
-    assert E.amp_settings(cpu, "auto") == (torch.bfloat16, False) and E.amp_settings(cpu, "off") == (None, False)
+    flags = cpuinfo_flags()
+    native = bool(flags & {"avx512_bf16", "amx_bf16"}) or (os.uname().machine == "aarch64" and "bf16" in flags)
+    assert E.cpu_has_native_bf16() is native
+    assert E.amp_settings(cpu, "auto") == ((torch.bfloat16, False) if native else (None, False))
+    assert E.amp_settings(cpu, "bf16") == (torch.bfloat16, False) and E.amp_settings(cpu, "off") == (None, False)
+    caps = dict(torch.cpu.get_capabilities())
+    other = {k: False for k in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")} if native else {"avx512_bf16": True}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {**caps, **other})
+    assert E.cpu_has_native_bf16() is (not native)
+    assert E.amp_settings(cpu, "auto") == ((None, False) if native else (torch.bfloat16, False))
+    assert E.amp_settings(cpu, "bf16") == (torch.bfloat16, False) and E.amp_settings(cpu, "off") == (None, False)
+
+
+def test_ema_averages_each_distinct_tensor_once_a_step():
+    """After N optimizer steps of the real epoch loop, the EMA of every distinct tensor of the network (the
+    classifier included) equals the closed form e_N = d_N e_(N-1) + (1 - d_N) w_N from e_0 = the initial weights,
+    with w_t the trained weights after step t and d_t timm's warmed-up decay, 1 - (1 + (t - 1))^(-2/3) capped at
+    the decay (0 at t = 1). Fails when a tensor is listed twice in state_dict (the classifier registered a second
+    time as Net.head), which ModelEmaV3 then averages twice a step."""
+    from timm.utils import ModelEmaV3
+
+    from src.engine import adamw
+    torch.manual_seed(0)
+    model = create_model("resnet10t")
+    sd = model.state_dict()
+    ptrs = [v.data_ptr() for v in sd.values() if v.numel()]
+    assert len(ptrs) == len(set(ptrs))  # no tensor listed twice
+    decay, steps = 0.9, 6
+    ema = ModelEmaV3(model, decay=decay, use_warmup=True)
+    trained, real_update = [], ema.update
+
+    def spy(m, step=None):
+        trained.append((step, {k: v.detach().clone() for k, v in m.state_dict().items()}))
+        real_update(m, step=step)
+
+    ema.update = spy
+    e = {k: v.detach().clone() for k, v in ema.module.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 256, (4, 3, 32, 32), generator=gen, dtype=torch.uint8),
+                torch.randint(0, 2, (4, 6), generator=gen).float(), torch.arange(4)) for _ in range(steps)]
+    train_one_epoch(model, batches, adamw(model.parameters(), 1e-2, torch.device("cpu")),
+                    torch.amp.GradScaler("cpu", enabled=False), WeightedBCE(), torch.device("cpu"), steps=steps,
+                    grad_clip=1.0, lr_at=lambda s: warmup_cosine((s + 1) / steps, 0.2), ema=ema, ema_step0=0,
+                    channels_last=False, progress=False, log_every=0)
+    assert [s for s, _ in trained] == list(range(1, steps + 1))
+    for t, w in trained:
+        d = 0.0 if t == 1 else min(decay, 1 - t ** (-2 / 3))
+        e = {k: d * e[k] + (1 - d) * w[k] if w[k].is_floating_point() else w[k] for k in e}
+    got = ema.module.state_dict()
+    assert set(got) == set(e)
+    for k in e:
+        assert torch.allclose(got[k].float(), e[k].float(), rtol=1e-5, atol=1e-6), k
+    fc = "backbone.fc.weight"
+    assert not torch.allclose(got[fc], trained[-1][1][fc]) and not torch.allclose(got[fc], trained[0][1][fc])
+
+
+@pytest.mark.parametrize("first,then", [("bf16", "fp16"), ("fp16", "bf16")])
+def test_a_fold_resumes_across_precisions(first, then, demo_data, demo_cache, folds_file, tmp_path, monkeypatch):
+    """A fold started where the GPU has bfloat16 (no GradScaler: an empty scaler state in last.pth) resumes where
+    it has not (float16 + GradScaler), and the other way round. Which precision the device offers is the one thing
+    mocked (engine.amp_settings, with `--amp auto` both times: the settings are the same, the device is not); the
+    autocast dtypes and the scaler are real. Fails when an empty scaler state is loaded into an enabled scaler."""
+    import src.engine as E
+    link_cache(demo_cache, tmp_path)
+    device = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}
+    kw = dict(img_size=32, batch_size=8, epochs=2, max_steps_per_epoch=2)
+    monkeypatch.setattr(E, "amp_settings", lambda dev, mode="auto": device[first])
+    run = train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, stop_after_epochs=1, **kw))
+    assert bool(checkpoint.load(run / "last.pth")["scaler"]) is (first == "fp16")
+    monkeypatch.setattr(E, "amp_settings", lambda dev, mode="auto": device[then])
+    train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, resume=True, **kw))
+    ck = checkpoint.load(run / "last.pth")
+    assert ck["epoch"] == 2 and (run / "oof.csv").exists() and len(pd.read_csv(run / "epochs.csv")) == 2
+    assert bool(ck["scaler"]) is (then == "fp16")
+    log = (run / "train.log").read_text()
+    assert ("last.pth was saved without a GradScaler (bfloat16 or float32); float16 here: a fresh one" in log) is \
+        (first == "bf16")
+    builds = [line for line in log.splitlines() if " val slices; device " in line]  # one per invocation
+    assert len(builds) == 2 and f"amp {device[then][0]}{' + GradScaler' if then == 'fp16' else ''}; model" in builds[1]
+
+
+def test_raw_weights_are_validated_once_at_the_end_unless_asked(demo_data, demo_cache, folds_file, tmp_path):
+    """Under EMA the raw weights are scored after the last epoch only (a second validation pass every epoch would
+    double the validation cost for a figure that matters at the end), and every epoch with --validate-raw. The
+    figure is the raw weights' own: last.pth's `raw` tensors scored on the validation fold independently give it.
+    Fails when the raw weights are validated every epoch by default."""
+    from src.engine import predict_loader
+    from src.train import load_fold_data, make_dataset
+    runs = {}
+    for every in (False, True):
+        out = tmp_path / f"every_{every}"
+        link_cache(demo_cache, out)
+        runs[every] = train(tiny_cfg(demo_data, demo_cache, folds_file, out, epochs=3, max_steps_per_epoch=2, ema=0.9,
+                                     amp="off", validate_raw=every))
+    e = pd.read_csv(runs[False] / "epochs.csv")
+    assert e["val_wll_raw"].notna().tolist() == [False, False, True]
+    assert pd.read_csv(runs[True] / "epochs.csv")["val_wll_raw"].notna().tolist() == [True, True, True]
+    cfg = tiny_cfg(demo_data, demo_cache, folds_file, tmp_path / "every_False", epochs=3, amp="off")
+    images, _, va = load_fold_data(cfg, read_labels(demo_data / "stage_2_train.csv"))
+    model = create_model("resnet10t")
+    model.load_state_dict(checkpoint.load(runs[False] / "last.pth")["raw"])
+    dl = torch.utils.data.DataLoader(make_dataset(images, va, cfg, False), 32, collate_fn=collate)
+    _, probs, _ = predict_loader(model, dl, torch.device("cpu"), progress=False, embeddings=False)
+    assert e["val_wll_raw"].iloc[-1] == pytest.approx(weighted_log_loss(va[CLASSES].to_numpy(), probs), abs=2e-6)
+    assert e["val_wll_raw"].iloc[-1] != pytest.approx(e["val_wll"].iloc[-1], abs=1e-4)  # not the average's figure
