@@ -249,7 +249,7 @@ def test_fine_tuning_starts_from_the_bundles_fold(blended, demo_data):
     ref = B.read_bundle(bundle, stage2=False).stage1[1]
     assert ref[0] == "fold1" and all(torch.equal(got[k], v) for k, v in ref[2].items())
     cfg0 = TrainConfig(data_dir=str(demo_data), model="resnet10t", img_size=64, fold=1, weights=str(bundle), weights_fold=0)
-    assert torch.equal(make_model(cfg0).state_dict()["head.weight"], B.read_bundle(bundle).stage1[0][2]["head.weight"])
+    assert torch.equal(make_model(cfg0).state_dict()["backbone.fc.weight"], B.read_bundle(bundle).stage1[0][2]["backbone.fc.weight"])
     with pytest.raises(PipelineError, match="resnet18 on 3"):
         make_model(TrainConfig(data_dir=str(demo_data), model="resnet18", fold=0, weights=str(bundle)))
 

@@ -548,3 +548,15 @@ def test_raw_weights_are_validated_once_at_the_end_unless_asked(demo_data, demo_
     _, probs, _ = predict_loader(model, dl, torch.device("cpu"), progress=False, embeddings=False)
     assert e["val_wll_raw"].iloc[-1] == pytest.approx(weighted_log_loss(va[CLASSES].to_numpy(), probs), abs=2e-6)
     assert e["val_wll_raw"].iloc[-1] != pytest.approx(e["val_wll"].iloc[-1], abs=1e-4)  # not the average's figure
+
+
+def test_weights_saved_with_the_classifier_twice_still_load():
+    """Checkpoints and bundles written before the classifier was registered once hold it also under head.*: they
+    load, into the one classifier (fails when that old copy is refused as unexpected keys)."""
+    torch.manual_seed(0)
+    sd = create_model("resnet10t").state_dict()
+    old = {**sd, "head.weight": sd["backbone.fc.weight"], "head.bias": sd["backbone.fc.bias"]}
+    m = create_model("resnet10t")
+    m.load_state_dict(old)
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in sd.items()) and set(m.state_dict()) == set(sd)
+    assert m.head is m.backbone.fc
