@@ -342,7 +342,6 @@ def fit(fold: Fold, m: Parts, y_val: np.ndarray) -> bool:
     """The epochs: train, validate (`kept`; under EMA the raw weights too, once after the last epoch or, with
     --validate-raw, every epoch), checkpoint (best.pth before last.pth: a kill between the two redoes the epoch).
     False when stopped early by --stop-after-epochs."""
-    from .engine import train_one_epoch, warmup_cosine
     cfg, device, world, last = fold.cfg, fold.device, fold.world, fold.run_dir / layout.LAST
     start, best, best_epoch, history = 0, float("inf"), -1, []
     if cfg.resume and last.exists():
@@ -357,13 +356,7 @@ def fit(fold: Fold, m: Parts, y_val: np.ndarray) -> bool:
                 fold.log.info(f"stopping after {cfg.stop_after_epochs} epoch(s) as asked; continue with --resume")
             tb.close()
             return False
-        m.sampler.set_epoch(epoch)  # the epoch travels with each index to the workers
-        res = train_one_epoch(m.parallel, m.tr_dl, m.opt, m.scaler, m.loss_fn, device, m.amp_dtype, steps=m.steps,
-                              accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, channels_last=cfg.channels_last,
-                              lr_at=lambda s, e=epoch: warmup_cosine((e * m.steps + s + 1) / (cfg.epochs * m.steps), cfg.warmup),
-                              ema=m.ema, ema_step0=epoch * -(-m.steps // cfg.accum_steps),
-                              log_every=cfg.log_every, progress=fold.is_rank0, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                              on_log=tb.step_logger(epoch * m.steps))
+        res = train_epoch(fold, m, epoch, on_log=tb.step_logger(epoch * m.steps))
         row = {"epoch": epoch + 1, "train_loss": res.loss, **score_epoch(fold, m, y_val, epoch + 1 == cfg.epochs),
                "lr": m.opt.param_groups[0]["lr"], "train_images_per_s": res.images_per_s * world, "seconds": res.seconds}
         improved = row["val_wll"] < best
@@ -383,6 +376,23 @@ def fit(fold: Fold, m: Parts, y_val: np.ndarray) -> bool:
                           f"{res.images_per_s * world:.0f} img/s, {res.seconds:.0f}s")
     tb.close()
     return True
+
+
+def train_epoch(fold: Fold, m: Parts, epoch: int, batches=None, on_log=None):
+    """One epoch of training as `fit` runs it: `train_one_epoch` with clipping, EMA and the lr schedule, a function
+    of training progress (so a fold resumed on another number of GPUs continues on the same curve). `batches`
+    (default: the training loader, for this epoch) is where bench/train_step.py feeds its own."""
+    from .engine import train_one_epoch, warmup_cosine
+    cfg, steps = fold.cfg, m.steps
+    if batches is None:
+        m.sampler.set_epoch(epoch)  # the epoch travels with each index to the workers
+    return train_one_epoch(m.parallel, m.tr_dl if batches is None else batches, m.opt, m.scaler, m.loss_fn, fold.device,
+                           m.amp_dtype, steps=steps, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip,
+                           channels_last=cfg.channels_last,
+                           lr_at=lambda s: warmup_cosine((epoch * steps + s + 1) / (cfg.epochs * steps), cfg.warmup),
+                           ema=m.ema, ema_step0=epoch * -(-steps // cfg.accum_steps), log_every=cfg.log_every,
+                           progress=fold.is_rank0 and batches is None, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                           on_log=on_log)
 
 
 def score_epoch(fold: Fold, m: Parts, y_val: np.ndarray, last_epoch: bool) -> dict:

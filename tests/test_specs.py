@@ -1,5 +1,6 @@
 """The GPU model specs end to end on the CPU (run.sh with DEVICE_CONFIG=gpu, one spec per test), and ImageNet weights on a machine
 without network: one clear line when they cannot be had, timm's cache used when it holds them."""
+import json
 import os
 import subprocess
 import sys
@@ -94,3 +95,66 @@ def test_run_sh_trains_each_gpu_spec_end_to_end_on_the_cpu(spec, tmp_path):
     sub = tmp_path / "subs" / "stage_2_gpuset_blend.csv"
     df = validate_file(sub, data / "stage_2_sample_submission.csv")
     assert len(df) == len(pd.read_csv(data / "stage_2_sample_submission.csv"))
+
+
+def test_gpu_check_dry_run_on_the_cpu(tmp_path):
+    """bench/gpu_check.sh --cpu: every phase of the one-call GPU check (setup, data, throughput of each GPU spec,
+    correctness with a SIGKILLed and resumed fold through the bundle and the submission, the compile A/B, the
+    projection) at tiny sizes on the CPU, so that the script cannot rot before a GPU is lent. Each phase must end
+    ok, and its files must hold what docs/gpu.md reads from them."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "WORK": str(tmp_path / "work"), "PY": sys.executable}
+    r = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    specs = gpu_specs()
+    phases = json.loads((out / "phases.json").read_text())
+    assert list(phases) == ["setup", "data", f"throughput {' '.join(specs)}", "correctness", f"compile {specs[0]}",
+                            "projection"]
+    assert {p["status"] for p in phases.values()} == {"ok"}, phases
+    # flat files only, at most 8: what comes back from a GPU machine's $OUT
+    assert sorted(p.name for p in out.iterdir()) == ["correctness.json", "gpu_check.log", "phases.json",
+                                                     "projection.txt", "rates.json", "versions.json"]
+    rates = json.loads((out / "rates.json").read_text())
+    assert list(rates["specs"]) == specs
+    for name, s in rates["specs"].items():
+        assert s["train_device_images_per_s"] > 0 and s["train_loader_images_per_s"] > 0, name
+        assert s["infer_plain_images_per_s"] > 0 and set(s["infer_tta"]) == {"8", "16"}, name
+        assert s["ema"] == 0.999 and s["input_mode"] == ("slices_windows" if "25d" in name else "windows"), name
+    assert rates["specs"][specs[0]]["compile"]["compiled_images_per_s"] > 0
+    checks = json.loads((out / "correctness.json").read_text())
+    assert [s["step"] for s in checks["steps"] if s["ok"]] == [
+        "folds", "train fold 0, SIGKILL during epoch 2", "train fold 0 --resume", "train fold 1", "predict",
+        "sequence fold 0", "boost fold 0", "sequence fold 1", "boost fold 1", "blend", "evaluate", "bundle", "ensemble",
+        "submission valid"]
+    assert {k: v["ok"] for k, v in checks["checks"].items()} == {
+        "killed after a checkpoint, before the end": True, "fold 0 resumed and finished": True,
+        "stage 1 on cpu": True, "GRU on cpu": True, "submission rows": True, "bundle written": True}
+    versions = json.loads((out / "versions.json").read_text())
+    torch_pin = [line.split("==")[1] for line in (ROOT / "requirements.txt").read_text().splitlines()
+                 if line.startswith("torch==")]
+    assert versions["packages"]["torch"]["pinned"] == torch_pin[0]
+    assert versions["packages"]["torch"]["installed"].split("+")[0] == torch_pin[0]  # the .venv of requirements.txt
+    assert "versions that differ from requirements.txt (0): none" in (out / "gpu_check.log").read_text()
+    projection = (out / "projection.txt").read_text()
+    assert all(f"| {name} | 4 |" in projection for name in specs) and "| **both specs** |" in projection
+
+
+def test_gpu_projection_is_the_stated_arithmetic(monkeypatch):
+    """The projection against a hand computation: 5 folds of 602,242 training and 150,561 validation slices; 4 epochs;
+    validation every epoch plus the raw weights once (EMA); OOF and 121,232 test slices with flip TTA. With the raw
+    weights validated every epoch (before the fix), a fold ran 1,748,074 forwards (the issue's ~1.75M); now 1,296,391."""
+    import torch
+
+    from bench import gpu_projection as G
+    from src.engine import infer_batch_size
+    assert G.INFER_BATCH_CUDA == infer_batch_size(torch.device("cuda"))
+    rates = {"train_loader_images_per_s": 2000.0, "infer_plain_images_per_s": 6000.0,
+             "infer_tta": {"64": {"images_per_s": 9999.0}, "256": {"images_per_s": 3000.0}}}
+    p = G.project("seresnext50_256", rates, 5)
+    assert p["train"] == pytest.approx(5 * 4 * 602_242 / 2000)
+    assert p["validation"] == pytest.approx(5 * 5 * 150_561 / 6000)
+    assert p["oof_and_test"] == pytest.approx(5 * (150_561 + 121_232) / 3000)  # at the pipeline's batch, 256
+    assert p["forwards_per_fold"] == 1_296_391
+    monkeypatch.setattr(G, "spec_settings", lambda name: {"epochs": 4, "ema": 0.999, "tta": "hflip", "validate_raw": True})
+    assert G.project("seresnext50_256", rates, 5)["forwards_per_fold"] == 1_748_074
