@@ -69,6 +69,7 @@ def test_one_epoch_writes_oof_embeddings_checkpoint(demo_data, demo_cache, folds
     assert "command:" in (run / "train.log").read_text().splitlines()[0]
     e = pd.read_csv(run / "epochs.csv")
     assert {"train_loss", "val_wll", "seconds", *[f"val_ll_{c}" for c in CLASSES]} <= set(e.columns)
+    assert not cfg.tensorboard and not (run / "tb").exists()  # TensorBoard curves switched off
 
 
 RESUME_KW = dict(epochs=3, max_steps_per_epoch=3, hflip=0.5, affine=0.8, drop_rate=0.2, balanced=0.3, ema=0.9)
@@ -164,7 +165,7 @@ def test_ddp_two_processes_then_resume_on_one(demo_data, demo_cache, folds_file,
     when the schedule counts optimizer steps, which the resumed run takes twice as many of per epoch)."""
     link_cache(demo_cache, tmp_path)
     args = ["--data-dir", str(demo_data), "--out-dir", str(tmp_path), "--folds-file", str(folds_file), "--k", "2",
-            "--fold", "1", "--run-name", "ddp", "--model", "resnet10t", "--img-size", "32", "--epochs", "3",
+            "--fold", "1", "--run-name", "ddp", "--model", "resnet10t", "--img-size", "32", "--epochs", "2",
             "--batch-size", "8", "--workers", "0", "--lr", "0.002", "--warmup", "0.2"]
     folds = pd.read_csv(folds_file).set_index("ID")
     n_train = int((folds.fold != 1).sum())
@@ -180,10 +181,10 @@ def test_ddp_two_processes_then_resume_on_one(demo_data, demo_cache, folds_file,
     assert r.returncode == 0, r.stderr[-3000:]
     oof = pd.read_csv(run / "oof.csv").set_index("ID")
     assert sorted(oof.index) == sorted(folds.index[folds.fold == 1])  # every validation image exactly once
-    assert np.load(run / "oof_emb.npy").shape[0] == len(oof) and len(pd.read_csv(run / "epochs.csv")) == 3
+    assert np.load(run / "oof_emb.npy").shape[0] == len(oof) and len(pd.read_csv(run / "epochs.csv")) == 2
     assert "resumed from" in (run / "train.log").read_text()
     lr = pd.read_csv(run / "epochs.csv")["lr"].to_numpy()
-    assert np.allclose(lr, [0.002 * warmup_cosine(e / 3, 0.2) for e in (1, 2, 3)], rtol=1e-5, atol=1e-12), lr
+    assert np.allclose(lr, [0.002 * warmup_cosine(e / 2, 0.2) for e in (1, 2)], rtol=1e-5, atol=1e-12), lr
 
 
 def test_ddp_error_ends_every_process_with_the_message(demo_data, demo_cache, folds_file, tmp_path):
@@ -420,10 +421,7 @@ def test_tensorboard_curves_are_written_and_can_be_switched_off(demo_data, demo_
     epochs = pd.read_csv(run / "epochs.csv")
     assert [round(e.value, 5) for e in acc.Scalars("val/wll")] == [round(v, 5) for v in epochs["val_wll"]]
     assert acc.Scalars("train/lr")[-1].value < acc.Scalars("train/lr")[0].value  # the cosine decay, as trained
-    off = tmp_path / "off"
-    link_cache(demo_cache, off)
-    run_off = train(tiny_cfg(demo_data, demo_cache, folds_file, off, tensorboard=False))
-    assert not (run_off / "tb").exists() and (run_off / "oof.csv").exists()
+    # switched off: test_one_epoch_writes_oof_embeddings_checkpoint's run (tensorboard false) has no tb/
 
 
 def cpuinfo_flags() -> set[str]:
@@ -499,53 +497,54 @@ def test_ema_averages_each_distinct_tensor_once_a_step():
     assert not torch.allclose(got[fc], trained[-1][1][fc]) and not torch.allclose(got[fc], trained[0][1][fc])
 
 
-@pytest.mark.parametrize("first,then", [("bf16", "fp16"), ("fp16", "bf16")])
-def test_a_fold_resumes_across_precisions(first, then, demo_data, demo_cache, folds_file, tmp_path, monkeypatch):
+def test_a_fold_resumes_across_precisions(demo_data, demo_cache, folds_file, tmp_path, monkeypatch):
     """A fold started where the GPU has bfloat16 (no GradScaler: an empty scaler state in last.pth) resumes where
-    it has not (float16 + GradScaler), and the other way round. Which precision the device offers is the one thing
-    mocked (engine.amp_settings, with `--amp auto` both times: the settings are the same, the device is not); the
-    autocast dtypes and the scaler are real. Fails when an empty scaler state is loaded into an enabled scaler."""
+    it has not (float16 + GradScaler), and then back again: one epoch under each. Which precision the device offers
+    is the one thing mocked (engine.amp_settings, with `--amp auto` every time: the settings are the same, the device
+    is not); the autocast dtypes and the scaler are real. Fails when an empty scaler state is loaded into an enabled
+    scaler."""
     import src.engine as E
     link_cache(demo_cache, tmp_path)
     device = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}
-    kw = dict(img_size=32, batch_size=8, epochs=2, max_steps_per_epoch=2)
-    monkeypatch.setattr(E, "amp_settings", lambda dev, mode="auto": device[first])
-    run = train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, stop_after_epochs=1, **kw))
-    assert bool(checkpoint.load(run / "last.pth")["scaler"]) is (first == "fp16")
-    monkeypatch.setattr(E, "amp_settings", lambda dev, mode="auto": device[then])
-    train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, resume=True, **kw))
-    ck = checkpoint.load(run / "last.pth")
-    assert ck["epoch"] == 2 and (run / "oof.csv").exists() and len(pd.read_csv(run / "epochs.csv")) == 2
-    assert bool(ck["scaler"]) is (then == "fp16")
+    kw = dict(img_size=32, batch_size=8, epochs=3, max_steps_per_epoch=2)
+    run = tmp_path / "runs" / "t" / "fold0"
+    for epoch, precision in enumerate(("bf16", "fp16", "bf16"), 1):
+        monkeypatch.setattr(E, "amp_settings", lambda dev, mode="auto", p=precision: device[p])
+        train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, resume=epoch > 1, stop_after_epochs=1, **kw))
+        ck = checkpoint.load(run / "last.pth")
+        assert ck["epoch"] == epoch and bool(ck["scaler"]) is (precision == "fp16"), epoch
+    assert (run / "oof.csv").exists() and len(pd.read_csv(run / "epochs.csv")) == 3
     log = (run / "train.log").read_text()
-    assert ("last.pth was saved without a GradScaler (bfloat16 or float32); float16 here: a fresh one" in log) is \
-        (first == "bf16")
+    assert log.count("last.pth was saved without a GradScaler (bfloat16 or float32); float16 here: a fresh one") == 1
     builds = [line for line in log.splitlines() if " val slices; device " in line]  # one per invocation
-    assert len(builds) == 2 and f"amp {device[then][0]}{' + GradScaler' if then == 'fp16' else ''}; model" in builds[1]
+    assert [b.split("; amp ")[1].split("; model")[0] for b in builds] == [
+        "torch.bfloat16", "torch.float16 + GradScaler", "torch.bfloat16"]
 
 
-def test_raw_weights_are_validated_once_at_the_end_unless_asked(demo_data, demo_cache, folds_file, tmp_path):
+@pytest.mark.xdist_group("resume")
+def test_raw_weights_are_validated_once_at_the_end_unless_asked(demo_data, demo_cache, folds_file, uninterrupted,
+                                                                  tmp_path):
     """Under EMA the raw weights are scored after the last epoch only (a second validation pass every epoch would
     double the validation cost for a figure that matters at the end), and every epoch with --validate-raw. The
     figure is the raw weights' own: last.pth's `raw` tensors scored on the validation fold independently give it.
     Fails when the raw weights are validated every epoch by default."""
-    from src.engine import predict_loader
+    from src.engine import amp_settings, infer_batch_size, predict_loader
     from src.train import load_fold_data, make_dataset
-    runs = {}
-    for every in (False, True):
-        out = tmp_path / f"every_{every}"
-        link_cache(demo_cache, out)
-        runs[every] = train(tiny_cfg(demo_data, demo_cache, folds_file, out, epochs=3, max_steps_per_epoch=2, ema=0.9,
-                                     amp="off", validate_raw=every))
-    e = pd.read_csv(runs[False] / "epochs.csv")
+    e = pd.read_csv(uninterrupted / "epochs.csv")  # 3 epochs under EMA
     assert e["val_wll_raw"].notna().tolist() == [False, False, True]
-    assert pd.read_csv(runs[True] / "epochs.csv")["val_wll_raw"].notna().tolist() == [True, True, True]
-    cfg = tiny_cfg(demo_data, demo_cache, folds_file, tmp_path / "every_False", epochs=3, amp="off")
-    images, _, va = load_fold_data(cfg, read_labels(demo_data / "stage_2_train.csv"))
-    model = create_model("resnet10t")
-    model.load_state_dict(checkpoint.load(runs[False] / "last.pth")["raw"])
-    dl = torch.utils.data.DataLoader(make_dataset(images, va, cfg, False), 32, collate_fn=collate)
-    _, probs, _ = predict_loader(model, dl, torch.device("cpu"), progress=False, embeddings=False)
+    link_cache(demo_cache, tmp_path)
+    every = train(tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, epochs=2, max_steps_per_epoch=2, ema=0.9,
+                           validate_raw=True))
+    assert pd.read_csv(every / "epochs.csv")["val_wll_raw"].notna().tolist() == [True, True]
+    cfg = tiny_cfg(demo_data, demo_cache, folds_file, tmp_path, **RESUME_KW)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        images, _, va = load_fold_data(cfg, read_labels(demo_data / "stage_2_train.csv"))
+    model = create_model("resnet10t", drop_rate=cfg.drop_rate)
+    model.load_state_dict(checkpoint.load(uninterrupted / "last.pth")["raw"])
+    cpu = torch.device("cpu")  # the validation pass's batches and precision
+    dl = torch.utils.data.DataLoader(make_dataset(images, va, cfg, False), infer_batch_size(cpu), collate_fn=collate)
+    _, probs, _ = predict_loader(model, dl, cpu, amp_settings(cpu, cfg.amp)[0], progress=False, embeddings=False)
     assert e["val_wll_raw"].iloc[-1] == pytest.approx(weighted_log_loss(va[CLASSES].to_numpy(), probs), abs=2e-6)
     assert e["val_wll_raw"].iloc[-1] != pytest.approx(e["val_wll"].iloc[-1], abs=1e-4)  # not the average's figure
 
