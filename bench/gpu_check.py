@@ -180,7 +180,7 @@ def correctness(work: Path, out: Path, spec: str, train_flags: str, seq_flags: s
     rec.run("evaluate", step, "evaluate", run)
     rec.run("bundle", step, "export", run)
     subs = work / "submissions"
-    rec.run("ensemble", step, "ensemble", run, "--name", f"{name}_check", "--data-dir", data_dir,
+    rec.run("submission", step, "make_submission", run, "--name", f"{name}_check", "--data-dir", data_dir,
             "--submissions-dir", subs, "--weights", "fit")
     sub = layout.submission_path(f"{name}_check", subs)
     df = rec.run("submission valid", validate_file, sub, data_dir / "stage_2_sample_submission.csv")

@@ -264,10 +264,12 @@ class Progress:
 
 
 def progress(cfg: TrainConfig, stamp: Stamp | None = None) -> Progress:
-    """The fold's Progress; `stamp` (fold_stamp's) is computed when not given."""
+    """The fold's Progress; `stamp` (fold_stamp's) is computed when not given and there is one to compare with (a
+    fold not started asks for no input: plan_fold's checks, the ImageNet weights first, speak before the folds file)."""
     run_dir = Run.of(cfg.data_dir, cfg.out_dir, cfg.run_name).fold_dir(cfg.fold)
-    stamp = stamp or fold_stamp(cfg, cached_labels(cfg.data_dir, cfg.out_dir)[1])
     old = Stamp.load(run_dir / layout.STAMP)
+    if old is not None:
+        stamp = stamp or fold_stamp(cfg, cached_labels(cfg.data_dir, cfg.out_dir)[1])
     same = old is not None and old.id == stamp.id
     return Progress(same, same and (run_dir / layout.LAST).exists(), oof_tta(run_dir), cfg.tta)
 

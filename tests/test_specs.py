@@ -125,7 +125,7 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     checks = json.loads((out / "correctness.json").read_text())
     assert [s["step"] for s in checks["steps"] if s["ok"]] == [
         "folds", "train fold 0, SIGKILL during epoch 2", "train fold 0 --resume", "train fold 1", "predict",
-        "sequence fold 0", "boost fold 0", "sequence fold 1", "boost fold 1", "blend", "evaluate", "bundle", "ensemble",
+        "sequence fold 0", "boost fold 0", "sequence fold 1", "boost fold 1", "blend", "evaluate", "bundle", "submission",
         "submission valid"]
     assert {k: v["ok"] for k, v in checks["checks"].items()} == {
         "killed after a checkpoint, before the end": True, "fold 0 resumed and finished": True,

@@ -26,7 +26,7 @@ from src.utils import CLASSES, PipelineError, write_csv
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def folds_file(demo_data, demo_cache, tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -75,7 +75,7 @@ def test_one_epoch_writes_oof_embeddings_checkpoint(demo_data, demo_cache, folds
 RESUME_KW = dict(epochs=3, max_steps_per_epoch=3, hflip=0.5, affine=0.8, drop_rate=0.2, balanced=0.3, ema=0.9)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: built once on the worker of the "resume" group, whatever runs between
 def uninterrupted(demo_data, demo_cache, folds_file, tmp_path_factory):
     """A fold trained in one go with RESUME_KW: what an interrupted and resumed fold must end as."""
     a = tmp_path_factory.mktemp("uninterrupted")
