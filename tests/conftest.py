@@ -1,7 +1,13 @@
-"""Shared fixtures: one small generated dataset and its cache, built once per test session."""
+"""Shared fixtures: one small generated dataset and its cache, built once per test session; the rule on skips.
+
+Skips: a test that needs something absent (../shared's real files, a Debian tool) skips with a reason that names it
+(`require_path`, `require_tool` below, or a skipif mark), never falls back silently to something weaker. In CI nothing
+may be absent: `.ci/run` sets ICH_NO_SKIPS=1, under which every skip is reported as a failure with its reason.
+"""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +18,46 @@ os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WOR
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 RSNA_SAMPLE = SHARED / "rsna_sample"
 CQ500 = SHARED / "ct_other" / "cq500_ct0_every10th"
+NO_SKIPS = os.environ.get("ICH_NO_SKIPS") == "1"  # CI (.ci/run): a skip is a failure
+
+
+def require_path(*paths: Path) -> None:
+    """Skip the calling test, naming what is missing, unless every path exists (../shared's real files)."""
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (../shared beside the checkout, as in CI)")
+
+
+def require_tool(*names: str) -> str:
+    """The first of these programs found on PATH; else skip the calling test naming it and the Debian package
+    `.ci/run` installs it from."""
+    for n in names:
+        if path := shutil.which(n):
+            return path
+    pytest.skip(f"needs {' or '.join(names)} on PATH (.ci/run installs its Debian package)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under ICH_NO_SKIPS=1 a skipped test (mark or pytest.skip, in setup or in the test) is reported failed, with the
+    skip's reason: CI has every real file and tool, so a skip there hides a test that did not run."""
+    outcome = yield
+    rep = outcome.get_result()
+    if NO_SKIPS and rep.skipped and not hasattr(rep, "wasxfail"):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = f"skipped, and ICH_NO_SKIPS=1 (CI) allows no skip: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """The same for a whole module skipped while it is collected (pytest.skip(..., allow_module_level=True))."""
+    outcome = yield
+    rep = outcome.get_result()
+    if NO_SKIPS and rep.skipped:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = f"skipped, and ICH_NO_SKIPS=1 (CI) allows no skip: {reason}"
 
 
 @pytest.fixture(scope="session")

@@ -100,13 +100,9 @@ def write_run(root, name, data_dir, preds, ids, folds, stage1=None):
     return run
 
 
-def test_the_blend_file_report_and_card_carry_the_honest_figure(tmp_path):
-    """src.blend's file (each fold's weights and the "blend, cross-fitted" score), src.evaluate's report and the model
-    card the demo shows: all the reference's cross-fitted figure, not the flattering one."""
-    from src.card import run_card
-    from src.evaluate import evaluate_runs
-    from src.runs import Run
-    y, preds, folds = members_data(1)
+def family(tmp_path, seed=1):
+    """A stage-1 run m and its GRU run seq_m (members a and b), with their label file; the reference's figures."""
+    y, preds, folds = members_data(seed)
     ids = np.array([f"ID_{i:04x}" for i in range(N)])
     data = tmp_path / "data"
     data.mkdir()
@@ -115,21 +111,34 @@ def test_the_blend_file_report_and_card_carry_the_honest_figure(tmp_path):
     run = write_run(out, "m", data, preds[0], ids, folds)
     write_run(out, "seq_m", data, preds[1], ids, folds, stage1=run)
     want_w, want = reference(y, preds, folds)
-    honest = metric(y, want)
     _, leak = reference(y, preds, folds, own_rows=True)
-    assert metric(y, leak) < honest - 0.2
+    assert metric(y, leak) < metric(y, want) - 0.2
+    return run, want_w, metric(y, want)
 
+
+def test_the_blend_file_holds_the_other_folds_weights_and_the_honest_figure(tmp_path):
+    run, want_w, honest = family(tmp_path)
     info = fit_blend([run], quiet=True)
     assert [m["name"] for m in info["members"]] == ["m", "seq_m"] and info["weights_mode"] == "fit"
-    assert load_blend(out / "blends" / "m.json")["fold_weights"] == info["fold_weights"]
+    assert load_blend(run.parent.parent / "blends" / "m.json")["fold_weights"] == info["fold_weights"]
+    assert sorted(info["fold_weights"]) == ["0", "1", "2"]
     for f in range(K):
         got = np.array([info["fold_weights"][str(f)][n] for n in ("m", "seq_m")]).T
         np.testing.assert_allclose(got, want_w[f], atol=2e-3, err_msg=f"fold {f}")
     assert info["scores"]["blend, cross-fitted"]["weighted_log_loss"] == pytest.approx(honest, abs=1e-4)
 
+
+def test_the_report_and_the_card_carry_the_honest_figure(tmp_path):
+    """src.evaluate's report applies the file's fold weights, and the model card (what the demo shows) quotes it."""
+    from src.card import run_card
+    from src.evaluate import evaluate_runs
+    from src.runs import Run
+    run, _, honest = family(tmp_path)
+    info = fit_blend([run], quiet=True)
     s = evaluate_runs([run], tmp_path / "report", stage1_only=False, resamples=10)
     assert s["runs"]["blend, cross-fitted"]["weighted_log_loss"] == pytest.approx(honest, abs=1e-4)
     assert s["runs"]["blend, cross-fitted"]["weighted_log_loss"] == pytest.approx(
         info["scores"]["blend, cross-fitted"]["weighted_log_loss"], rel=1e-12)
     card = run_card(Run(run))  # RUN/card.json, written by the report
-    assert card["stage"].startswith("blend of ") and card["oof_weighted_log_loss"] == pytest.approx(honest, abs=1e-4)
+    assert card["stage"] == "blend of stage1, seq, per-class weights"
+    assert card["oof_weighted_log_loss"] == pytest.approx(honest, abs=1e-4)

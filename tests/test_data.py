@@ -130,7 +130,11 @@ def test_samples_equal_the_numpy_reference(cache, mode, aug, size, crop):
         assert hwc(x).flags.c_contiguous  # channels-last bytes, which collate relies on
         np.testing.assert_array_equal(hwc(x), want, err_msg=f"{mode} {aug} size={size} crop={crop} epoch={epoch} i={i}")
         assert idx == i and torch.equal(y, torch.from_numpy(labels[i]))
-    assert aug == "none" or any(not np.array_equal(hwc(got[0, i][0]), hwc(got[1, i][0])) for i in range(N))
+    changed = [not np.array_equal(hwc(got[0, i][0]), hwc(got[1, i][0])) for i in range(N)]
+    if aug == "none":
+        assert not any(changed)  # without augmentation every epoch gives the same samples
+    else:
+        assert any(changed)  # the epoch reseeds the augmentation
 
 
 def test_nine_channels_are_the_three_channel_samples_of_each_slice(cache):

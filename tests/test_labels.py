@@ -38,39 +38,51 @@ def test_exact_duplicates_dropped_with_warning(tmp_path):
 
 def test_conflicting_duplicate_names_the_id(tmp_path):
     rows = _image_rows("ID_0a1", [1, 0, 0, 0, 0, 1]) + [("ID_0a1_epidural", 0)]
-    with pytest.raises(PipelineError, match="ID_0a1_epidural"):
-        read_labels(_write(tmp_path, rows))
+    p = _write(tmp_path, rows)
+    with pytest.raises(PipelineError, match=re.escape(f"{p}: 1 ID(s) appear with different labels, cannot tell which is "
+                                                      f"right: ['ID_0a1_epidural']. Remove the wrong rows and rerun.")):
+        read_labels(p)
 
 
 def test_malformed_id_reports_line(tmp_path):
     rows = _image_rows("ID_0a1", [0] * 6) + [("0a1_epidural", 0)]
-    with pytest.raises(PipelineError, match=r"line\(s\) \[8\]"):
-        read_labels(_write(tmp_path, rows))
+    p = _write(tmp_path, rows)
+    with pytest.raises(PipelineError, match=re.escape(f"{p}: 1 malformed ID(s), expected ID_<hex>_<subtype>; first at "
+                                                      f"line(s) [8]: ['0a1_epidural']") + "$"):
+        read_labels(p)
 
 
 def test_unknown_subtype_reports_line(tmp_path):
     rows = [("ID_0a1_epidurall", 0)] + _image_rows("ID_0a1", [0] * 6)
-    with pytest.raises(PipelineError, match=r"epidurall.*line\(s\) \[2\]"):
-        read_labels(_write(tmp_path, rows))
+    p = _write(tmp_path, rows)
+    with pytest.raises(PipelineError, match=re.escape(f"{p}: unknown subtype(s) ['epidurall'] at line(s) [2]; known: "
+                                                      f"{CLASSES}") + "$"):
+        read_labels(p)
 
 
 def test_non_binary_label_rejected(tmp_path):
     rows = _image_rows("ID_0a1", [0, 0, 0, 0, 0, 2])
-    with pytest.raises(PipelineError, match="0 or 1"):
-        read_labels(_write(tmp_path, rows))
+    p = _write(tmp_path, rows)
+    with pytest.raises(PipelineError, match=re.escape(f"{p}: labels must be 0 or 1; bad value(s) at line(s) [7]: ['2']")
+                       + "$"):
+        read_labels(p)
 
 
 def test_any_not_or_is_counted(tmp_path):
     rows = _image_rows("ID_0a1", [1, 0, 0, 0, 0, 0]) + _image_rows("ID_0b2", [0, 0, 0, 0, 0, 1]) \
         + _image_rows("ID_0c3", [0, 0, 1, 0, 0, 1])
-    with pytest.warns(UserWarning, match="2 image"):
-        read_labels(_write(tmp_path, rows))
+    p = _write(tmp_path, rows)
+    with pytest.warns(UserWarning, match=re.escape(f"{p}: 2 image(s) where 'any' is not the OR of the five subtypes")):
+        wide = read_labels(p)
+    assert wide.loc[["ID_0a1", "ID_0b2", "ID_0c3"], "any"].tolist() == [0, 1, 1]  # counted, not changed
 
 
 def test_incomplete_image_rejected(tmp_path):
     rows = _image_rows("ID_0a1", [0] * 6)[:5]
-    with pytest.raises(PipelineError, match="ID_0a1"):
-        read_labels(_write(tmp_path, rows))
+    p = _write(tmp_path, rows)
+    with pytest.raises(PipelineError, match=re.escape(f"{p}: every image needs all six subtypes; 1 incomplete image(s): "
+                                                      f"['ID_0a1']") + "$"):
+        read_labels(p)
 
 
 def test_long_round_trip(tmp_path):

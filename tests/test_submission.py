@@ -30,20 +30,46 @@ def valid_long(images, value=0.3):
 IMAGES = ["ID_00a", "ID_00b", "ID_00c"]
 
 
+E = re.escape
+
+
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.iloc[:-6], "missing IDs: 6"),
-    (lambda d: pd.concat([d, pd.DataFrame({"ID": ["ID_fff_any"], "Label": [0.1]})]), "extra IDs.*ID_fff_any"),
-    (lambda d: pd.concat([d, d.iloc[:1]]), "duplicated IDs: 1 \\(ID_00a_epidural"),
-    (lambda d: d.assign(Label=np.where(np.arange(len(d)) == 4, np.nan, d.Label)), "NaN.*ID_00a_subdural"),
-    (lambda d: d.assign(Label=np.where(np.arange(len(d)) == 7, 1.2, d.Label)), "outside \\[0, 1\\].*ID_00b_intraparenchymal"),
-    (lambda d: d.iloc[::-1], "order"),
-    (lambda d: d.rename(columns={"Label": "label"}), "header"),
+    (lambda d: d.iloc[:-6], E("missing IDs: 6 (ID_00c_any, ID_00c_epidural, ID_00c_intraparenchymal, "
+                              "ID_00c_intraventricular, ID_00c_subarachnoid, ...)") + "$"),
+    (lambda d: d.iloc[:-5], E("missing IDs: 5 (ID_00c_any, ID_00c_intraparenchymal, ID_00c_intraventricular, "
+                              "ID_00c_subarachnoid, ID_00c_subdural)") + "$"),
+    (lambda d: pd.concat([d, pd.DataFrame({"ID": ["ID_fff_any"], "Label": [0.1]})]),
+     E("extra IDs (not in the sample submission): 1 (ID_fff_any)") + "$"),
+    (lambda d: d.assign(ID=np.where(np.arange(len(d)) == 2, None, d.ID)),  # an empty ID field
+     E("extra IDs (not in the sample submission): 1 ((empty))\n  missing IDs: 1 (ID_00a_intraventricular)") + "$"),
+    (lambda d: pd.concat([d, d.iloc[:1]]), E("duplicated IDs: 1 (ID_00a_epidural)") + "$"),
+    (lambda d: d.assign(Label=np.where(np.arange(len(d)) == 4, np.nan, d.Label)),
+     E("NaN or non-numeric labels: 1 (ID_00a_subdural)") + "$"),
+    (lambda d: d.assign(Label=np.where(np.arange(len(d)) == 4, "high", d.Label.astype(str))),
+     E("NaN or non-numeric labels: 1 (ID_00a_subdural)") + "$"),
+    (lambda d: d.assign(Label=np.where(np.arange(len(d)) == 7, 1.2, d.Label)),
+     E("labels outside [0, 1]: 1 (ID_00b_intraparenchymal)") + "$"),
+    (lambda d: d.assign(Label=np.where(np.arange(len(d)) == 7, -1e-9, d.Label)),
+     E("labels outside [0, 1]: 1 (ID_00b_intraparenchymal)") + "$"),
+    (lambda d: d.iloc[::-1], E("IDs not in the sample submission's order (first difference at row 2)") + "$"),
+    (lambda d: d.iloc[[0, 2, 1, *range(3, 18)]], E("IDs not in the sample submission's order (first difference at row 3)") + "$"),
+    (lambda d: pd.concat([d.iloc[:-1], d.iloc[:1]]).assign(Label=np.where(np.arange(len(d)) == 0, 2.0, d.Label)),
+     E("duplicated IDs: 1 (ID_00a_epidural)\n  missing IDs: 1 (ID_00c_any)\n  "
+       "labels outside [0, 1]: 1 (ID_00a_epidural)") + "$"),  # every problem, one per line
 ])
 def test_validator_catches(tmp_path, mutate, message):
     sample_ids = pd.read_csv(sample_file(tmp_path, IMAGES))["ID"]
     bad = mutate(valid_long(IMAGES)).reset_index(drop=True)
-    with pytest.raises(PipelineError, match=message):
+    with pytest.raises(PipelineError, match="^submission is not a valid submission:\n  (.*\n  )*" + message):
         submission.validate(bad, sample_ids)
+
+
+def test_validator_names_a_wrong_header_and_accepts_0_and_1(tmp_path):
+    sample_ids = pd.read_csv(sample_file(tmp_path, IMAGES))["ID"]
+    with pytest.raises(PipelineError, match=E("sub.csv: header must be 'ID,Label', found ID,label") + "$"):
+        submission.validate(valid_long(IMAGES).rename(columns={"Label": "label"}), sample_ids, name="sub.csv")
+    edge = valid_long(IMAGES).assign(Label=np.tile([0.0, 1.0], 9))  # the bounds are valid probabilities
+    assert submission.validate(edge, sample_ids) is None
 
 
 def test_build_follows_sample_order_and_clips(tmp_path):
@@ -52,10 +78,24 @@ def test_build_follows_sample_order_and_clips(tmp_path):
     long = submission.build(wide, sample)
     assert long["ID"].tolist() == pd.read_csv(sample)["ID"].tolist()
     assert long["Label"].min() == submission.CLIP and long["Label"].max() == 1 - submission.CLIP
-    with pytest.raises(PipelineError, match="missing 6"):
+    assert long["Label"].tolist() == [max(min(v, 1 - submission.CLIP), submission.CLIP)
+                                      for i in range(3) for v in [0, 1, 0.2, 0.3, 0.4, 1.0]]
+    with pytest.raises(PipelineError, match=E("predictions do not match the sample submission: missing 6 (ID_00a_any, "
+                                              "ID_00a_epidural, ID_00a_intraparenchymal, ID_00a_intraventricular, "
+                                              "ID_00a_subarachnoid, ...); extra 0 ()") + "$"):
         submission.build(wide.iloc[:2], sample)
-    with pytest.raises(PipelineError, match="NaN"):
+    with pytest.raises(PipelineError, match=E("predictions contain NaN for 3 (ID_00c, ID_00b, ID_00a)") + "$"):
         submission.build(wide.assign(any=np.nan), sample)
+
+
+def test_write_gives_six_decimals_and_no_index(tmp_path):
+    sample = sample_file(tmp_path, IMAGES[:1])
+    wide = pd.DataFrame([[1 / 3, 0.5, 0.25, 0.125, 2 / 3, 0.9]], index=IMAGES[:1], columns=CLASSES)
+    path = submission.write(submission.build(wide, sample), tmp_path / "s.csv")
+    assert path == tmp_path / "s.csv"
+    assert path.read_text() == ("ID,Label\nID_00a_epidural,0.333333\nID_00a_intraparenchymal,0.500000\n"
+                                "ID_00a_intraventricular,0.250000\nID_00a_subarachnoid,0.125000\n"
+                                "ID_00a_subdural,0.666667\nID_00a_any,0.900000\n")
 
 
 def test_fitted_weights_beat_or_equal_best_member():
@@ -169,11 +209,15 @@ def test_validate_file_reads_blank_lines_and_reports_file_lines(tmp_path):
     lines = valid_long(IMAGES).to_csv(index=False).splitlines()
     f = tmp_path / "sub.csv"
     f.write_text("\n".join(lines[:3] + [""] + lines[3:] + ["", ""]) + "\n")
-    assert len(submission.validate_file(f, sample)) == 18
+    got = submission.validate_file(f, sample)
+    pd.testing.assert_frame_equal(got, valid_long(IMAGES))  # the rows as written, indexed 0..17, blank lines gone
     lines[5], lines[6] = lines[6], lines[5]  # rows 5 and 6 swapped: after the blank line, the first is on line 7
     f.write_text("\n".join(lines[:3] + [""] + lines[3:]) + "\n")
-    with pytest.raises(PipelineError, match="first difference at line 7"):
+    with pytest.raises(PipelineError, match=E(f"{f} is not a valid submission:\n  IDs not in the sample submission's "
+                                              f"order (first difference at line 7)") + "$"):
         submission.validate_file(f, sample)
+    with pytest.raises(PipelineError, match=E(f"submission file not found: {tmp_path / 'nope.csv'}") + "$"):
+        submission.validate_file(tmp_path / "nope.csv", sample)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -185,9 +229,10 @@ def test_unreadable_submission_names_the_file(tmp_path, content, message):
     sample = sample_file(tmp_path, IMAGES)
     f = tmp_path / "sub.csv"
     f.write_bytes(content)
-    with pytest.raises(PipelineError, match=re.escape(str(f)) + f".*{message}"):
+    with pytest.raises(PipelineError, match=re.escape(str(f)) + f": {message}.*; expected a submission CSV with header "
+                                            f"ID,Label \\(python -m src.make_submission writes one\\)"):
         submission.validate_file(f, sample)
-    with pytest.raises(PipelineError, match=re.escape(str(f)) + f".*{message}"):
+    with pytest.raises(PipelineError, match=re.escape(str(f)) + f": {message}"):
         submission.validate_file(sample, f)  # the same file given as the sample submission
 
 
