@@ -151,7 +151,13 @@ def small_cohort(seed=0, patients=12):
     y = (rng.random((n, 6)) < 0.12).astype(float)
     y[:, 5] = y[:, :5].max(1)
     p = np.clip(0.2 + 0.5 * y + rng.normal(0, 0.2, y.shape), 0.01, 0.99)
+    r, c = np.nonzero(y == 1)
+    p[r[:3], c[:3]] = 0.0  # certain and wrong: the metric clips them to 1e-15 (34.5 nats), never an infinite loss
+    p[np.flatnonzero(y[:, 1] == 0)[:3], 1] = 1.0
     prior = np.tile(y.mean(0), (n, 1))
+    prior[:, 0] = 0.0  # a class the training folds never saw, as epidural in the real sample
+    prior[:, 4] = 1.0  # and one they saw on every image (tiny data): both clipped as the metric clips
+    assert y[:, 0].any()
     return pats, y, p, prior
 
 
@@ -174,10 +180,24 @@ def test_member_intervals_are_the_quantiles_of_the_resampled_data():
     pats, y, p, prior = small_cohort()
     draws = Draws(np.r_[pats, ["Q1", "Q2", "Q3", "Q4", "Q5", "Q6", "Q7", "Q8"]], 40, seed=2)  # patients it never saw
     few = np.isin(pats, ["P00", "P01"])  # a member of two patients: some draws hold none of them
-    for rows in (slice(None), few):
+    # one slice of P03 and P05's slices: some draws hold that one slice once and nothing else (total weight 1)
+    odd = np.r_[np.flatnonzero(pats == "P03")[:1], np.flatnonzero(pats == "P05")]
+    assert sum(draws.weights(pats[odd])[d].sum() == 1 for d in range(40)) >= 2
+    for rows in (slice(None), few, odd):
         got = member_intervals(y[rows], p[rows], prior[rows], draws.weights(pats[rows]))
         assert_same(got, ref_member(y[rows], p[rows], prior[rows], draws, list(pats[rows])))
     assert any(not len(drawn_rows(draws, d, list(pats[few]))) for d in range(40))
+
+
+def test_every_draw_that_holds_a_row_counts_even_once():
+    """Weights given by hand: a draw holding one row once counts like any other; one holding none is left out."""
+    y = np.zeros((2, 6))
+    y[1] = 1
+    p = np.full((2, 6), 0.2)
+    loss = -np.log(np.array([0.8, 0.2]))  # per row, every class alike
+    w = np.array([[1, 0], [0, 2], [0, 1], [1, 1], [0, 0]], float)
+    got = member_intervals(y, p, np.full((2, 6), 0.5), w)["weighted_log_loss"]
+    assert got == pytest.approx(list(np.quantile([loss[0], loss[1], loss[1], loss.mean()], [0.025, 0.975])), abs=1e-12)
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")
@@ -195,20 +215,25 @@ def test_uncertainty_draws_over_every_members_patients():
     """One set of draws over the patients of all members (so their intervals are comparable), the seed given, each
     member scored on its rows, its series from the metadata."""
     pats, y, p, prior = small_cohort(2)
+    pats = pats.astype(object)
+    pats[4] = np.nan  # a slice whose header had no PatientID: in its series, never drawn
     ids = pd.Index([f"ID_{i:03d}" for i in range(len(pats))])
     labels = pd.DataFrame(y, index=ids, columns=CLASSES)
     meta = pd.DataFrame({"PatientID": pats, "SeriesInstanceUID": [f"S-{x}" for x in pats]}, index=ids)
+    meta.loc["ID_fff", :] = ["P99", "S-P99"]  # an image of the cache no member scored: not a patient of the draws
+    meta.loc["ID_ffe", :] = ["P98", None]
     half = ids[: len(ids) // 2]
     oofs = {"all": pd.DataFrame(p, index=ids, columns=CLASSES),
             "half": pd.DataFrame(p[: len(half)] * 0.9, index=half, columns=CLASSES)}
     priors = {"all": prior, "half": prior[: len(half)]}
     got = uncertainty(oofs, labels, meta, priors, resamples=20, seed=7)
     draws = Draws(pats, 20, seed=7)
+    assert list(draws.index) == sorted(set(pats) - {np.nan}) and len(draws.index) == 12
     assert got["bootstrap"] == {"resamples": 20, "over": "patients", "seed": 7, "patients": 12}
     for name, rows in (("all", slice(None)), ("half", slice(0, len(half)))):
         pp = oofs[name][CLASSES].to_numpy()
         assert_same(got["members"][name], ref_member(y[rows], pp, priors[name], draws, list(pats[rows])))
-        table = pd.DataFrame({"patient": pats[rows], "series": meta["SeriesInstanceUID"].to_numpy()[rows],
+        table = pd.DataFrame({"patient": pats[rows], "series": meta.loc[ids[rows], "SeriesInstanceUID"].to_numpy(),
                               "y": y[rows, 5], "p": pp[:, 5]})
         assert_same(got["series"][name], ref_series(table, draws, 0.95))
 

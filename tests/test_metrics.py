@@ -112,6 +112,7 @@ def test_weighted_bce_is_the_metric_on_logits():
     logits = rng.normal(0, 2, y.shape).astype(np.float32)
     prob = 1 / (1 + np.exp(-logits.astype(np.float64)))
     loss = WeightedBCE()(torch.from_numpy(logits), torch.from_numpy(y))
+    assert loss.dtype == torch.float32  # weights built in float32: a float64 loss would be slow on a GPU
     assert loss.item() == pytest.approx(weighted_log_loss(y.reshape(-1, 6), prob.reshape(-1, 6)), rel=1e-5)
     mask = torch.zeros(3, 5, dtype=torch.bool)
     mask[0, :2] = mask[2, 4] = True
@@ -119,6 +120,10 @@ def test_weighted_bce_is_the_metric_on_logits():
     masked = WeightedBCE()(torch.from_numpy(logits), torch.from_numpy(y), mask)
     assert masked.item() == pytest.approx(weighted_log_loss(y[keep], prob[keep]), rel=1e-5)
     assert WeightedBCE()(torch.from_numpy(logits), torch.from_numpy(y), torch.zeros(3, 5)).item() == 0.0
+    one = torch.zeros(3, 5, dtype=torch.bool)
+    one[1, 3] = True  # one row marked: its own loss, not half of it
+    assert WeightedBCE()(torch.from_numpy(logits), torch.from_numpy(y), one).item() == pytest.approx(
+        weighted_log_loss(y[1, 3][None], prob[1, 3][None]), rel=1e-5)
 
 
 @pytest.mark.parametrize("n", [2, 7, 60])

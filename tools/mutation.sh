@@ -52,13 +52,16 @@ for m in "${MODULES[@]}"; do
   find "$d" -name __pycache__ -prune -exec rm -rf {} +
   ln -s "$SHARED" "$d/shared"  # tests/conftest.py finds ../shared beside the checkout: here, beside mutants/
   sel=("${tests[@]}"); [ -n "$kexpr" ] && sel+=("-k" "$kexpr")
+  # torch (WeightedBCE's test) is not fork-safe: forked from mutmut's own process, its mutants hang. A fork server
+  # avoids that at about a third of the speed, so only where torch is imported.
+  iso=fork; [ "$m" = metrics ] && iso=forkserver
   cat > "$d/pyproject.toml" <<EOF
 [tool.mutmut]
 source_paths = ["src/"]
 only_mutate = ["src/src/$m.py"]
 pytest_add_cli_args_test_selection = $(toml_list "${sel[@]}")
 pytest_add_cli_args = ["-p", "no:xdist", "-p", "no:cacheprovider"]
-process_isolation = "forkserver"  # torch is not fork-safe: forking mutmut's own process hangs the WeightedBCE mutants
+process_isolation = "$iso"
 EOF
   t0=$(date +%s)
   (cd "$d" && OMP_NUM_THREADS=1 "$PY" -O -m mutmut run --max-children "${MUTATION_JOBS:-2}" "${globs[@]}" > run.log 2>&1) || {
