@@ -142,3 +142,98 @@ def test_the_report_and_the_card_carry_the_honest_figure(tmp_path):
     card = run_card(Run(run))  # RUN/card.json, written by the report
     assert card["stage"] == "blend of stage1, seq, per-class weights"
     assert card["oof_weighted_log_loss"] == pytest.approx(honest, abs=1e-4)
+
+
+def test_each_weights_mode_and_the_shrink():
+    """equal: 1/M; best: the member with the lowest metric alone (every class); fit-global: one row for every class;
+    shrink S: that share of the way from the fitted weights toward equal; an unknown mode: one clear error."""
+    from src.blend import MODES, fit_weights, weights_for
+    from src.utils import PipelineError
+    y, preds, _ = members_data(2)
+    third = np.full_like(preds[0], 0.3)
+    members = [preds[0], preds[1], third]
+    np.testing.assert_array_equal(weights_for("equal", y, members), np.full((6, 3), 1 / 3))
+    best = int(np.argmin([metric(y, p) for p in members]))
+    assert best == 1  # member b is sharp on two folds of three
+    np.testing.assert_array_equal(weights_for("best", y, members), np.tile(np.eye(3)[best], (6, 1)))
+    fit = weights_for("fit", y, members)
+    np.testing.assert_array_equal(fit, fit_weights(y, members))
+    assert np.allclose(fit.sum(1), 1) and (fit >= 0).all()
+    glob = weights_for("fit-global", y, members)
+    np.testing.assert_array_equal(glob, fit_weights(y, members, per_class=False))
+    assert (glob == glob[0]).all()
+    for s in (0.25, 1.0):
+        np.testing.assert_allclose(weights_for("fit", y, members, shrink=s), (1 - s) * fit + s / 3, atol=1e-15)
+    fw = fold_weights("fit", y, members, np.arange(N) % K, shrink=0.5)
+    for f, w in fw.items():
+        other = np.arange(N) % K != f
+        np.testing.assert_allclose(w, 0.5 * fit_weights(y[other], [m[other] for m in members]) + 0.5 / 3, atol=1e-15)
+    with pytest.raises(PipelineError, match="^--weights must be one of fit, fit-global, equal, best, not 'mean'$"):
+        weights_for("mean", y, members)
+    assert MODES == ("fit", "fit-global", "equal", "best")
+
+
+def test_the_blend_file_whole_and_when_it_is_fitted_again(tmp_path, capsys):
+    """Every field of the blend file against values computed here (member scores: scikit-learn); its printout; the
+    same members again: reused, not rewritten; another mode: stopped naming the change, unless overwrite."""
+    from sklearn.metrics import roc_auc_score
+
+    from src.utils import PipelineError
+    run, want_w, honest = family(tmp_path)
+    y, preds, folds = members_data(1)
+    info = fit_blend([run], shrink=0.1)
+    out = capsys.readouterr().out
+    path = run.parent.parent / "blends" / "m.json"
+    from src.blend import describe
+    assert out.endswith(describe(info) + f"\nwrote {path}\n"), out
+    assert set(info) == {"name", "weights_mode", "shrink", "oof_images", "members", "weights", "fold_weights", "scores",
+                         "stamp"}
+    assert (info["name"], info["weights_mode"], info["shrink"], info["oof_images"]) == ("m", "fit", 0.1, N)
+    assert info["members"] == [{"name": "m", "path": str(run), "kind": "stage1"},
+                               {"name": "seq_m", "path": str(run.parent / "seq_m"), "kind": "seq"}]
+    assert load_blend(path) == info
+    w = np.array([info["weights"]["m"], info["weights"]["seq_m"]]).T
+    from src.blend import fit_weights
+    np.testing.assert_allclose(w, 0.9 * fit_weights(y, preds) + 0.05, atol=1e-12)
+    mixed = preds[0] * w[:, 0] + preds[1] * w[:, 1]
+    for name, p in (("m", preds[0]), ("seq_m", preds[1]), ("blend", mixed)):
+        assert info["scores"][name] == pytest.approx({"weighted_log_loss": metric(y, p),
+                                                      "auc_any": roc_auc_score(y[:, 5], p[:, 5])}, abs=1e-9), name
+    shrunk = {f: 0.9 * np.asarray(v) + 0.05 for f, v in want_w.items()}
+    want = np.concatenate([preds[0][folds == f] * shrunk[f][:, 0] + preds[1][folds == f] * shrunk[f][:, 1]
+                           for f in range(K)])
+    order = np.concatenate([np.flatnonzero(folds == f) for f in range(K)])
+    assert info["scores"]["blend, cross-fitted"]["weighted_log_loss"] == pytest.approx(metric(y[order], want), abs=1e-4)
+    assert info["stamp"]["settings"] == {"weights": "fit", "members": ["m", "seq_m"], "shrink": 0.1}
+
+    mtime = path.stat().st_mtime_ns
+    assert fit_blend([run], shrink=0.1, quiet=True) == info and path.stat().st_mtime_ns == mtime
+    with pytest.raises(PipelineError, match=r"(?s)the blend .*m\.json was made with other settings.*weights: fit -> equal"):
+        fit_blend([run], weights="equal", shrink=0.1, quiet=True)
+    assert path.stat().st_mtime_ns == mtime
+    again = fit_blend([run], weights="equal", overwrite=True, quiet=True)
+    assert again["weights"] == {"m": [0.5] * 6, "seq_m": [0.5] * 6} and load_blend(path) == again
+    assert fit_blend([run], run.name, "equal", stage1_only=True, out_dir=tmp_path / "o1", quiet=True)["members"] == [
+        {"name": "m", "path": str(run), "kind": "stage1"}]
+
+
+def test_oof_table_keeps_the_shared_images_and_names_what_is_wrong():
+    from src.blend import oof_table
+    from src.utils import PipelineError
+    ids = [f"ID_{i}" for i in range(6)]
+    labels = pd.DataFrame(np.eye(6, dtype=int), index=ids, columns=CLASSES)
+
+    def oof(rows, value, fold):
+        return pd.DataFrame(value, index=[ids[i] for i in rows], columns=CLASSES).assign(fold=fold)
+    a, b = oof([0, 1, 2, 3], 0.1, [0, 0, 1, 1]), oof([3, 2, 1, 5], 0.2, [9, 9, 9, 9])
+    common, y, preds, folds = oof_table([a, b], labels)
+    assert list(common) == ["ID_1", "ID_2", "ID_3"]  # in the first member's order
+    np.testing.assert_array_equal(y, np.eye(6)[1:4])
+    np.testing.assert_array_equal(preds[0], np.full((3, 6), 0.1))
+    np.testing.assert_array_equal(preds[1], np.full((3, 6), 0.2))
+    assert folds.tolist() == [0, 1, 1]  # the first member's folds
+    with pytest.raises(PipelineError, match=r"^the members' OOF predictions share no image: were they trained on the "
+                                            r"same folds\?$"):
+        oof_table([oof([0], 0.1, 0), oof([1], 0.1, 0)], labels)
+    with pytest.raises(PipelineError, match=r"^1 OOF image\(s\) have no labels, e.g. \['ID_x'\]$"):
+        oof_table([pd.concat([a, pd.DataFrame(0.1, index=["ID_x"], columns=CLASSES).assign(fold=0)])], labels)
