@@ -56,6 +56,8 @@ WRONG_HEADERS = {
     "slope_0": (_set(RescaleSlope="0"), f"RescaleSlope is 0: every pixel would get the same HU value; {FIX}"),
     "slope_1e30": (_set(RescaleSlope="1e30"), IMPLAUSIBLE + "1.064e+33 HU); RescaleSlope 1e+30 or RescaleIntercept -1024 "
                                                             "is probably wrong"),
+    "slope_1e36": (_set(RescaleSlope="1e36"), IMPLAUSIBLE + "inf HU); RescaleSlope 1e+36 or RescaleIntercept -1024 "
+                                                            "is probably wrong"),  # float32 overflows: inf HU
     "slope_1e-4": (_set(RescaleSlope="1e-4"), "flat image: 1st to 99th percentile span 0.402 HU, at least 20 expected; a "
                                               "blank slice, or RescaleSlope 0.0001 is wrong"),
     "intercept_inf": (_set(RescaleIntercept="inf"), f"RescaleIntercept is 'inf', not a finite number: {FIX}"),
@@ -78,6 +80,7 @@ def _reference_reason(path):
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # an absurd slope is refused without numpy's overflow warnings
 @pytest.mark.parametrize("case", list(WRONG_HEADERS))
 def test_wrong_header_is_skipped_with_its_reason(tmp_path, case):
     mutate, reason = WRONG_HEADERS[case]

@@ -281,3 +281,93 @@ def test_names_that_share_an_id_prefix_do_not_collide(tmp_path):
         (tmp_path / "stage_2_test_images").mkdir(exist_ok=True)
         write_ds(tmp_path / "stage_2_test_images" / f"{n}.dcm", raw, bits=16, rep=0, intercept=-1024)
     assert sorted(list_files(tmp_path)["ID"]) == ["ID_bomb000001", "ID_bomb000002"]
+
+
+def test_first_value_names_the_field_and_shows_forty_characters():
+    with pytest.raises(D.DicomError, match=re.escape("value is 'abc', not a finite number: fix the header or leave the "
+                                                     "file out") + "$"):
+        D.first_value("abc")
+    long = "x" * 39 + "yz"  # 41 characters: the message shows the first 40
+    with pytest.raises(D.DicomError, match=re.escape(f"W is '{'x' * 39}y', not a finite number")):
+        D.first_value(long, "W")
+
+
+def header(**tags):
+    """A consistent 4 x 4 16-bit header (read from a written file), with tags set or, when None, deleted."""
+    ds = pydicom.Dataset()
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.PixelRepresentation = 4, 4, 16, 12, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    for k, v in tags.items():
+        if v is None:
+            delattr(ds, k)
+        else:
+            setattr(ds, k, v)
+    return ds
+
+
+@pytest.mark.parametrize("tags, message", [
+    ({"Rows": None}, "missing tag Rows: cannot interpret the pixel data"),
+    ({"Columns": ""}, "missing tag Columns: cannot interpret the pixel data"),  # present, but empty
+    ({"PixelRepresentation": None}, "missing tag PixelRepresentation: cannot interpret the pixel data"),
+    ({"SamplesPerPixel": 3}, "not a grayscale image (SamplesPerPixel=3)"),
+    ({"NumberOfFrames": 2}, "multi-frame image (2 frames): export single slices"),
+    ({"BitsAllocated": 12}, "BitsAllocated 12: not 8, 16 or 32"),
+    ({"Rows": 2049}, "image of 2049 x 4 pixels: not a CT matrix (at most 2048 x 2048); refused from its header, "
+                     "before decoding"),
+    ({"Columns": 0}, "image of 4 x 0 pixels: not a CT matrix"),
+    ({"Rows": 2048, "Columns": 2048, "BitsAllocated": 32, "NumberOfFrames": 1},
+     None),  # 16 MiB decoded: the bound itself is allowed (and the largest a header that passes the rest can declare)
+])
+def test_check_header_refuses_each_declared_size_with_its_reason(tags, message):
+    ds = header(**tags)
+    if message is None:
+        assert D.check_header(ds) == (2048, 2048, 32)
+        return
+    with pytest.raises(D.DicomError, match="^" + re.escape(message)):
+        D.check_header(ds)
+
+
+def test_check_header_takes_absent_or_empty_frames_and_samples_as_one():
+    assert D.check_header(header()) == (4, 4, 16)
+    assert D.check_header(header(NumberOfFrames="", SamplesPerPixel="")) == (4, 4, 16)
+    assert D.check_header(header(NumberOfFrames=1, SamplesPerPixel=1)) == (4, 4, 16)
+
+
+@pytest.mark.parametrize("intercept, fix", [(-100.0, False), (-99.5, True), (0.0, True), (-1024.0, False)])
+def test_the_12_bit_intercept_fix_applies_above_minus_100(intercept, fix):
+    r = D.rescale_params(header(RescaleIntercept=intercept))
+    assert (r.fix_12bit, r.intercept) == (fix, -1000.0 if fix else intercept)
+    assert D.rescale_params(header(RescaleIntercept=intercept, BitsStored=16)).fix_12bit is False
+    assert D.rescale_params(header(RescaleIntercept=intercept, PixelRepresentation=1)).fix_12bit is False
+
+
+def test_rescale_tags_present_but_empty_are_missing():
+    with pytest.raises(D.DicomError, match=re.escape("missing tag(s) ['RescaleSlope']: cannot compute Hounsfield units")):
+        D.rescale_params(header(RescaleSlope=""))
+
+
+def hu_image(*parts):
+    """A 100 x 100 image (slope 1, intercept 0: stored values are HU) of (count, value) parts, shuffled."""
+    px = np.concatenate([np.full(n, v, np.int16) for n, v in parts])
+    assert px.size == 10000
+    return np.random.default_rng(0).permutation(px).reshape(100, 100)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("parts, message", [
+    # in range means [-1100, 4000] HU, bounds included; exactly half in range is enough
+    (((2500, -1100), (2500, 4000), (5000, -3024)), None),
+    (((2499, -1100), (2500, 4000), (5001, -3024)), "implausible CT values: 50% of pixels in [-1100, 4000] HU"),
+    (((2501, -1101), (2500, 4001), (4999, 0)), "implausible CT values: 50% of pixels"),  # 49.99%: just outside
+    # the spread is from the 1st to the 99th percentile (sorted values 100 and 9899 of 10,000): 20 HU is enough
+    (((100, -20), (9800, 0), (100, 20)), "flat image: 1st to 99th percentile span 0 HU"),
+    (((200, -10), (9600, 0), (200, 10)), None),
+])
+def test_plausibility_bounds(parts, message):
+    r = D.Rescale(1.0, 0.0, False)
+    px = hu_image(*parts)
+    if message is None:
+        assert D.check_ct_values(px, r) is None
+    else:
+        with pytest.raises(D.DicomError, match="^" + re.escape(message)):
+            D.check_ct_values(px, r)
