@@ -37,6 +37,8 @@ def test_operating_point_flags_the_stated_share_of_positive_series():
     assert sens == 0.8 and spec == 0.8  # 0.6 is the only negative at or above 0.3
     assert operating_point(y, p, 1.0) == 0.05 and sens_spec(y, p, 0.05)[0] == 1.0
     assert operating_point(y, p, 0.1) == 0.9  # a share under one series: the highest positive score
+    ramp = np.arange(100) / 100  # 100 positive series: the default 95% keeps 95 of them
+    assert operating_point(np.ones(100), ramp) == 0.05
     assert np.isnan(operating_point(np.zeros(3), np.ones(3)))
     # weighted (a bootstrap's multiplicities); the negative scored exactly at the threshold counts as flagged
     w = np.array([2, 1, 1, 1, 3, 1, 1, 1, 1, 1], float)
