@@ -400,3 +400,51 @@ def test_uncompressed_16_bit_pixels_are_read_without_pydicoms_decoder(tmp_path, 
         D.pixels(D.read_dicom(signed12))
     monkeypatch.undo()
     assert D.pixels(D.read_dicom(signed12)).tolist() == [[-5, 5], [-2048, 2047]]  # sign-extended from 12 bits
+
+
+def test_size_tags_that_are_not_numbers_and_a_one_pixel_wide_image():
+    ds = header()
+    ds.add_new(0x00280010, "LO", "abc")  # Rows written as text
+    with pytest.raises(D.DicomError, match=r"^image size tags are not numbers \(invalid literal for int\(\)"):
+        D.check_header(ds)
+    assert D.check_header(header(Columns=1, Rows=1)) == (1, 1, 16)
+
+
+def small_file(tmp_path, **tags):
+    """A 2 x 2 16-bit file with plausible values, tags set on its dataset (None: deleted)."""
+    raw = np.array([[0, 1000], [1040, 2000]])
+    ds = D.read_dicom(write_ds(tmp_path / "s.dcm", raw, bits=16, rep=0, intercept=-1024))
+    for k, v in tags.items():
+        if v is None:
+            delattr(ds, k)
+        else:
+            setattr(ds, k, v)
+    return ds
+
+
+@pytest.mark.parametrize("tags, message", [
+    ({"SamplesPerPixel": 3}, "not a grayscale image (SamplesPerPixel=3, MONOCHROME2)"),
+    ({"PhotometricInterpretation": "RGB"}, "not a grayscale image (SamplesPerPixel=1, RGB)"),
+    ({"PhotometricInterpretation": "PALETTE COLOR"}, "not a grayscale image (SamplesPerPixel=1, PALETTE COLOR)"),
+    ({"PixelData": bytes(10)}, "pixel data too long: 10 bytes, but Rows x Columns x BitsAllocated/8 = 2 x 2 x 16/8 = 8"),
+    ({"PixelData": bytes(6)}, "pixel data too short (truncated file?): 6 bytes"),
+])
+def test_pixels_refuses_what_is_not_one_grayscale_image_of_its_size(tmp_path, tags, message):
+    with pytest.raises(D.DicomError, match="^" + re.escape(message)):
+        D.pixels(small_file(tmp_path, **tags))
+
+
+@pytest.mark.parametrize("tags", [{}, {"SamplesPerPixel": None, "PhotometricInterpretation": None},
+                                  {"SamplesPerPixel": ""}, {"PhotometricInterpretation": "MONOCHROME1"}])
+def test_pixels_takes_absent_samples_and_photometric_as_grayscale(tmp_path, tags):
+    assert D.pixels(small_file(tmp_path, **tags)).tolist() == [[0, 1000], [1040, 2000]]
+
+
+def test_only_odd_lengths_take_a_padding_byte(tmp_path):
+    ds = D.read_dicom(write_ds(tmp_path / "a.dcm", np.zeros((3, 9)), bits=16, rep=0, intercept=-1024))
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = bytes(28)  # 27 pixels and one padding byte
+    assert D.pixels(ds).shape == (3, 9)
+    ds.PixelData = bytes(29)
+    with pytest.raises(D.DicomError, match="^pixel data too long: 29 bytes"):
+        D.pixels(ds)
