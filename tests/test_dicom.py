@@ -448,3 +448,35 @@ def test_only_odd_lengths_take_a_padding_byte(tmp_path):
     ds.PixelData = bytes(29)
     with pytest.raises(D.DicomError, match="^pixel data too long: 29 bytes"):
         D.pixels(ds)
+
+
+def test_read_dicom_says_why_a_file_is_unreadable(tmp_path):
+    import os
+    missing = tmp_path / ("x" * 150 + ".dcm")  # a long name: the reason keeps the first 120 characters of the error
+    try:
+        os.stat(missing)
+    except OSError as e:
+        want = f"unreadable DICOM (FileNotFoundError: {str(e)[:120]})"
+    with pytest.raises(D.DicomError) as got:
+        D.read_dicom(missing)
+    assert str(got.value) == want and len(str(got.value)) < len(str(missing))
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"\x00" * 10)
+    try:
+        pydicom.dcmread(junk, defer_size=D.DEFER_BYTES)
+    except Exception as e:  # what pydicom itself says of the file
+        want = f"unreadable DICOM ({type(e).__name__}: {str(e)[:120]})"
+        assert len(str(e)) > 120
+    with pytest.raises(D.DicomError) as got:
+        D.read_dicom(junk)
+    assert str(got.value) == want
+
+
+def test_read_dicom_reads_a_file_of_the_size_bound_and_can_stop_before_pixels(tmp_path):
+    at_bound = tmp_path / "bound.dcm"
+    with open(at_bound, "wb") as f:
+        f.truncate(D.MAX_FILE_BYTES)  # sparse: exactly the bound is read (and is no DICOM)
+    with pytest.raises(D.DicomError, match=r"^unreadable DICOM \("):
+        D.read_dicom(at_bound)
+    p = write_ds(tmp_path / "a.dcm", np.zeros((4, 4)), bits=16, rep=0, intercept=-1024)
+    assert "PixelData" in D.read_dicom(p) and "PixelData" not in D.read_dicom(p, stop_before_pixels=True)
