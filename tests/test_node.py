@@ -111,18 +111,17 @@ class OrthancServer:
 class NodeProcess:
     """`python -m src.serve.node` in its own process, with the test's settings; killed or restarted at will."""
 
-    def __init__(self, run: Path, spool: Path, orthanc: OrthancServer):
-        self.run, self.spool, self.orthanc, self.port, self.proc = run, spool, orthanc, orthanc.node_port, None
+    def __init__(self, run: Path, spool: Path, send_to: str, port: int, flags: list[str]):
+        self.run, self.spool, self.send_to, self.port, self.flags, self.proc = run, spool, send_to, port, flags, None
         self.log = spool / "node.log"
 
     def start(self, series_timeout: float = TIMEOUT) -> None:
         mark = self.log.read_text().count("listening as") if self.log.exists() else 0
+        self.spool.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "src.serve.node", "--run", str(self.run), "--send-to",
-             f"127.0.0.1:{self.orthanc.dicom}:{self.orthanc.aet}", "--port", str(self.port), "--spool-dir",
-             str(self.spool), "--series-timeout", str(series_timeout), "--cam-slices", "2", "--allowed-callers",
-             "TESTSCU,STORESCU", "--max-instance-mb", "2", "--max-series-instances", "45", "--retry-first", "0.5",
-             "--retry-max", "2", "--device", "cpu"],
+            [sys.executable, "-m", "src.serve.node", "--run", str(self.run), "--send-to", self.send_to, "--port",
+             str(self.port), "--spool-dir", str(self.spool), "--series-timeout", str(series_timeout), "--cam-slices",
+             "2", "--device", "cpu", *self.flags],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.spool.parent / "node.stderr", "ab"))
         wait_for(lambda: self.proc.poll() is not None or (self.log.exists() and
                                                           self.log.read_text().count("listening as") > mark),
@@ -216,7 +215,10 @@ def pacs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def node(predictor, pacs, tmp_path_factory):
-    n = NodeProcess(predictor.run, tmp_path_factory.mktemp("node") / "spool", pacs)
+    n = NodeProcess(predictor.run, tmp_path_factory.mktemp("node") / "spool",
+                    f"127.0.0.1:{pacs.dicom}:{pacs.aet}", pacs.node_port,
+                    ["--allowed-callers", "TESTSCU,STORESCU", "--max-instance-mb", "2", "--max-series-instances", "45",
+                     "--retry-first", "0.5", "--retry-max", "2"])
     n.start()
     yield n
     if n.proc.poll() is None:

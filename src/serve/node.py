@@ -194,9 +194,20 @@ class Limits:
                    c.max_series_instances, int(c.max_series_mb * MB), int(c.min_free_mb * MB))
 
 
-def _transient(e: BaseException) -> bool:
-    """A failed write worth retrying when space returns (the disk or quota full), rather than a broken input."""
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+def _no_space(e: BaseException | None) -> OSError | None:
+    """The failed write for lack of space (the disk or quota full) in `e` or what caused it, worth retrying when
+    space returns; None when `e` is something else. A writer may re-raise it under its own message (pydicom names
+    the tag it was writing, and the errno is only in the cause)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        e = e.__cause__
+    return None
+
+
+def _short(e: BaseException) -> str:
+    """An exception in one line: the first of its message (pydicom's carry a whole traceback)."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
 
 
 @dataclass
@@ -209,6 +220,7 @@ class DiskFloor:
     margin: int                       # bytes above the floor to leave the low state: the largest instance
     log: logging.Logger
     is_low: bool = False
+    recoveries: int = 0               # times space has come back (what waited for it is tried again at once)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def free(self) -> int:
@@ -235,18 +247,20 @@ class DiskFloor:
                 self.log.warning(f"disk: {why}; instances are refused with 0xA700 (out of resources: senders retry) "
                                  f"and no series is scored until space returns")
             elif not low and self.is_low:
+                self.recoveries += 1
                 self.log.info(f"disk: {self.free() / MB:,.1f} MB free again; receiving and scoring resume")
             self.is_low = low
 
 
-def series_of(data: bytes) -> str | None:
-    """The SeriesInstanceUID in an instance's bytes, read from memory without keeping it (None: unreadable)."""
+def uids_of(data: bytes) -> tuple[str, str] | None:
+    """The (series, instance) keys of an instance's bytes, read from memory without keeping it (None: unreadable)."""
     try:
-        uid = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
-                              ).get("SeriesInstanceUID")
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
+                             specific_tags=["SeriesInstanceUID", "SOPInstanceUID"])
+        series, sop = str(ds.get("SeriesInstanceUID", "")), str(ds.get("SOPInstanceUID", ""))
     except Exception:  # noqa: BLE001  (any parse failure: the instance cannot be attributed, nothing more)
         return None
-    return str(uid) if uid else None
+    return (key(series), key(sop)) if series and sop else None
 
 
 @dataclass
@@ -271,7 +285,7 @@ class Spool:
     def dir(self, kind: str, series: str = "") -> Path:
         return self.root / kind / series if series else self.root / kind
 
-    def receive(self, data: bytes, sop_class: str, sop_uid: str = "") -> tuple[int, str]:
+    def receive(self, data: bytes, sop_class: str) -> tuple[int, str]:
         """Check and keep one instance (its bytes as a DICOM file): (C-STORE status, what happened). Its temporary
         file is gone when this returns, whatever happened."""
         if len(data) > self.limits.instance_bytes:
@@ -279,7 +293,7 @@ class Spool:
                                        f"{self.limits.instance_bytes / MB:,.0f} MB limit")
         low = self.disk.low(len(data))
         if low:
-            return self._out_of_space(data, sop_uid, low)
+            return self._out_of_space(data, low)
         tmp = self.dir("tmp") / f"{uuid.uuid4().hex}.dcm"
         try:
             try:
@@ -288,7 +302,7 @@ class Spool:
                     f.flush()
                     os.fsync(f.fileno())
             except OSError as e:
-                return self._out_of_space(data, sop_uid, self.disk.failed(e, "an instance"))
+                return self._out_of_space(data, self.disk.failed(e, "an instance"))
             try:
                 ds = read_dicom(tmp, stop_before_pixels=True)
                 why = instance_problem(ds, sop_class)
@@ -299,22 +313,25 @@ class Spool:
             series, name = key(ds.SeriesInstanceUID), key(ds.SOPInstanceUID) + ".dcm"
             with self.lock:
                 code, what = self._keep(tmp, series, name, len(data))
-            return self._out_of_space(data, sop_uid, what) if code is None else (code, what)
+            return self._out_of_space(data, what) if code is None else (code, what)
         finally:
             tmp.unlink(missing_ok=True)   # a kept instance was renamed away: this removes only what was not kept
 
-    def _out_of_space(self, data: bytes, sop_uid: str, why: str) -> tuple[int, str]:
-        """Refuse an instance for lack of space (transient: the sender retries); its series waits for it."""
-        uid = series_of(data)
-        if uid and sop_uid:
-            with self.lock:
-                self._note_missing(key(uid), sop_uid)
+    def _out_of_space(self, data: bytes, why: str) -> tuple[int, str]:
+        """Refuse an instance for lack of space (transient: the sender retries); its series waits for it. A copy of
+        an instance already kept needs no space: it counts once, as always."""
+        uids = uids_of(data)
+        if uids is None:
+            return OUT_OF_RESOURCES, f"refused for now: {why}"
+        series, name = uids
+        with self.lock:
+            if any((self.dir(k, series) / f"{name}.dcm").exists() for k in ("incoming", "work", "done")):
+                self._arrived(series, name)
+                return 0x0000, f"duplicate of {series}/{name}.dcm: counted once"
+            self._note_missing(series, name)
         return OUT_OF_RESOURCES, f"refused for now: {why}"
 
-    def _note_missing(self, series: str, sop_uid: str) -> None:
-        name = key(sop_uid)
-        if any((self.dir(k, series) / f"{name}.dcm").exists() for k in ("incoming", "work", "done")):
-            return                    # a copy of one already kept: nothing is missing
+    def _note_missing(self, series: str, name: str) -> None:
         self.missing.setdefault(series, [time.time(), set()])[1].add(name)
         self.last_seen[series] = time.monotonic()
         self._write_missing(series)
@@ -610,6 +627,8 @@ class Receiver:
         link = self.links.pop(event.assoc, None)
         if link:
             how = "aborted" if event.event.name == "EVT_ABORTED" else "ended"
+            if how == "aborted" and event.assoc.dul.idle_timer_expired():
+                how = "aborted (silent for over --network-timeout)"
             self.log.info(f"association from {link.caller} {how}: {link.stored} stored, {link.duplicates} duplicate(s), "
                           f"{link.refused} refused" + (f" ({link.low_disk} for lack of space)" if link.low_disk else "")
                           + f", {link.bytes / MB:,.1f} MB")
@@ -634,7 +653,7 @@ class Receiver:
             if over and not link.aborted:
                 link.aborted = True
                 self.log.warning(f"association from {link.caller} ({link.address}) aborted: {over}")
-                event.assoc.abort()
+                event.assoc.abort(block=False)  # inside its reader thread: blocking would wait on itself
 
     def on_store(self, event) -> Dataset:
         link = self.link(event.assoc)
@@ -645,7 +664,7 @@ class Receiver:
             what = f"refused: over {self.limits.association_instances} instances in one association"
         else:
             try:
-                code, what = self.spool.receive(event.encoded_dataset(), str(event.request.AffectedSOPClassUID), sop)
+                code, what = self.spool.receive(event.encoded_dataset(), str(event.request.AffectedSOPClassUID))
             except Exception as e:  # an instance that breaks the reader in an unforeseen way is refused, not fatal
                 code, what = CANNOT_UNDERSTAND, f"refused: unreadable ({type(e).__name__}: {str(e)[:200]})"
         if code == 0x0000:
@@ -710,6 +729,7 @@ class Node:
 
     def __post_init__(self):
         self.retry: dict[str, float] = {}  # series in work/ -> time.monotonic() when it is tried again
+        self.told: set[str] = set()        # of those, the ones whose failure is logged
         self.spool = Spool(Path(self.cfg.spool_dir), Limits.from_config(self.cfg), self.log)
         self.outbox = Outbox(self.spool.root, parse_destination(self.cfg.send_to), self.cfg.ae_title, self.log,
                              self.cfg.retry_first, self.cfg.retry_max)
@@ -720,20 +740,25 @@ class Node:
         try:
             self._process(series)
             self.retry.pop(series, None)
+            self.told.discard(series)
         except Exception as e:  # noqa: BLE001  (whatever it is, one series must not stop the node)
-            why = f"{type(e).__name__}: {e}"
-            if not _transient(e):
+            space = _no_space(e)
+            why = _short(space or e)
+            if space is None:
                 try:
                     dest = self.spool.fail(series, why)
                     self.retry.pop(series, None)
+                    self.told.discard(series)
                     self.log.error(f"series {series} not scored or filed ({why}); its instances are in {dest}")
                     return
                 except OSError:
                     pass
-            if series not in self.retry:
-                if _transient(e):
-                    self.spool.disk.failed(e, f"the results of series {series}")
-                self.log.error(f"series {series}: {why}; kept in work/, tried again every {RETRY_WRITE:.0f} s")
+            if series not in self.told:  # once, not at every retry
+                self.told.add(series)
+                if space is not None:
+                    self.spool.disk.failed(space, f"the results of series {series}")
+                self.log.error(f"series {series}: {why}; kept in work/, tried again every {RETRY_WRITE:.0f} s "
+                               f"and as soon as space returns")
             self.retry[series] = time.monotonic() + RETRY_WRITE
 
     def _why_not_scored(self, series: str, work: Path) -> str:
@@ -814,10 +839,15 @@ class Node:
 
     def _loop(self) -> None:
         """Score what is due (series to retry first, the interrupted ones among them, then quiet ones) while the disk
-        has space; prune every quarter of --keep-hours (at most every 10 minutes)."""
+        has space (what waited for space is retried as soon as it returns); prune every quarter of --keep-hours (at
+        most every 10 minutes)."""
         pruned, every, hold = 0.0, min(600.0, self.cfg.keep_hours * 900), self.cfg.keep_hours * 3600
+        recoveries = 0
         while not self.stop.is_set():
             if not self.spool.disk.low():
+                if self.spool.disk.recoveries != recoveries:  # space is back: what waited for it goes now
+                    recoveries = self.spool.disk.recoveries
+                    self.retry = dict.fromkeys(self.retry, 0.0)
                 now = time.monotonic()
                 due = [s for s, t in sorted(self.retry.items(), key=lambda kv: kv[1]) if t <= now]
                 for series in dict.fromkeys(due + self.spool.ready(self.cfg.series_timeout, hold)):

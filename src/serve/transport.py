@@ -15,11 +15,14 @@ through its settings, so this module wraps its socket reader and its server:
   a header declaring more than the limit (`max_pdu` for P-DATA-TF, `max_request_pdu` for any other PDU) closes the
   connection before a byte of the body is read. Every read has a deadline that data does not extend: the first
   PDU (the A-ASSOCIATE-RQ) must be whole within `association_timeout` of the connection, any later one within
-  `network_timeout` of its first byte. (Silence between PDUs is pynetdicom's own idle timer, `network_timeout`;
-  silence before the first, its ARTIM timer, `association_timeout`.)
+  `network_timeout` of its first byte. Silence is pynetdicom's: before the first PDU its ARTIM timer
+  (`association_timeout`), between PDUs its idle timer, given one second more than `network_timeout` so that a PDU
+  trickled inside an association is closed by its own deadline, which names the reason.
 - `GuardedServer` counts the open connections per peer address and in all, and answers one past either limit at
   once with an A-ASSOCIATE-RJ (transient, local limit exceeded) and a close, before any thread is started for it.
-  A connection holds its slot until its association's thread has ended.
+  A connection holds its slot until its association's thread has ended. An address that has had an association
+  accepted in the last `KNOWN_SECONDS` may go past the limit in all by up to `max_per_peer` (a reserve shared by
+  the known peers): strangers from many addresses can fill the node, not shut out the PACS it already serves.
 
 Every refusal goes to `refuse(peer, reason)` (the node logs it), once per connection.
 """
@@ -31,10 +34,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+from pynetdicom import evt
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 P_DATA_TF = 0x04
+NEGOTIATION_POLL = 0.02               # seconds between turns of a connection's reader until it is associated
+KNOWN_SECONDS = 24 * 3600            # an address that had an association accepted stays known this long
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,15 @@ def _abort() -> bytes:
     ab = A_ABORT_RQ()
     ab.source, ab.reason_diagnostic = 0x02, 0x00
     return ab.encode()
+
+
+class _Shared(list):
+    """The server's supported contexts, handed to each association as they are: pynetdicom deep-copies them for
+    every connection (~0.1 s for the node's 171 storage classes x 45 transfer syntaxes, before a byte is read),
+    though negotiation only reads them."""
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 class GuardedConnection:
@@ -159,6 +174,9 @@ class GuardedHandler(RequestHandler):
 
     def _create_association(self):
         self.assoc = super()._create_association()
+        # pynetdicom's reader polls every millisecond: a few dozen connections that never associate would take a
+        # core (and starve the accept loop); until its association is accepted, a connection's reader polls at 50 Hz
+        self.assoc.dul._run_loop_delay = NEGOTIATION_POLL
         return self.assoc
 
     def handle(self):
@@ -183,18 +201,38 @@ class GuardedServer(ThreadedAssociationServer):
                  limits: TransportLimits, refuse):
         self.limits, self.refuse = limits, refuse
         self.open = Counter()         # peer address -> connections open
+        self.known = {}               # peer address -> time.monotonic() of its last accepted association
         self._gate = threading.Lock()
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers,
                          request_handler=GuardedHandler)
+        self.contexts = _Shared(self.contexts)
+        self.bind(evt.EVT_ESTABLISHED, self._established)
+
+    def service_actions(self) -> None:
+        """Nothing: pynetdicom's forces gc.collect() every 60 turns of the accept loop, which in a process holding
+        torch takes up to seconds, during which no connection is accepted (Python's own collector runs anyway)."""
+
+    def _established(self, event) -> None:
+        event.assoc.dul._run_loop_delay = 0.001  # pynetdicom's own, for the data
+        with self._gate:
+            self.known[event.assoc.requestor.address] = time.monotonic()
+
+    def _why_not(self, host: str) -> str:
+        """Why one more connection from `host` is refused now ('' when it is not); under the gate's lock."""
+        lim, total = self.limits, sum(self.open.values())
+        if self.open[host] >= lim.max_per_peer:
+            return f"{self.open[host]} connections from {host} open, its limit (--max-associations-per-peer " \
+                   f"{lim.max_per_peer})"
+        known = time.monotonic() - self.known.get(host, -KNOWN_SECONDS) < KNOWN_SECONDS
+        if total >= lim.max_connections + (lim.max_per_peer if known else 0):
+            return f"{total} connections open, the node's limit (--max-associations {lim.max_connections}" + \
+                   (f", and the reserve of {lim.max_per_peer} for known peers)" if known else ")")
+        return ""
 
     def verify_request(self, request, client_address) -> bool:
         host = client_address[0]
         with self._gate:
-            total = sum(self.open.values())
-            why = (f"{total} connections open, the node's limit (--max-associations {self.limits.max_connections})"
-                   if total >= self.limits.max_connections else
-                   f"{self.open[host]} connections from {host} open, its limit (--max-associations-per-peer "
-                   f"{self.limits.max_per_peer})" if self.open[host] >= self.limits.max_per_peer else "")
+            why = self._why_not(host)
             if not why:
                 self.open[host] += 1
         if why:
@@ -219,8 +257,8 @@ def start_server(ae, address, limits: TransportLimits, refuse, evt_handlers=None
     ACSE (ARTIM) and network timeouts, and its `maximum_associations` (never reached first: the gate admits no more)."""
     ae.maximum_pdu_size = limits.max_pdu
     ae.acse_timeout = limits.association_timeout
-    ae.network_timeout = limits.network_timeout
-    ae.maximum_associations = limits.max_connections
+    ae.network_timeout = limits.network_timeout + 1.0
+    ae.maximum_associations = limits.max_connections + limits.max_per_peer
     server = ae.make_server(address, evt_handlers=evt_handlers, server_class=GuardedServer, limits=limits,
                             refuse=refuse)
     thread = threading.Thread(target=server.serve_forever, name="AcceptorServer@node", daemon=True)
