@@ -73,6 +73,10 @@ MAX_MEMBERS = 512
 MAX_MEMBER_BYTES = 2 << 30
 MAX_JSON_BYTES = 16 << 20
 MAX_RATIO = 200                                         # uncompressed / compressed of a deflated member
+# the zip's comment: this prefix and the SHA-256 (hex) of every byte of the file before the hex digits, so that a
+# change to any byte (of a member, a header, the zip's directory or end record) is seen before anything is read
+CHECKSUM_PREFIX = b"ich-bundle-sha256:"
+CHECKSUM = len(CHECKSUM_PREFIX) + 64
 
 
 def code_version() -> str:
@@ -161,7 +165,34 @@ def write_bundle(t: Trained, path, fp16: bool = False, provenance: dict | None =
             z.writestr(MANIFEST, json.dumps(manifest, indent=1))
             for n, b in members.items():
                 z.writestr(n, b)
+        seal(tmp)
     return manifest
+
+
+def seal(path) -> None:
+    """Give a zip file (with no comment) the bundle's checksum: its comment becomes the prefix and the SHA-256 of
+    every byte before the digits (the end record with the comment's length included)."""
+    import zipfile
+    with zipfile.ZipFile(path, "a") as z:
+        z.comment = CHECKSUM_PREFIX + b"0" * 64
+    with open(path, "r+b") as f:
+        digest = _file_sha256(f, Path(path).stat().st_size - 64)
+        f.seek(-64, 2)
+        f.write(digest.encode())
+
+
+def _file_sha256(f, n: int) -> str:
+    """SHA-256 of the first n bytes of an open file, read a megabyte at a time."""
+    import hashlib
+    h, left = hashlib.sha256(), n
+    f.seek(0)
+    while left > 0:
+        chunk = f.read(min(1 << 20, left))
+        if not chunk:
+            break
+        h.update(chunk)
+        left -= len(chunk)
+    return h.hexdigest()
 
 
 class BundleError(PipelineError):
@@ -214,45 +245,75 @@ def _refuse(path, why: str):
     raise BundleError(f"{path}: refused: {why}")
 
 
+def _check_file(path: Path) -> None:
+    """The file's own checksum (its zip comment), before the zip is parsed: any byte changed is refused here. A
+    bundle written before bundles carried one (an empty comment) goes on to the member checks alone."""
+    size = path.stat().st_size
+    if size > MAX_BUNDLE_BYTES:
+        _refuse(path, f"{size:,} bytes, more than a bundle may be ({MAX_BUNDLE_BYTES:,})")
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 22 - CHECKSUM))
+        tail = f.read()
+        if tail[-22:-18] == b"PK\x05\x06" and tail[-2:] == b"\0\0":
+            return                    # no comment: an older bundle
+        end, comment = tail[:22], tail[22:]
+        if end[:4] != b"PK\x05\x06" or end[-2:] != CHECKSUM.to_bytes(2, "little") or \
+                not comment.startswith(CHECKSUM_PREFIX):
+            _refuse(path, "not a bundle (not a zip archive written by src.export, or truncated or damaged at its "
+                          "end): get the file again")
+        if _file_sha256(f, size - 64).encode() != comment[-64:]:
+            _refuse(path, "its bytes differ from the SHA-256 it carries (damaged in transfer or changed): get the "
+                          "file again")
+
+
 def _checked_members(path: Path) -> dict[str, bytes]:
-    """name -> bytes of every member, each verified against the manifest."""
-    import hashlib
+    """name -> bytes of every member, each verified against the manifest; whatever the zip reader raises on a
+    damaged or crafted file is a refusal."""
     import zipfile
+    import zlib
     if not path.is_file():
         raise BundleError(f"bundle not found: {path}")
-    if path.stat().st_size > MAX_BUNDLE_BYTES:
-        _refuse(path, f"{path.stat().st_size:,} bytes, more than a bundle may be ({MAX_BUNDLE_BYTES:,})")
+    _check_file(path)
     try:
-        z = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        _refuse(path, f"not a bundle (not a zip archive: {e})")
-    with z:
-        infos = [i for i in z.infolist() if not i.is_dir()]
-        _check_infos(path, infos)
-        manifest = json.loads(_read(z, z.getinfo(MANIFEST), path, MAX_JSON_BYTES)) if MANIFEST in z.namelist() \
-            else _refuse(path, f"no {MANIFEST}")
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            _refuse(path, f"{MANIFEST} is not an {FORMAT} manifest")
-        if manifest.get("version") not in KNOWN_VERSIONS:
-            _refuse(path, f"format version {manifest.get('version')!r} is unknown to this code (it reads "
-                          f"{', '.join(map(str, KNOWN_VERSIONS))}); update the project to load it")
-        listed = manifest.get("members")
-        if not isinstance(listed, dict):
-            _refuse(path, f"{MANIFEST} lists no members")
-        names = {i.filename for i in infos} - {MANIFEST}
-        for n in sorted(names - set(listed)):
-            _refuse(path, f"member {n!r} is not in the manifest")
-        for n in sorted(set(listed) - names):
-            _refuse(path, f"member {n!r} of the manifest is missing")
-        out = {}
-        for i in infos:
-            if i.filename == MANIFEST:
-                continue
-            data = _read(z, i, path, MAX_JSON_BYTES if i.filename.endswith(".json") else MAX_MEMBER_BYTES)
-            want = str((listed[i.filename] or {}).get("sha256", ""))
-            if hashlib.sha256(data).hexdigest() != want:
-                _refuse(path, f"member {i.filename!r}: its SHA-256 differs from the manifest's (changed or damaged)")
-            out[i.filename] = data
+        with zipfile.ZipFile(path) as z:
+            return _verified(path, z)
+    except BundleError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError, ValueError,
+            KeyError, TypeError, AttributeError, OverflowError) as e:
+        _refuse(path, f"not a readable bundle ({type(e).__name__}: {str(e)[:120]}): damaged or not a bundle; get "
+                      f"the file again")
+
+
+def _verified(path: Path, z) -> dict[str, bytes]:
+    """The members of an open bundle, every check of read_bundle's docstring passed."""
+    import hashlib
+    infos = [i for i in z.infolist() if not i.is_dir()]
+    _check_infos(path, infos)
+    manifest = _json({MANIFEST: _read(z, z.getinfo(MANIFEST), path, MAX_JSON_BYTES)}, MANIFEST, path) \
+        if MANIFEST in z.namelist() else _refuse(path, f"no {MANIFEST}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        _refuse(path, f"{MANIFEST} is not an {FORMAT} manifest")
+    if manifest.get("version") not in KNOWN_VERSIONS:
+        _refuse(path, f"format version {manifest.get('version')!r} is unknown to this code (it reads "
+                      f"{', '.join(map(str, KNOWN_VERSIONS))}); update the project to load it")
+    listed = manifest.get("members")
+    if not isinstance(listed, dict):
+        _refuse(path, f"{MANIFEST} lists no members")
+    names = {i.filename for i in infos} - {MANIFEST}
+    for n in sorted(names - set(listed)):
+        _refuse(path, f"member {n!r} is not in the manifest")
+    for n in sorted(set(listed) - names):
+        _refuse(path, f"member {n!r} of the manifest is missing")
+    out = {}
+    for i in infos:
+        if i.filename == MANIFEST:
+            continue
+        data = _read(z, i, path, MAX_JSON_BYTES if i.filename.endswith(".json") else MAX_MEMBER_BYTES)
+        want = str((listed[i.filename] or {}).get("sha256", ""))
+        if hashlib.sha256(data).hexdigest() != want:
+            _refuse(path, f"member {i.filename!r}: its SHA-256 differs from the manifest's (changed or damaged)")
+        out[i.filename] = data
     return out
 
 
@@ -277,9 +338,12 @@ def _check_infos(path: Path, infos) -> None:
             _refuse(path, f"member {n!r} is of a kind bundles do not hold (only {', '.join(SAFE_SUFFIXES)})")
         if i.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             _refuse(path, f"member {n!r} uses compression method {i.compress_type}; bundles are stored or deflated")
-        if i.file_size > MAX_MEMBER_BYTES or (i.compress_type == zipfile.ZIP_DEFLATED
-                                               and i.file_size > MAX_RATIO * max(i.compress_size, 1)):
-            _refuse(path, f"member {n!r} declares {i.file_size:,} bytes, out of bounds for a bundle member")
+        if i.file_size > MAX_MEMBER_BYTES:
+            _refuse(path, f"member {n!r} declares {i.file_size:,} bytes, out of bounds for a bundle member "
+                          f"(at most {MAX_MEMBER_BYTES:,})")
+        if i.compress_type == zipfile.ZIP_DEFLATED and i.file_size > MAX_RATIO * max(i.compress_size, 1):
+            _refuse(path, f"member {n!r} declares {i.file_size:,} bytes from {i.compress_size:,} compressed, more "
+                          f"than {MAX_RATIO} times: out of bounds for a bundle member")
         total += i.file_size
         if total > MAX_BUNDLE_BYTES:
             _refuse(path, f"its members declare more than {MAX_BUNDLE_BYTES:,} bytes in all")

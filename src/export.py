@@ -3,6 +3,7 @@
     python -m src.export outputs/demo/runs/resnet10t_128                     # -> OUT/bundles/resnet10t_128.ichbundle
     python -m src.export RUN --out model.ichbundle --fp16                    # stage-1 weights in float16
     python -m src.export RUN --onnx onnx/                                    # also onnx/fold<K>.onnx
+    python -m src.export model.ichbundle --onnx onnx/                        # a bundle's networks as ONNX
 
 A bundle holds everything needed to predict and nothing else: every stage-1 fold's averaged weights (the ones the
 run validated) as safetensors, both stage-2 models of every fold (GRU weights as safetensors, LightGBM models as
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import layout
-from .bundle import read_run, write_bundle
+from .bundle import is_bundle, read_run, write_bundle
 from .config import parse_config, positional
 from .runs import Run
 from .stamps import Stamp, file_fingerprint, guard
@@ -99,7 +100,12 @@ def main():
     a = parse_config(ExportConfig, description=__doc__, prog="python -m src.export")
     if not a.run:
         raise PipelineError("give the run folder: python -m src.export OUT/runs/<run>")
-    out = export(a.run, a.out or None, a.fp16, a.overwrite)
+    if is_bundle(a.run):              # a bundle already: only its networks as ONNX
+        if not a.onnx:
+            raise PipelineError(f"{a.run} is a bundle already; --onnx DIR writes its stage-1 networks as ONNX")
+        out = Path(a.run)
+    else:
+        out = export(a.run, a.out or None, a.fp16, a.overwrite)
     if a.onnx:
         for p in export_onnx(out, a.onnx):
             print(f"wrote {p}")

@@ -4,6 +4,9 @@ as ONNX give torch's outputs; a bundle fine-tunes."""
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -55,15 +58,46 @@ def test_bundle_predicts_what_the_run_folder_predicts(blended, demo_data):
     assert {"torch", "timm", "lightgbm", "code"} <= set(card["bundle"]["versions"])
 
 
+def kind_of(data: bytes) -> str:
+    """What a member's bytes are, sniffed independently of the bundle code: a pickle (protocol 2 to 5 opcode), a
+    torch.save file (a zip holding a data.pkl), safetensors (8-byte header length, then a JSON header), JSON, text."""
+    import io
+    if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    if zipfile.is_zipfile(io.BytesIO(data)):
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            return "torch.save" if any(n.endswith("data.pkl") for n in z.namelist()) else "zip"
+    n = int.from_bytes(data[:8], "little")
+    if 8 + n <= len(data) and data[8:9] == b"{":
+        try:
+            json.loads(data[8:8 + n])
+            return "safetensors"
+        except ValueError:
+            pass
+    try:
+        json.loads(data)
+        return "json"
+    except ValueError:
+        pass
+    data.decode("utf-8")
+    return "text"
+
+
 def test_bundle_holds_no_pickle_and_a_manifest_of_every_member(blended):
+    """Every member is what its name says (safetensors, JSON, LightGBM text), sniffed from its bytes; the sniffer
+    itself tells a torch.save file and a raw pickle apart from those."""
     _, bundle = blended
+    assert kind_of(pickled()) == "torch.save" and kind_of(__import__("pickle").dumps({"w": 1})) == "pickle"
+    want = {".safetensors": "safetensors", ".json": "json", ".txt": "text"}
     with zipfile.ZipFile(bundle) as z:
         names = set(z.namelist())
         manifest = json.loads(z.read(B.MANIFEST))
         for n in names - {B.MANIFEST}:
-            assert hashlib.sha256(z.read(n)).hexdigest() == manifest["members"][n]["sha256"]
-            assert n.endswith((".json", ".safetensors", ".txt")), n
-            assert b"\x80\x04" not in z.read(n)[:2]  # no pickle protocol header
+            data = z.read(n)
+            assert hashlib.sha256(data).hexdigest() == manifest["members"][n]["sha256"]
+            assert kind_of(data) == want[Path(n).suffix], n
+            if n.endswith(".txt"):
+                assert data.startswith(b"tree"), n  # LightGBM's own model text
     assert set(manifest["members"]) == names - {B.MANIFEST}
     assert {f"stage1/fold{k}.safetensors" for k in (0, 1)} | {f"seq/fold{k}.safetensors" for k in (0, 1)} <= names
     assert {f"boost/fold0/model_{c}.txt" for c in CLASSES} <= names and B.MODEL in names
@@ -134,7 +168,8 @@ def test_export_is_skipped_when_up_to_date_and_readable_by_others(blended):
 
 # ---------------------------------------------------------------- refusals
 def rewrite(src: Path, dst: Path, change) -> Path:
-    """A copy of a bundle with its members changed by change(members: dict name -> bytes, manifest: dict)."""
+    """A copy of a bundle with its members changed by change(members: dict name -> bytes, manifest: dict), sealed
+    with a checksum that matches (as a stranger's crafted file would be): what refuses it is the member checks."""
     with zipfile.ZipFile(src) as z:
         members = {n: z.read(n) for n in z.namelist() if n != B.MANIFEST}
         manifest = json.loads(z.read(B.MANIFEST))
@@ -143,7 +178,13 @@ def rewrite(src: Path, dst: Path, change) -> Path:
         z.writestr(B.MANIFEST, json.dumps(manifest))
         for n, b in members.items():
             z.writestr(n, b)
+    B.seal(dst)
     return dst
+
+
+def resealed(data: bytes) -> bytes:
+    """Bytes of a bundle with its checksum recomputed over them (the last 64 bytes are its hex digits)."""
+    return data[:-64] + hashlib.sha256(data[:-64]).hexdigest().encode()
 
 
 def listed(members, manifest, name, data):
@@ -206,7 +247,7 @@ def test_a_member_claiming_a_huge_size_is_refused_without_allocating_it(blended,
     cd = data.rfind(b"PK\x01\x02", 0, data.rfind(name))  # the central directory entry of that member
     data[cd + 24:cd + 28] = (0xFFFFFFF0).to_bytes(4, "little")  # uncompressed size: ~4 GB
     forged = tmp_path / "forged.ichbundle"
-    forged.write_bytes(bytes(data))
+    forged.write_bytes(resealed(bytes(data)))
     with pytest.raises(PipelineError, match="out of bounds"):
         B.read_bundle(forged)
 
@@ -215,12 +256,165 @@ def test_not_a_bundle_and_a_truncated_one(blended, tmp_path):
     _, bundle = blended
     junk = tmp_path / "junk.ichbundle"
     junk.write_bytes(b"hello, not a zip")
-    with pytest.raises(PipelineError, match="not a zip archive"):
+    with pytest.raises(PipelineError, match="not a bundle \\(not a zip archive written by src.export"):
         B.read_bundle(junk)
-    cut = tmp_path / "cut.ichbundle"
-    cut.write_bytes(bundle.read_bytes()[: bundle.stat().st_size // 2])
-    with pytest.raises(PipelineError, match="refused"):
-        B.read_bundle(cut)
+    data, cut = bundle.read_bytes(), tmp_path / "cut.ichbundle"
+    for n in sorted({1, 22, 100, len(data) // 2, len(data) - 200, len(data) - 64, len(data) - 1}):
+        cut.write_bytes(data[:n])
+        with pytest.raises(B.BundleError, match=f"^{cut}: refused: not a bundle \\(not a zip archive"):
+            B.read_bundle(cut)
+
+
+# ---------------------------------------------------------------- refusals the docs list, each crafted
+def zip_with(path: Path, entries, sealed=True) -> Path:
+    """A zip of (name, bytes, compression) entries, a manifest listing each (made first from the entries), sealed."""
+    manifest = {"format": B.FORMAT, "version": B.VERSION, "name": "x",
+                "members": {n: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for n, b, _ in entries}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of a duplicate name: that is the point of one case
+        with zipfile.ZipFile(path, "w") as z:
+            if not any(n == B.MANIFEST for n, _, _ in entries):
+                z.writestr(B.MANIFEST, json.dumps(manifest))
+            for n, b, how in entries:
+                z.writestr(zipfile.ZipInfo(n, (2020, 1, 1, 0, 0, 0)), b, compress_type=how)
+    if sealed:
+        B.seal(path)
+    return path
+
+
+STORED, DEFLATED = zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED
+CRAFTED = {
+    "no manifest": ([], "refused: no manifest.json"),
+    "a duplicate name": ([("a.txt", b"one", STORED), ("a.txt", b"two", STORED)], "member 'a.txt' appears twice"),
+    "a backslash in a name": ([("stage1\\fold0.txt", b"x", STORED)], "escapes the bundle or is not a plain relative"),
+    "a drive letter": ([("C:/fold0.txt", b"x", STORED)], "escapes the bundle or is not a plain relative path"),
+    "a disallowed kind": ([("run.sh", b"rm -rf /", STORED)], "member 'run.sh' is of a kind bundles do not hold"),
+    "a disallowed compression method": ([("a.txt", b"x" * 100, zipfile.ZIP_BZIP2)],
+                                        "member 'a.txt' uses compression method 12; bundles are stored or deflated"),
+    "a deflate ratio over the bound": ([("a.txt", b"\0" * 2_000_000, DEFLATED)],
+                                       "compressed, more than 200 times: out of bounds"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_crafted_bundles_are_refused_for_each_documented_reason(tmp_path, case):
+    """Each refusal of docs/bundles.md that the weights-based cases above do not reach, on a sealed zip made for
+    it (its own manifest lists every entry, so that only the named check can refuse it)."""
+    entries, why = CRAFTED[case]
+    bad = zip_with(tmp_path / "bad.ichbundle", entries)
+    if case == "no manifest":
+        with zipfile.ZipFile(bad, "w") as z:
+            z.writestr("a.txt", b"x")
+        B.seal(bad)
+    with pytest.raises(B.BundleError) as e:
+        B.read_bundle(bad)
+    assert str(e.value).startswith(f"{bad}: refused: ") and why in str(e.value), str(e.value)
+
+
+def test_a_member_holding_another_size_than_it_declares(tmp_path):
+    """A deflated member whose directory declares 100 bytes more than its data inflates to (its CRC that of the
+    data, so the zip reader is satisfied): refused by the size check, before its hash is compared."""
+    import struct
+    import zlib
+    data = b"tree\n" + b"x" * 1000
+    bad = zip_with(tmp_path / "bad.ichbundle", [("boost/a.txt", data, DEFLATED)], sealed=False)
+    raw, name = bytearray(bad.read_bytes()), b"boost/a.txt"
+    local = zipfile.ZipFile(bad).getinfo("boost/a.txt").header_offset
+    central = next(i for i in range(len(raw)) if raw[i:i + 4] == b"PK\x01\x02" and raw[i + 46:i + 46 + len(name)] == name)
+    for pos, at in ((local, 22), (central, 24)):  # the uncompressed size in the local header and the directory
+        assert struct.unpack_from("<I", raw, pos + at)[0] == len(data)
+        assert struct.unpack_from("<I", raw, pos + at - 8)[0] == zlib.crc32(data)
+        struct.pack_into("<I", raw, pos + at, len(data) + 100)
+    bad.write_bytes(bytes(raw))
+    B.seal(bad)
+    with pytest.raises(B.BundleError, match="member 'boost/a.txt' holds another size than it declares"):
+        B.read_bundle(bad)
+
+
+def test_members_declaring_more_than_a_bundle_may_hold_in_all(tmp_path, monkeypatch):
+    """The file is small (deflated), its members declare 600 KB in all: with the bound at 500 KB, refused from the
+    directory, before any member is read."""
+    entries = [(f"boost/{i}.txt", b"\0" * 200_000, DEFLATED) for i in range(3)]
+    bad = zip_with(tmp_path / "bad.ichbundle", entries)
+    assert bad.stat().st_size < 10_000
+    monkeypatch.setattr(B, "MAX_BUNDLE_BYTES", 500_000)
+    monkeypatch.setattr(B, "MAX_RATIO", 10_000)
+    with pytest.raises(B.BundleError, match="its members declare more than 500,000 bytes in all"):
+        B.read_bundle(bad)
+
+
+# ---------------------------------------------------------------- damage anywhere in the bytes
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A small bundle of every member kind (safetensors, JSON, text), written by write_bundle: small enough for every
+    byte of it to be damaged in turn."""
+    t = B.Trained("tiny", [("fold0", {"model": "resnet10t", "input_mode": "windows", "img_size": 64},
+                            {"w": torch.arange(6.0), "b": torch.ones(2)})], {"size": 64, "windows": [[40, 80]]},
+                  boost=[("fold0", {"threads": 1}, [f"tree {c}\n" for c in CLASSES])], blend={"stage1": [1.0] * 6},
+                  card={"synthetic": True})
+    path = tmp_path_factory.mktemp("tiny") / "tiny.ichbundle"
+    B.write_bundle(t, path)
+    return path
+
+
+def content(t: B.Trained) -> tuple:
+    return (t.name, t.settings, t.blend, {k: v for k, v in t.card.items() if k != "bundle"},
+            [(n, c, {k: v.tolist() for k, v in sd.items()}) for n, c, sd in t.stage1], t.boost)
+
+
+def member_bytes(path: Path) -> set[int]:
+    """The offsets of the members' own bytes (data and names in their local headers), from the zip's layout."""
+    out = set()
+    with zipfile.ZipFile(path) as z:
+        for i in z.infolist():
+            start = i.header_offset + 30 + len(i.filename) + len(i.extra)
+            out |= set(range(i.header_offset + 30, start + i.compress_size))
+    return out
+
+
+def test_every_byte_flipped_or_cut_is_refused(tiny, tmp_path):
+    """Bytes of a bundle XOR 0xFF one at a time: every byte of its headers, the zip's directory, the end record and
+    the checksum, and every 8th of its members' data (the manifest's among them); and the file cut at those
+    lengths. Every one is refused by the checksum, naming the file. With the checksum recomputed after the flip (a
+    file damaged before it was sealed, or crafted), the member checks and the zip reader still refuse every flip
+    in a member's bytes, each in one line; the others, in fields no reader uses (times, attributes, the local
+    headers' copies), give the same model: never another exception, never other content."""
+    data, bad, cut = tiny.read_bytes(), tmp_path / "bad.ichbundle", tmp_path / "cut.ichbundle"
+    members, want = member_bytes(tiny), content(B.read_bundle(tiny))
+    offsets = [n for n in range(len(data)) if n not in members or n % 8 == 0]
+    assert len(offsets) > 1000
+    bad.write_bytes(data)
+    with open(bad, "r+b") as f:      # changed in place, one byte at a time (rewriting the file is slower)
+        def flipped(n: int, reseal: bool):
+            f.seek(n)
+            f.write(bytes([data[n] ^ 0xFF]))
+            if reseal:
+                f.seek(len(data) - 64)
+                f.write(resealed(data[:n] + bytes([data[n] ^ 0xFF]) + data[n + 1:])[-64:])
+            f.flush()
+            try:
+                return B.read_bundle(bad)
+            finally:
+                f.seek(0)
+                f.write(data)
+                f.flush()
+        for n in offsets:
+            with pytest.raises(B.BundleError, match=f"^{bad}: refused: "):
+                flipped(n, reseal=False)
+        same = []
+        for n in offsets[:-64]:
+            try:
+                got = content(flipped(n, reseal=True))
+            except B.BundleError as e:
+                assert str(e).startswith(f"{bad}: refused: ") and "\n" not in str(e), str(e)
+                continue
+            assert n not in members and got == want, n
+            same.append(n)
+    assert 0 < len(same) < len(offsets) // 2
+    for n in offsets[::8]:
+        cut.write_bytes(data[:n])
+        with pytest.raises(B.BundleError, match=f"^{cut}: refused: "):
+            B.read_bundle(cut)
 
 
 # ---------------------------------------------------------------- ONNX, fine-tuning, the ensemble
@@ -265,3 +459,60 @@ def test_a_submission_takes_a_bundle_with_equal_weights(blended, demo_data, tmp_
                     quiet=True)
     sub = validate_file(tmp_path / "stage_2_mix.csv", demo_data / "stage_2_sample_submission.csv")
     assert len(info["members"]) == 2 and len(sub) == len(pd.read_csv(demo_data / "stage_2_sample_submission.csv"))
+
+
+def damaged_copies(bundle: Path, folder: Path) -> dict[str, Path]:
+    """A real bundle damaged five ways: a byte of a member's data, of the zip's directory, of the manifest, of the
+    end record, and the file cut short."""
+    data = bundle.read_bytes()
+    with zipfile.ZipFile(bundle) as z:
+        weights, manifest = z.getinfo("stage1/fold0.safetensors"), z.getinfo(B.MANIFEST)
+    at = {"a member's data": weights.header_offset + 30 + len(weights.filename) + weights.compress_size // 2,
+          "the zip's directory": data.rfind(b"PK\x01\x02") + 46,
+          "the manifest": manifest.header_offset + 30 + len(manifest.filename) + 40,
+          "the end record": data.rfind(b"PK\x05\x06") + 10}
+    out = {}
+    for what, n in at.items():
+        out[what] = folder / f"{what.replace(' ', '_')}.ichbundle"
+        out[what].write_bytes(data[:n] + bytes([data[n] ^ 0x01]) + data[n + 1:])
+    out["cut short"] = folder / "cut.ichbundle"
+    out["cut short"].write_bytes(data[: len(data) * 2 // 3])
+    return out
+
+
+def front_ends(bundle: Path, tmp: Path) -> dict[str, tuple]:
+    """Every command that loads a bundle: its module and arguments."""
+    from .test_node import free_port
+    return {"src.serve.demo": ("src.serve.demo", ["--run", str(bundle), str(tmp), "--results-dir", str(tmp / "d")]),
+            "src.serve.webapp": ("src.serve.webapp", ["--run", str(bundle), "--port", str(free_port())]),
+            "src.serve.node": ("src.serve.node", ["--run", str(bundle), "--send-to", "127.0.0.1:9:NOBODY",
+                                                  "--spool-dir", str(tmp / "spool"), "--port", str(free_port())]),
+            "src.predict": ("src.predict", [str(bundle), "--dicom-dir", str(tmp), "--pred-dir", str(tmp / "p")]),
+            "src.export --onnx": ("src.export", [str(bundle), "--onnx", str(tmp / "onnx")])}
+
+
+def test_a_damaged_bundle_is_one_line_and_exit_2_in_every_front_end(blended, tmp_path, monkeypatch, capsys):
+    """Each damaged copy is refused naming the file; each front end's main, as `python -m` runs it
+    (src.utils.cli_main), given one of them: exit 2 and one line on stderr naming the file, nothing written; the
+    demo's command once more in its own process."""
+    import importlib
+
+    from src.utils import cli_main
+    _, bundle = blended
+    copies = list(damaged_copies(bundle, tmp_path).values())
+    for damaged in copies:
+        with pytest.raises(B.BundleError, match=f"^{damaged}: refused: "):
+            Predictor.load(damaged)
+    for damaged, (name, (module, args)) in zip(copies, front_ends(bundle, tmp_path / "w").items()):
+        args = [str(damaged) if a == str(bundle) else a for a in args]
+        monkeypatch.setattr(sys, "argv", [module, *args])
+        with pytest.raises(SystemExit) as e:
+            cli_main(importlib.import_module(module).main)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: {damaged}: refused: "), (name, err)
+        assert len(err.strip().splitlines()) == 1, (name, err)
+    assert not any(p.is_file() for p in (tmp_path / "w").rglob("*") if p.name != "node.log")
+    module, args = front_ends(copies[0], tmp_path / "w")["src.serve.demo"]
+    r = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {copies[0]}: refused: ")
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

@@ -345,8 +345,8 @@ def test_bad_upload_gives_a_message_not_a_trace(server):
     r = requests.post(server + "/analyse", files=[("files", ("junk.dcm", b"\x00" * 100))], timeout=60)
     assert r.status_code == 200 and "No readable CT slice" in r.text and "Traceback" not in r.text
     assert "junk.dcm: unreadable DICOM" in r.text
-    r = requests.post(server + "/analyse", files=[], timeout=60)
-    assert 400 <= r.status_code < 500 and "id='error'" in r.text and "Traceback" not in r.text
+    r = requests.post(server + "/analyse", files=[], timeout=60)  # requests sends no form at all for no files
+    assert r.status_code == 415 and "not a file upload" in r.text and "Traceback" not in r.text
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs Debian's chromium)")
@@ -398,6 +398,61 @@ def test_browser_upload_shows_summary_and_a_refusal(server, app, demo_data, tmp_
         browser.close()
     assert shot.stat().st_size > 10_000
     assert not list(tmp.iterdir())
+
+
+def trickle(url: str, declared: int, every: float, stop: threading.Event, out: dict) -> None:
+    """An upload that never finishes: headers declaring `declared` bytes, a file part's header, then 1 KB every
+    `every` seconds; what the page answered (its status line) and when go in `out`."""
+    host, port = url.split("//")[1].split(":")
+    s = socket.create_connection((host, int(port)), timeout=30)
+    t0 = time.monotonic()
+    s.sendall(f"POST /analyse HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=XyZ\r\n"
+              f"Content-Length: {declared}\r\n\r\n".encode() + PART)
+    s.settimeout(every)
+    answer = b""
+    while not stop.is_set() and b"\r\n" not in answer:
+        try:
+            data = s.recv(4096)
+            if not data:
+                break
+            answer += data
+        except TimeoutError:
+            try:
+                s.sendall(b"\0" * 1024)
+            except OSError:
+                pass
+    out.update(status=answer.split(b"\r\n")[0].decode(), seconds=time.monotonic() - t0)
+    s.close()
+
+
+def test_uploads_are_capped_and_one_that_trickles_is_cut_at_its_time_limit(run_dir, tmp):
+    """The page with --max-uploads 2 --upload-seconds 2: two uploads declaring 400 MB that trickle a kilobyte at a
+    time hold two temp folders; a third is answered 503 (busy, retry later) at once, keeping nothing; at 2 s each
+    trickle is answered 408 and its folder is gone; then the page takes an upload again."""
+    app = create_app(run_dir, max_uploads=2, upload_seconds=2.0)
+    stop, answers = threading.Event(), [{}, {}]
+    with served(app) as url:
+        threads = [threading.Thread(target=trickle, args=(url, 400 << 20, 0.2, stop, a), daemon=True) for a in answers]
+        for t in threads:
+            t.start()
+        try:
+            deadline = time.monotonic() + 30
+            while len(list(tmp.iterdir())) < 2:
+                assert time.monotonic() < deadline, "the two uploads did not start"
+                time.sleep(0.05)
+            busy = requests.post(url + "/analyse", files=[("files", ("a.dcm", b"x"))], timeout=30)
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "60"
+            assert "The page is busy: 2 upload(s) are under way" in html.unescape(busy.text)
+            assert len(list(tmp.iterdir())) == 2  # the third kept nothing
+            for t in threads:
+                t.join(30)
+        finally:
+            stop.set()
+        assert [a["status"] for a in answers] == ["HTTP/1.1 408 Request Timeout"] * 2
+        assert all(1.9 < a["seconds"] < 10 for a in answers), answers
+        assert not list(tmp.iterdir())  # removed at once, with the answer
+        again = requests.post(url + "/analyse", files=[("files", ("a.dcm", b"x"))], timeout=60)
+        assert again.status_code == 200 and "a.dcm: unreadable DICOM" in again.text
 
 
 def test_report_blends_the_members_and_the_predictor_applies_that_blend(run_dir, tmp_path):

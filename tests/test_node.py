@@ -111,18 +111,17 @@ class OrthancServer:
 class NodeProcess:
     """`python -m src.serve.node` in its own process, with the test's settings; killed or restarted at will."""
 
-    def __init__(self, run: Path, spool: Path, orthanc: OrthancServer):
-        self.run, self.spool, self.orthanc, self.port, self.proc = run, spool, orthanc, orthanc.node_port, None
+    def __init__(self, run: Path, spool: Path, send_to: str, port: int, flags: list[str]):
+        self.run, self.spool, self.send_to, self.port, self.flags, self.proc = run, spool, send_to, port, flags, None
         self.log = spool / "node.log"
 
     def start(self, series_timeout: float = TIMEOUT) -> None:
         mark = self.log.read_text().count("listening as") if self.log.exists() else 0
+        self.spool.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "src.serve.node", "--run", str(self.run), "--send-to",
-             f"127.0.0.1:{self.orthanc.dicom}:{self.orthanc.aet}", "--port", str(self.port), "--spool-dir",
-             str(self.spool), "--series-timeout", str(series_timeout), "--cam-slices", "2", "--allowed-callers",
-             "TESTSCU,STORESCU", "--max-instance-mb", "2", "--max-series-instances", "45", "--retry-first", "0.5",
-             "--retry-max", "2", "--device", "cpu"],
+            [sys.executable, "-m", "src.serve.node", "--run", str(self.run), "--send-to", self.send_to, "--port",
+             str(self.port), "--spool-dir", str(self.spool), "--series-timeout", str(series_timeout), "--cam-slices",
+             "2", "--device", "cpu", *self.flags],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.spool.parent / "node.stderr", "ab"))
         wait_for(lambda: self.proc.poll() is not None or (self.log.exists() and
                                                           self.log.read_text().count("listening as") > mark),
@@ -216,7 +215,10 @@ def pacs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def node(predictor, pacs, tmp_path_factory):
-    n = NodeProcess(predictor.run, tmp_path_factory.mktemp("node") / "spool", pacs)
+    n = NodeProcess(predictor.run, tmp_path_factory.mktemp("node") / "spool",
+                    f"127.0.0.1:{pacs.dicom}:{pacs.aet}", pacs.node_port,
+                    ["--allowed-callers", "TESTSCU,STORESCU", "--max-instance-mb", "2", "--max-series-instances", "45",
+                     "--retry-first", "0.5", "--retry-max", "2"])
     n.start()
     yield n
     if n.proc.poll() is None:
@@ -439,7 +441,38 @@ def test_killed_mid_series_restarts_from_its_spool(node, pacs, predictor):
     node.start(series_timeout=4)      # the time a restarted node gives its senders to resume
     # the sender resumes, re-sending a few it had sent: they count once
     assert send(node.port, [rsna(f) for f in files[half - 3:]]) == [0] * (len(files) - half + 3)
+    # killed again while it scores the series: restarted, it scores it again, first, and delivers one result
+    series = key(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    wait_for(lambda: f"series {series} complete: {len(files)} instance(s); scoring" in node.text(), 60,
+             "the scoring to start", node.log)
+    node.kill9()
+    assert (node.spool / "work" / series / "round.txt").exists()
+    assert not list((node.spool / "outbox").glob(f"{series}-*")) and not list((node.spool / "sent").glob(f"{series}-*"))
+    node.start()
+    assert "1 series interrupted while scored (scored first)" in node.text().rsplit("listening as", 1)[1]
     check_results(pacs, predictor, node, files)
+    assert node.text().count(f"series {series} complete: {len(files)} instance(s); scoring") == 2
+
+
+@pytest.mark.skipif(not REAL, reason="the real series in ../shared are absent")
+def test_a_late_instance_rescores_its_series(node, pacs, predictor):
+    """A series scored and delivered, then one more of its instances: the series is scored again with all of them
+    (the earlier ones from done/), and a second report covering every instance says what the Predictor says of
+    the whole series."""
+    files = list(series_files(RSNA_SAMPLE / "stage_2_train_images").values())[2]
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    assert send(node.port, [rsna(f) for f in files[:-1]]) == [0] * (len(files) - 1)
+    wait_for(results_in(pacs, study), 120, "the first report", node.log)
+    assert send(node.port, [rsna(files[-1])]) == [0]
+    srs, _ = wait_for(results_in(pacs, study, n_sr=2), 120, "the second report", node.log)
+    reports = [sr for s in srs for sr in pacs.instances(s)]
+    evidence = [{str(r.ReferencedSOPInstanceUID) for r in sr.CurrentRequestedProcedureEvidenceSequence[0]
+                 .ReferencedSeriesSequence[0].ReferencedSOPSequence} for sr in reports]
+    table, by_uid = expected(predictor, files)
+    assert sorted(map(len, evidence)) == [len(files) - 1, len(files)]
+    whole = reports[[len(e) for e in evidence].index(len(files))]
+    assert evidence[[len(e) for e in evidence].index(len(files))] == set(by_uid)
+    assert sr_findings(whole)["types"]["any"]["max"] == pytest.approx(table["any"].max(), abs=1e-5)
 
 
 @pytest.mark.skipif(not REAL, reason="the real series in ../shared are absent")

@@ -14,9 +14,15 @@ disk (a chunked body without Content-Length included). Zip entries are checked s
 folder, and count uncompressed (zip bombs stop at the size limit). The folder is removed when the answer
 is sent, refusals included (results are sent inline, nothing is kept); every refusal and every bad file
 gives the page with a message, never JSON or a stack trace.
+
+At most --max-uploads requests to /analyse are under way at once (receiving or waiting for the analysis): one
+more is answered 503 at once, so the temporary files never pass --max-uploads x MAX_BYTES. One upload's body must
+arrive within --upload-seconds, however slowly it trickles: past it the answer is 408 and its files are removed
+at once.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import html
@@ -50,6 +56,8 @@ from .results import SYNTHETIC_WARNING, analyse, model_notes, overlay, zplot
 MAX_BYTES = 512 * 1024 * 1024      # request body, then zips counted again uncompressed as they are unpacked
 MAX_FILES = 2000
 MAX_VIEWER_SLICES = 300            # Grad-CAM for every slice of the viewer up to this many per series
+MAX_UPLOADS = 2                    # requests to /analyse at once (their files are on disk until answered)
+UPLOAD_SECONDS = 300.0             # the longest one upload's body may take to arrive
 CHUNK = 1 << 20
 
 STYLE = """
@@ -212,9 +220,9 @@ def page(body: str, title="ICH demo") -> str:
             f"<body><h1>Intracranial hemorrhage detection: try the model on your head CT</h1>{body}</body></html>")
 
 
-def refusal(message: str, status: int) -> HTMLResponse:
+def refusal(message: str, status: int, headers: dict | None = None) -> HTMLResponse:
     return HTMLResponse(page(f"<div class='err' id='error'>{html.escape(message)}</div><p><a href='/'>Back</a></p>"),
-                        status_code=status)
+                        status_code=status, headers=headers)
 
 
 def model_box(p: Predictor) -> str:
@@ -276,10 +284,12 @@ function show(i){{img.src=f[i].src;cap.textContent=f[i].caption;}} rng.oninput=(
     return "".join(parts)
 
 
-def create_app(run_dir=None, predictor: Predictor | None = None) -> FastAPI:
+def create_app(run_dir=None, predictor: Predictor | None = None, max_uploads: int = MAX_UPLOADS,
+               upload_seconds: float = UPLOAD_SECONDS) -> FastAPI:
     models = predictor or Predictor.load(run_dir)
     app = FastAPI(title="ICH demo", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()  # one analysis at a time: the models are shared and the CPU is small
+    under_way = [0]          # requests to /analyse now (counted on the event loop's one thread)
 
     @app.get("/", response_class=HTMLResponse)
     def index():
@@ -297,11 +307,19 @@ def create_app(run_dir=None, predictor: Predictor | None = None) -> FastAPI:
 
     @app.post("/analyse", response_class=HTMLResponse)
     async def analyse_upload(request: Request):  # no File(...) parameter: the body is read here, as it streams
+        if under_way[0] >= max_uploads:
+            return refusal(f"The page is busy: {max_uploads} upload(s) are under way, the most it takes at once "
+                           f"(--max-uploads). Try again in a minute.", 503, {"Retry-After": "60"})
+        under_way[0] += 1
         tmp = Path(tempfile.mkdtemp(prefix="ich-demo-"))
         try:
             if int(request.headers.get("content-length") or 0) > MAX_BYTES:  # refused before a byte is read
                 raise too_large()
-            paths, total = await receive_uploads(request, tmp)
+            try:
+                paths, total = await asyncio.wait_for(receive_uploads(request, tmp), upload_seconds)
+            except TimeoutError:
+                raise UploadError(f"the upload took longer than {upload_seconds:g} s to arrive (--upload-seconds): "
+                                  f"refused, nothing of it kept", 408) from None
             return HTMLResponse(await run_in_threadpool(analyse_page, paths, total))
         except (UploadError, PipelineError) as e:
             return refusal(str(e), getattr(e, "status", 400))
@@ -311,6 +329,7 @@ def create_app(run_dir=None, predictor: Predictor | None = None) -> FastAPI:
             return refusal(f"Could not analyse these files ({type(e).__name__}). Are they DICOM images of a head CT?", 400)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            under_way[0] -= 1
 
     return app
 
@@ -320,11 +339,17 @@ class ServeConfig:
     run: str = ""                     # a stage-1 run folder (its stage-2 runs come along) or a bundle (src.export)
     host: str = "127.0.0.1"           # address to bind (default: this machine only)
     port: int = 7860                  # port of the page
+    max_uploads: int = MAX_UPLOADS    # uploads under way at once; one more is answered 503 (busy)
+    upload_seconds: float = UPLOAD_SECONDS  # the longest one upload's body may take; past it, 408 and files removed
+
+    def __post_init__(self):
+        if self.max_uploads < 1 or not self.upload_seconds > 0:
+            raise PipelineError("--max-uploads must be >= 1 and --upload-seconds > 0")
 
 
-def serve(run_dir, host="127.0.0.1", port=7860):
+def serve(run_dir, host="127.0.0.1", port=7860, max_uploads=MAX_UPLOADS, upload_seconds=UPLOAD_SECONDS):
     import uvicorn
-    app = create_app(run_dir)
+    app = create_app(run_dir, max_uploads=max_uploads, upload_seconds=upload_seconds)
     print(f"ICH demo on http://{host}:{port}/  (Ctrl-C to stop)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
@@ -366,7 +391,7 @@ def main():
     a = parse_config(ServeConfig, description=__doc__, prog="python -m src.serve.webapp")
     if not a.run:
         raise PipelineError("--run RUN_FOLDER_OR_BUNDLE is required (e.g. outputs/demo/runs/resnet10t_128)")
-    serve(a.run, a.host, a.port)
+    serve(a.run, a.host, a.port, a.max_uploads, a.upload_seconds)
 
 
 if __name__ == "__main__":
