@@ -116,8 +116,11 @@ def codes_of(ds, scheme: str) -> int:
 
 
 def test_every_object_passes_dciodvfy_with_no_error(answers):
-    """Each object of both answers: no error line; every warning is one of WARNINGS (module docstring), and the
-    99ICH warnings are exactly the SR's uses of the local scheme."""
+    """Each object of both answers: no error line, and every warning one of WARNINGS, the 99ICH ones exactly the
+    SR's uses of the local scheme. The warnings that remain: "Unrecognized defined term <99ICH>", once per coded
+    item of the local scheme (two finding types with no confirmed SNOMED CT code, the names of the SR's text items);
+    "Device UID not present in standard DICOM IOD" and so "Standard Extended SOP Class": IHE AIR puts the model's
+    Device UID in the Contributing Equipment item, which this dciodvfy's copy of the standard does not list."""
     for a in answers:
         assert len(a.objects) == 6  # SR, KOS, 4 Grad-CAM images
         for f in a.objects:
