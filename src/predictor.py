@@ -65,6 +65,27 @@ class Analysis:
     series: pd.DataFrame | None = None  # with a selector: every series of the inputs, scored or not and why
 
 
+def model_identity(source) -> str:
+    """What a trained model is, as a string that changes when it is retrained or re-bundled and not otherwise (the
+    DICOM node's Device UID is made from it, src.serve.dicom_out): for a bundle the SHA-256 of its manifest member
+    (which lists every member's SHA-256 and when the bundle was written), for a run folder the fingerprints of its
+    stage-1 and stage-2 runs (each finished fold's stamp and out-of-fold predictions) and of its blend file."""
+    import hashlib
+    import zipfile
+
+    from . import bundle, layout
+    from .runs import Run
+    from .stamps import file_fingerprint, fingerprint
+    if is_bundle(source):
+        with zipfile.ZipFile(source) as z:  # read_bundle has checked it; bundle's reader bounds what is read
+            manifest = bundle._read(z, z.getinfo(bundle.MANIFEST), Path(source), bundle.MAX_JSON_BYTES)
+        return f"bundle {bundle.MANIFEST} sha256:{hashlib.sha256(manifest).hexdigest()}"
+    run = Run(source)
+    blend = layout.run_blend_file(run.path)
+    parts = [r.fingerprint(with_test=False) for r in run.family()] + [file_fingerprint(blend) if blend.exists() else ""]
+    return f"run fingerprint:{fingerprint(parts)}"
+
+
 def slice_dataset(cfg: dict, images, meta: pd.DataFrame) -> SliceDataset:
     """The run's own input pipeline (input mode, size, crop) over the metadata's readable rows, without augmentation."""
     prev, nxt = neighbour_rows(meta)
@@ -106,12 +127,15 @@ class Predictor:
     batch_size: int = 64
     workers: int = 0
     blend: dict = field(default_factory=dict)  # stage1/seq/boost -> 6 weights fitted by src.blend ({}: none)
+    identity: str = ""                # what the model is, read when loaded (model_identity); "" when built from parts
 
     @classmethod
     def load(cls, source, device="auto", stage2=True, batch_size=64, workers=0) -> Predictor:
         """Every finished stage-1 fold of a run folder (best.pth) and its stage-2 models, or a bundle's (a file)."""
         t = read_bundle(source, stage2) if is_bundle(source) else read_run(source, stage2)
-        return cls.from_parts(t, device, stage2, batch_size, workers)
+        p = cls.from_parts(t, device, stage2, batch_size, workers)
+        p.identity = model_identity(source)
+        return p
 
     @classmethod
     def from_parts(cls, t: Trained, device="auto", stage2=True, batch_size=64, workers=0) -> Predictor:
