@@ -34,6 +34,16 @@ from src import dicom as D
 from .conftest import RSNA_SAMPLE
 
 SOURCE_SERIES = "ID_44cfc8e964"
+# what the series selector says of every series but the axial one (configs/serve/series_rules.yaml's defaults)
+REASONS = {"localizer": "ImageType LOCALIZER: not an original axial acquisition",
+           "thin": "eligible, but series 2 of the study is closer to the training data (one result per study; "
+                   "--all-series scores every eligible series)",
+           "bone": "kernel BONE: a bone or sharp kernel, not soft tissue",
+           "contrast": "contrast agent 'IOHEXOL': the model learned non-contrast CT",
+           "sagittal": "ImageType DERIVED/REFORMATTED/SECONDARY: not an original axial acquisition",
+           "coronal": "ImageType DERIVED/REFORMATTED/SECONDARY: not an original axial acquisition",
+           "dose": "Modality SR, not CT"}
+
 DOSE_SR = "1.2.840.10008.5.1.4.1.1.88.67"  # X-Ray Radiation Dose SR Storage
 ROOT = "1.2.826.0.1.3680043.8.498."       # pydicom's UID root
 

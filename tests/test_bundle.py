@@ -24,15 +24,16 @@ from src.cache import windows_from_settings
 from src.scans import decode_files
 from src.utils import CLASSES, PipelineError
 
-from .conftest import CQ500, RSNA_SAMPLE, copy_run
+from .conftest import CQ500, RSNA_SAMPLE, copy_run, require_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def real_files(demo_data) -> list[Path]:
-    """Real slices when ../shared is there (the RSNA sample's test series and the CQ500 JPEG-Lossless series)."""
-    dirs = [d for d in (RSNA_SAMPLE / "stage_2_test_images", CQ500) if d.exists()]
-    return list_inputs(dirs or [demo_data / "stage_2_test_images"])
+    """Real slices of ../shared (the RSNA sample's test series and the CQ500 JPEG-Lossless series); the test is
+    skipped, naming them, where they are not."""
+    require_path(RSNA_SAMPLE / "stage_2_test_images", CQ500)
+    return list_inputs([RSNA_SAMPLE / "stage_2_test_images", CQ500])
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,8 @@ def test_a_bundle_alone_in_an_empty_folder_predicts_real_dicoms(blended, demo_da
     try:
         p = Predictor.load("model.ichbundle")
         got = p.predict(files)
-        results, _ = analyse(p, [d for d in (CQ500,) if d.exists()] or [demo_data / "stage_2_test_images"], cam_slices=1)
+        require_path(CQ500)
+        results, _ = analyse(p, [CQ500], cam_slices=1)
     finally:
         for kind in ("", "seq_", "boost_"):
             shutil.move(moved / f"{kind}{run.name}", run.parent / f"{kind}{run.name}")
@@ -136,7 +138,8 @@ def test_a_bundle_alone_in_an_empty_folder_predicts_real_dicoms(blended, demo_da
 def test_demo_gives_the_same_table_from_the_bundle_as_from_the_run(blended, demo_data, tmp_path):
     run, bundle = blended
     from src.serve.results import analyse
-    files = [d for d in (CQ500,) if d.exists()] or [demo_data / "stage_2_test_images"]
+    require_path(CQ500)
+    files = [CQ500]
     a, _ = analyse(Predictor.load(run), files, cam_slices=1)
     b, _ = analyse(Predictor.load(bundle), files, cam_slices=1)
     assert [r.series for r in a] == [r.series for r in b]

@@ -41,7 +41,8 @@ from src.cache import load_cache
 from src.utils import CLASSES, write_csv
 from src.serve.webapp import create_app
 
-from .conftest import CQ500, RSNA_SAMPLE
+from .conftest import CQ500, RSNA_SAMPLE, require_path
+from .studies import REASONS, mixed_study
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -53,8 +54,10 @@ def run_dir(trained_run):
 
 
 def real_series_dirs(demo_data):
-    dirs = [d for d in (CQ500, RSNA_SAMPLE / "stage_2_test_images") if d.exists()]
-    return dirs or [demo_data / "stage_2_test_images"]
+    """The real series of ../shared (the CQ500 JPEG-Lossless head, the RSNA sample's test series): skipped, with the
+    reason, where they are not."""
+    require_path(CQ500, RSNA_SAMPLE / "stage_2_test_images")
+    return [CQ500, RSNA_SAMPLE / "stage_2_test_images"]
 
 
 def test_cli_on_real_series(run_dir, demo_data, tmp_path):
@@ -246,7 +249,7 @@ def test_the_page_file_limit_is_the_one_enforced(client, tmp):
     files = [("files", (f"{i}.dcm", b"x")) for i in range(n)]
     r = client.post("/analyse", files=files)
     assert r.status_code == 200 and "Too many files" not in r.text
-    assert "No readable CT slice" in r.text and f"Skipped files ({n})" in r.text
+    assert "No series the model can read in the upload" in r.text and f"Skipped files ({n})" in r.text
     assert not list(tmp.iterdir())
     refused(client.post("/analyse", files=files + [("files", ("one-more.dcm", b"x"))]), 400, f"more than {n} files", tmp)
 
@@ -299,9 +302,9 @@ def test_zips_count_uncompressed(client, tmp, monkeypatch):
 def test_captions_are_escaped_once_and_cannot_close_the_script(client, demo_data):
     files = sorted((demo_data / "stage_2_test_images").glob("*.dcm"))
     series = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
-    two = [f for f in files if pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID == series][:2]
-    names = ["a&b.dcm", "x</script><img src=x onerror=alert(1)>.dcm"]
-    r = client.post("/analyse", files=[("files", (n, f.read_bytes())) for n, f in zip(names, two)])
+    five = [f for f in files if pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID == series][:5]
+    names = ["a&b.dcm", "x</script><img src=x onerror=alert(1)>.dcm", "c.dcm", "d.dcm", "e.dcm"]  # 5: a series
+    r = client.post("/analyse", files=[("files", (n, f.read_bytes())) for n, f in zip(names, five)])
     assert r.status_code == 200 and r.text.count("<script>") == r.text.count("</script>") == 1
     script = re.search(r"<script>(.*?)</script>", r.text, re.S).group(1)
     data = re.search(r"const f=(\[.*?\]);", script).group(1)
@@ -343,7 +346,7 @@ def served(app):
 
 def test_bad_upload_gives_a_message_not_a_trace(server):
     r = requests.post(server + "/analyse", files=[("files", ("junk.dcm", b"\x00" * 100))], timeout=60)
-    assert r.status_code == 200 and "No readable CT slice" in r.text and "Traceback" not in r.text
+    assert r.status_code == 200 and "No series the model can read in the upload" in r.text and "Traceback" not in r.text
     assert "junk.dcm: unreadable DICOM" in r.text
     r = requests.post(server + "/analyse", files=[], timeout=60)  # requests sends no form at all for no files
     assert r.status_code == 415 and "not a file upload" in r.text and "Traceback" not in r.text
@@ -380,6 +383,7 @@ def test_browser_upload_shows_summary_and_a_refusal(server, app, demo_data, tmp_
         page.dispatch_event("#range0", "input")
         assert page.inner_text("#caption0").startswith(f"slice 1/{counts[0]}")
         assert page.locator("#synthetic-warning").is_visible() and "AUC(any)" in page.inner_text("#model-card")
+        assert page.locator(".series-list").count() == 1  # one study: its series listed, scored or not
         page.screenshot(path=str(shot), full_page=True)
 
         # a refusal shown in the page: the app served in-process, its size limit small enough for one file to pass
@@ -398,6 +402,27 @@ def test_browser_upload_shows_summary_and_a_refusal(server, app, demo_data, tmp_
         browser.close()
     assert shot.stat().st_size > 10_000
     assert not list(tmp.iterdir())
+
+
+def test_the_page_scores_only_the_axial_series_of_a_mixed_study(client, tmp_path):
+    """A study as a PACS sends it (tests/studies.py: the real sample's axial series, its thin, bone and contrast
+    copies, reformats, a scout and a dose report) uploaded whole: one study, one scored series, every other series
+    in the page's table with the selector's reason."""
+    require_path(RSNA_SAMPLE)
+    uids = mixed_study(tmp_path / "study")
+    files = sorted((tmp_path / "study").iterdir())
+    r = client.post("/analyse", files=[("files", (f.name, f.read_bytes())) for f in files])
+    assert r.status_code == 200
+    assert r.text.count('<section class="study"') == 1 and r.text.count('<section class="series"') == 1
+    assert f"<h3>Series {uids['axial']}</h3>" in r.text and "<b>33 slices</b>" in r.text
+    rows = re.findall(r"<tr class='(pos|)'><td>([^<]*)</td><td>[^<]*</td><td>(\d+)</td><td>(yes|no)</td>"
+                      r"<td class='why'>([^<]*)</td></tr>", r.text)
+    assert len(rows) == 8 and [row[3] for row in rows].count("yes") == 1
+    why = {number: html.unescape(reason) for _, number, _, _, reason in rows}
+    assert why["2"] == "-"  # the axial series, scored without a note
+    for kind, number in (("localizer", "1"), ("thin", "3"), ("bone", "4"), ("contrast", "5"), ("sagittal", "601"),
+                         ("coronal", "602"), ("dose", "997")):
+        assert why[number] == REASONS[kind], kind
 
 
 def trickle(url: str, declared: int, every: float, stop: threading.Event, out: dict) -> None:

@@ -33,7 +33,8 @@ from src.predictor import Predictor
 from src.runs import Run
 from src.utils import CLASSES, PipelineError
 
-from .conftest import CQ500, RSNA_SAMPLE, copy_run
+from .conftest import CQ500, RSNA_SAMPLE, copy_run, require_path, require_tool
+from .studies import REASONS, mixed_study
 
 ROOT = Path(__file__).resolve().parents[1]
 ORTHANC = shutil.which("Orthanc") or next((p for p in ["/usr/sbin/Orthanc"] if Path(p).exists()), None)
@@ -41,7 +42,8 @@ pytestmark = [pytest.mark.skipif(ORTHANC is None,
                                  reason="Debian's orthanc package is not installed (.ci/run installs it)"),
               pytest.mark.xdist_group("node")]  # one worker runs them all (--dist loadgroup): Orthanc starts once
 REAL = CQ500.exists() and RSNA_SAMPLE.exists()
-TIMEOUT = 1.5                         # the node's --series-timeout in these tests
+TIMEOUT = 1.5                         # the node's --study-timeout in these tests
+LIMIT = 200                           # its --max-study-instances: the mixed study (182 instances) fits
 
 
 def free_port() -> int:
@@ -115,12 +117,12 @@ class NodeProcess:
         self.run, self.spool, self.send_to, self.port, self.flags, self.proc = run, spool, send_to, port, flags, None
         self.log = spool / "node.log"
 
-    def start(self, series_timeout: float = TIMEOUT) -> None:
+    def start(self, study_timeout: float = TIMEOUT) -> None:
         mark = self.log.read_text().count("listening as") if self.log.exists() else 0
         self.spool.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "src.serve.node", "--run", str(self.run), "--send-to", self.send_to, "--port",
-             str(self.port), "--spool-dir", str(self.spool), "--series-timeout", str(series_timeout), "--cam-slices",
+             str(self.port), "--spool-dir", str(self.spool), "--study-timeout", str(study_timeout), "--cam-slices",
              "2", "--device", "cpu", *self.flags],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.spool.parent / "node.stderr", "ab"))
         wait_for(lambda: self.proc.poll() is not None or (self.log.exists() and
@@ -194,7 +196,8 @@ def predictor(trained_run):
     run = copy_run(trained_run, "node_op")
     p = Predictor.load(run, "cpu")
     p.run, p.expected = run, {}       # files -> what the Predictor says of them, computed once
-    any_ = np.sort(expected(p, sorted(CQ500.glob("*.dcm")))[0]["any"].to_numpy()) if CQ500.exists() else [0.5]
+    require_path(CQ500)
+    any_ = np.sort(expected(p, sorted(CQ500.glob("*.dcm")))[0]["any"].to_numpy())
     card = make_card(Run(run))
     card["operating_point"] = {"member": run.name, "threshold": float(any_[len(any_) // 2]), "target_sensitivity": 0.95,
                                "sensitivity": 0.96, "specificity": 0.4}
@@ -217,7 +220,7 @@ def pacs(tmp_path_factory):
 def node(predictor, pacs, tmp_path_factory):
     n = NodeProcess(predictor.run, tmp_path_factory.mktemp("node") / "spool",
                     f"127.0.0.1:{pacs.dicom}:{pacs.aet}", pacs.node_port,
-                    ["--allowed-callers", "TESTSCU,STORESCU", "--max-instance-mb", "2", "--max-series-instances", "45",
+                    ["--allowed-callers", "TESTSCU,STORESCU", "--max-instance-mb", "2", "--max-study-instances", str(LIMIT),
                      "--retry-first", "0.5", "--retry-max", "2"])
     n.start()
     yield n
@@ -236,45 +239,43 @@ def expected(predictor, files) -> tuple[dict, dict]:
 
 
 def sr_findings(sr: pydicom.Dataset) -> dict:
-    """The SR's content as plain values: top-level items by code, and per type its highest probability (with the
-    instance it was inferred from) and its flagged slices (instance -> probability)."""
-    def code(item):
-        return item.ConceptNameCodeSequence[0].CodeValue
-
-    def image_of(item):
-        return str(item.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-
-    out = {"types": {}}
+    """The SR's content as plain values: the texts at its root by code (a list for those that repeat: the series
+    scored and not scored), the threshold, the study's verdict (present / absent), and per scored series and type its
+    highest slice probability with the instance it references (TID 1500, read back with highdicom)."""
+    import highdicom as hd
+    out = {"types": {}, "SCORED": [], "NOT-SCORED": []}
     for item in sr.ContentSequence:
+        c = item.ConceptNameCodeSequence[0].CodeValue
         if item.ValueType == "TEXT":
-            out[code(item)] = item.TextValue
-        elif item.ValueType == "NUM":
-            out[code(item)] = float(item.MeasuredValueSequence[0].FloatingPointValue)
-        elif item.ValueType == "CONTAINER":
-            t = {"flagged": {}}
-            for sub in item.ContentSequence:
-                if code(sub) == "P-MAX":
-                    t["max"], t["max_at"] = float(sub.MeasuredValueSequence[0].FloatingPointValue), image_of(sub)
-                elif code(sub) == "P-SLICE":
-                    t["flagged"][image_of(sub)] = float(sub.MeasuredValueSequence[0].FloatingPointValue)
-            out["types"][{v[0]: c for c, v in TYPE_CODES.items()}[code(item)]] = t
+            out[c].append(item.TextValue) if c in ("SCORED", "NOT-SCORED") else out.__setitem__(c, item.TextValue)
+        elif item.ValueType == "NUM" and c == "122411":  # Threshold Value
+            out["THRESHOLD"] = float(item.MeasuredValueSequence[0].FloatingPointValue)
+        elif item.ValueType == "CONTAINER" and c == "C0034375":  # the study's qualitative evaluation
+            out["VERDICT"] = item.ContentSequence[0].ConceptCodeSequence[0].CodeMeaning
+    cls_of = {v.value: k for k, v in TYPE_CODES.items()}
+    for g in hd.sr.MeasurementReport.from_sequence([sr]).get_image_measurement_groups():
+        (m,) = g.get_measurements()
+        (img,) = m.referenced_images
+        out["types"][cls_of[g.finding_type.value]] = {"max": m.value, "max_at": img.referenced_sop_instance_uid}
     return out
 
 
 def results_in(pacs: OrthancServer, study_uid: str, n_sr: int = 1):
-    """(SR datasets, SC datasets) once the node's results for a study are in Orthanc."""
+    """(SR datasets, KO datasets, SC datasets) once the node's results for a study are in Orthanc."""
     def ready():
-        srs, scs = pacs.series_of(study_uid, "SR"), pacs.series_of(study_uid, "OT")
-        return (srs, scs) if len(srs) >= n_sr and sum(len(s["Instances"]) for s in scs) >= 2 * n_sr else None
+        srs, kos, scs = (pacs.series_of(study_uid, m) for m in ("SR", "KO", "OT"))
+        return (srs, kos, scs) if len(srs) >= n_sr and len(kos) >= n_sr and \
+            sum(len(s["Instances"]) for s in scs) >= 2 * n_sr else None
     return ready
 
 
 def check_results(pacs, predictor, node, files, sc_count=2) -> pydicom.Dataset:
-    """The node's SR and SC series for one real series are in its study in Orthanc and say what the Predictor says."""
+    """The node's SR, key images and Grad-CAM series for one real series are in its study in Orthanc and say what the
+    Predictor says."""
     src = pydicom.dcmread(files[0], stop_before_pixels=True)
-    srs, scs = wait_for(results_in(pacs, str(src.StudyInstanceUID)), 120, f"results of {src.SeriesInstanceUID}",
-                        node.log)
-    assert len(srs) == 1 and len(scs) == 1, (srs, scs)
+    srs, kos, scs = wait_for(results_in(pacs, str(src.StudyInstanceUID)), 120, f"results of {src.SeriesInstanceUID}",
+                             node.log)
+    assert len(srs) == len(kos) == len(scs) == 1, (srs, kos, scs)
     [sr] = pacs.instances(srs[0])
     table, by_uid = expected(predictor, files)
     # in the source study, patient copied, fresh valid UIDs
@@ -282,6 +283,7 @@ def check_results(pacs, predictor, node, files, sc_count=2) -> pydicom.Dataset:
     for u in (sr.SeriesInstanceUID, sr.SOPInstanceUID):
         assert UID(u).is_valid and u != src.SeriesInstanceUID, u
     assert sr.SOPClassUID == pydicom.uid.ComprehensiveSRStorage and sr.Modality == "SR"
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500" and sr.VerificationFlag == "UNVERIFIED"
     # the evidence is the source series, every scored instance
     [study] = sr.CurrentRequestedProcedureEvidenceSequence
     [ref_series] = study.ReferencedSeriesSequence
@@ -290,20 +292,21 @@ def check_results(pacs, predictor, node, files, sc_count=2) -> pydicom.Dataset:
     # the numbers are the Predictor's, at the card's operating point, stated
     f = sr_findings(sr)
     threshold, how = verdict_threshold(predictor.card)
-    assert f["THRESHOLD"] == pytest.approx(threshold, abs=1e-12) and f["THRESHOLD-FROM"] == how
+    assert f["THRESHOLD"] == pytest.approx(threshold, abs=1e-12) and f["THRESHOLD-FROM"].startswith(how)
     assert "operating point chosen out of fold" in how
-    assert f["VERDICT"] == ("suspected hemorrhage" if table["any"].max() >= threshold else "no hemorrhage found")
+    assert f["VERDICT"] == ("Present" if table["any"].max() >= threshold else "Absent")
     assert f["INTENDED-USE"] == RESEARCH_USE and f["WARNING"] == SYNTHETIC_WARNING  # the demo model: generated data
     assert "Trained on" in f["MODEL-CARD"] and f"{threshold:.3f}" in f["MODEL-CARD"]
+    assert len(f["SCORED"]) == 1 and src.SeriesInstanceUID in f["SCORED"][0]
     for c in CLASSES:
         t = f["types"][c]
         assert t["max"] == pytest.approx(table[c].max(), abs=1e-5), c
         assert by_uid[t["max_at"]][c] == pytest.approx(table[c].max(), abs=1e-5)
-        want = {u: row[c] for u, row in by_uid.items() if row[c] >= threshold}
-        assert set(t["flagged"]) == set(want), c
-        for u, p in t["flagged"].items():
-            assert p == pytest.approx(want[u], abs=1e-5)
-    assert f["types"]["any"]["flagged"] or f["VERDICT"] == "no hemorrhage found"
+    # the key images are the flagged slices (at or above the threshold for 'any'; the top one when none is)
+    [ko] = pacs.instances(kos[0])
+    keys = {str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in ko.ContentSequence if i.ValueType == "IMAGE"}
+    flagged = {u for u, row in by_uid.items() if row["any"] >= threshold}
+    assert keys == (flagged or {max(by_uid, key=lambda u: by_uid[u]["any"])})
     # the Grad-CAM images decode, from Orthanc's file and as Orthanc renders them, and point at their source slices
     images = pacs.instances(scs[0])
     assert len(images) == sc_count
@@ -316,7 +319,6 @@ def check_results(pacs, predictor, node, files, sc_count=2) -> pydicom.Dataset:
         px = im.pixel_array
         assert px.ndim == 3 and px.shape[2] == 3 and px.dtype == np.uint8 and px.std() > 5
         assert str(im.SourceImageSequence[0].ReferencedSOPInstanceUID) in top_uids
-    assert scs[0]["MainDicomTags"]["SeriesInstanceUID"] in f["OVERLAYS"]
     png = pacs.get(f"/instances/{scs[0]['Instances'][0]}/preview").content
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     return sr
@@ -334,7 +336,7 @@ def test_names_destinations_and_command_line_errors(tmp_path):
         with pytest.raises(PipelineError, match="HOST:PORT:AET"):
             parse_destination(bad)
     for args, says in ((["--send-to", "pacs:4242:ORTHANC"], "--run"), (["--run", "r"], "--send-to"),
-                       (["--run", "r", "--send-to", "pacs:4242:ORTHANC", "--series-timeout", "0"], "--series-timeout")):
+                       (["--run", "r", "--send-to", "pacs:4242:ORTHANC", "--study-timeout", "0"], "--study-timeout")):
         r = subprocess.run([sys.executable, "-m", "src.serve.node", *args, "--spool-dir", str(tmp_path)], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and says in r.stderr, r.stderr
@@ -359,20 +361,18 @@ def test_echo_and_callers(node):
 def test_real_series_come_back_as_sr_and_images_in_their_study(node, pacs, predictor):
     cq500 = sorted(CQ500.glob("*.dcm"))
     test_series = list(series_files(RSNA_SAMPLE / "stage_2_test_images").values())[0]
-    storescu = shutil.which("storescu")
-    if storescu:  # dcmtk, as a scanner or an archive would send; -xs proposes JPEG Lossless, the files' syntax
-        r = subprocess.run([storescu, "-xs", "-aet", "STORESCU", "-aec", "ICH", "127.0.0.1", str(node.port),
-                            *map(str, cq500)], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
-    else:
-        assert send(node.port, [pydicom.dcmread(f) for f in cq500]) == [0] * len(cq500)
+    storescu = require_tool("storescu")
+    # dcmtk, as a scanner or an archive would send; -xs proposes JPEG Lossless, the files' syntax
+    r = subprocess.run([storescu, "-xs", "-aet", "STORESCU", "-aec", "ICH", "127.0.0.1", str(node.port),
+                        *map(str, cq500)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
     assert send(node.port, [rsna(f) for f in test_series]) == [0] * len(test_series)
     sr = check_results(pacs, predictor, node, cq500)
     check_results(pacs, predictor, node, test_series)
-    if shutil.which("dsr2html"):  # dcmtk renders the report as a viewer would
-        sr.save_as(node.spool.parent / "sr.dcm")
-        html = subprocess.run(["dsr2html", str(node.spool.parent / "sr.dcm")], capture_output=True, text=True).stdout
-        assert "Verdict" in html and "Research use, not a medical device" in html
+    sr.save_as(node.spool.parent / "sr.dcm")  # dcmtk renders the report as a viewer would
+    html = subprocess.run([require_tool("dsr2html"), str(node.spool.parent / "sr.dcm")], capture_output=True,
+                          text=True).stdout
+    assert "Imaging Measurement Report" in html and "Research use, not a medical device" in html
 
 
 @pytest.mark.skipif(not REAL, reason="the real series in ../shared are absent")
@@ -381,6 +381,7 @@ def test_duplicates_count_once_and_bad_instances_are_refused_or_skipped(node, pa
     good = [rsna(f) for f in files]
     mr = rsna(files[0])
     mr.SOPClassUID, mr.Modality, mr.SOPInstanceUID = MRImageStorage, "MR", pydicom.uid.generate_uid()
+    mr.SeriesInstanceUID = pydicom.uid.generate_uid()  # an MR series of the same study
     mr.file_meta.MediaStorageSOPClassUID = MRImageStorage
     huge_header = rsna(files[1])
     huge_header.Rows = huge_header.Columns = 4096
@@ -392,34 +393,39 @@ def test_duplicates_count_once_and_bad_instances_are_refused_or_skipped(node, pa
     lone.PixelData = lone.PixelData[:4000]
     statuses = send(node.port, good[:20] + good[:5] + [mr, huge_header, truncated, lone] + good[20:] + good[-3:],
                     contexts=(CTImageStorage, MRImageStorage))
-    assert statuses == [0] * 25 + [0xC000, 0xC000, 0, 0] + [0] * (len(good) - 20 + 3)
+    # the MR image is valid: stored with its study and listed as not scored; the 4096-pixel header is not a CT slice
+    assert statuses == [0] * 25 + [0, 0xC000, 0, 0] + [0] * (len(good) - 20 + 3)
     # an instance larger than --max-instance-mb aborts its association while it streams
     big = rsna(files[4])
     big.SOPInstanceUID, big.Rows, big.Columns = pydicom.uid.generate_uid(), 1024, 1024
     big.PixelData = np.zeros((1024, 1024), np.int16).tobytes()
     assert send(node.port, [big]) == [None]
-    check_results(pacs, predictor, node, files)   # every good instance once, the truncated one not among them
-    wait_for(lambda: f"series {lone.SeriesInstanceUID} not scored" in node.text(), 60, "the broken series to fail",
-             node.log)
+    sr = check_results(pacs, predictor, node, files)  # every good instance once, the truncated one not among them
     log = node.text()
     assert f"skipped {truncated.SOPInstanceUID}.dcm: pixel data too short" in log
-    assert "not a CT Image" in log and "image of 4096 x 4096 pixels" in log
-    assert "aborted: an instance over 2 MB" in log
-    assert "8 duplicate(s), 2 refused" in log  # good[:5] and good[-3:] again, in the same association
-    assert list((node.spool / "failed").glob(f"{lone.SeriesInstanceUID}-*/reason.txt"))
+    assert "kept with its study, not scored: SOP class MR Image Storage, not a CT image" in log
+    assert "image of 4096 x 4096 pixels" in log and "aborted: an instance over 2 MB" in log
+    assert "8 duplicate(s), 1 refused" in log  # good[:5] and good[-3:] again, in the same association
+    # the MR image and the one broken instance of another series are listed in the study's report, not scored
+    not_scored = sr_findings(sr)["NOT-SCORED"]
+    assert any(mr.SeriesInstanceUID in t and t.endswith("Modality MR, not CT") for t in not_scored), not_scored
+    assert any(lone.SeriesInstanceUID in t and t.endswith("1 slice(s): a head CT series has 5 to 1000")
+               for t in not_scored), not_scored
     assert not list(node.spool.rglob(f"{big.SOPInstanceUID}*"))  # nothing of the aborted instance was kept
 
 
 @pytest.mark.skipif(not REAL, reason="the real series in ../shared are absent")
-def test_series_over_its_limit_is_refused_and_not_scored(node, pacs):
-    series, study = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+def test_a_study_over_its_limit_is_refused_and_not_scored(node, pacs):
+    study = pydicom.uid.generate_uid()
     copies = []
-    for _ in range(46):               # one real slice under 46 instance UIDs: one more than --max-series-instances
-        ds = pydicom.dcmread(sorted(CQ500.glob("*.dcm"))[0])
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, pydicom.uid.generate_uid()
+    for _ in range(LIMIT + 1):        # one small slice under LIMIT + 1 instance UIDs: one more than the limit
+        ds = rsna(sorted((RSNA_SAMPLE / "stage_2_test_images").glob("*.dcm"))[0])
+        ds.StudyInstanceUID, ds.SOPInstanceUID = study, pydicom.uid.generate_uid()
+        ds.Rows = ds.Columns = 16
+        ds.PixelData = np.full((16, 16), 1024, np.uint16 if ds.PixelRepresentation == 0 else np.int16).tobytes()
         copies.append(ds)
-    assert send(node.port, copies) == [0] * 45 + [0xA700]
-    wait_for(lambda: f"series {series} not scored" in node.text(), 60, "the series over its limit to be set aside",
+    assert send(node.port, copies) == [0] * LIMIT + [0xA700]
+    wait_for(lambda: f"study {key(study)} not scored" in node.text(), 60, "the study over its limit to be set aside",
              node.log)
     time.sleep(1)
     assert pacs.series_of(study, "SR") == []
@@ -438,20 +444,43 @@ def test_killed_mid_series_restarts_from_its_spool(node, pacs, predictor):
     node.kill9()                      # mid-series, mid-association, before the series could be quiet
     assoc.abort()
     assert len(list((node.spool / "incoming").glob("*/*.dcm"))) == half
-    node.start(series_timeout=4)      # the time a restarted node gives its senders to resume
+    node.start(study_timeout=4)      # the time a restarted node gives its senders to resume
     # the sender resumes, re-sending a few it had sent: they count once
     assert send(node.port, [rsna(f) for f in files[half - 3:]]) == [0] * (len(files) - half + 3)
     # killed again while it scores the series: restarted, it scores it again, first, and delivers one result
-    series = key(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-    wait_for(lambda: f"series {series} complete: {len(files)} instance(s); scoring" in node.text(), 60,
+    study = key(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    wait_for(lambda: f"study {study} complete: {len(files)} instance(s); scoring" in node.text(), 60,
              "the scoring to start", node.log)
     node.kill9()
-    assert (node.spool / "work" / series / "round.txt").exists()
-    assert not list((node.spool / "outbox").glob(f"{series}-*")) and not list((node.spool / "sent").glob(f"{series}-*"))
+    assert (node.spool / "work" / study / "round.txt").exists()
+    assert not list((node.spool / "outbox").glob(f"{study}-*")) and not list((node.spool / "sent").glob(f"{study}-*"))
     node.start()
-    assert "1 series interrupted while scored (scored first)" in node.text().rsplit("listening as", 1)[1]
+    assert "1 studies interrupted while scored (scored first)" in node.text().rsplit("listening as", 1)[1]
     check_results(pacs, predictor, node, files)
-    assert node.text().count(f"series {series} complete: {len(files)} instance(s); scoring") == 2
+    assert node.text().count(f"study {study} complete: {len(files)} instance(s); scoring") == 2
+
+
+@pytest.mark.skipif(not REAL, reason="the real series in ../shared are absent")
+def test_a_whole_study_sent_by_a_default_storescu_gets_one_answer_from_its_axial_series(node, pacs, predictor,
+                                                                                       tmp_path):
+    """A study as a PACS forwards it (tests/studies.py: the real sample's axial series with its thin, bone and
+    contrast copies, sagittal and coronal reformats, a scout and a dose report), sent whole by dcmtk's storescu with
+    its defaults (+sd +r, and no --no-halt: it stops at the first failed store): every instance gets through, and
+    the study gets one report, from the axial series, listing every other series with its reason."""
+    uids = mixed_study(tmp_path / "study")
+    r = subprocess.run([require_tool("storescu"), "+sd", "+r", "-aet", "STORESCU", "-aec", "ICH", "127.0.0.1",
+                        str(node.port), str(tmp_path / "study")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    files = sorted(tmp_path / "study" / f.name for f in (tmp_path / "study").iterdir())
+    axial = [f for f in files if pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID == uids["axial"]]
+    assert len(axial) == 33
+    sr = check_results(pacs, predictor, node, axial)
+    f = sr_findings(sr)
+    listed = {t.split(", ")[1]: t for t in f["NOT-SCORED"]}
+    assert len(listed) == 7 and uids["axial"] in f["SCORED"][0]
+    for kind, why in REASONS.items():
+        assert listed[uids[kind]].endswith(f": {why}"), kind
+    assert len(pacs.series_of(uids["study"], "SR")) == 1  # one answer for the whole study
 
 
 @pytest.mark.skipif(not REAL, reason="the real series in ../shared are absent")
@@ -464,7 +493,7 @@ def test_a_late_instance_rescores_its_series(node, pacs, predictor):
     assert send(node.port, [rsna(f) for f in files[:-1]]) == [0] * (len(files) - 1)
     wait_for(results_in(pacs, study), 120, "the first report", node.log)
     assert send(node.port, [rsna(files[-1])]) == [0]
-    srs, _ = wait_for(results_in(pacs, study, n_sr=2), 120, "the second report", node.log)
+    srs, _, _ = wait_for(results_in(pacs, study, n_sr=2), 120, "the second report", node.log)
     reports = [sr for s in srs for sr in pacs.instances(s)]
     evidence = [{str(r.ReferencedSOPInstanceUID) for r in sr.CurrentRequestedProcedureEvidenceSequence[0]
                  .ReferencedSeriesSequence[0].ReferencedSOPSequence} for sr in reports]

@@ -9,7 +9,7 @@ tests can fill its disk for real.
 The limits are the node's flags, set small here so that each attack takes seconds: --association-timeout and
 --network-timeout 2 s, --max-associations 30, --max-associations-per-peer 20, and small data limits.
 
-The limits on data (--max-association-mb, --max-association-instances, --max-series-mb), the disk floor driven
+The limits on data (--max-association-mb, --max-association-instances, --max-study-mb), the disk floor driven
 in-process (the unit test that stands in where no tmpfs can be mounted) and --keep-hours pruning are here too.
 
     .venv/bin/python -m pytest -q tests/test_node_limits.py
@@ -42,23 +42,34 @@ MAX_ALL, MAX_PEER = 30, 20            # its --max-associations and --max-associa
 FLOOR_MB = 1                          # its --min-free-mb
 FLAGS = ["--allowed-callers", "TESTSCU", "--association-timeout", str(ASSOC_S), "--network-timeout", str(ASSOC_S),
          "--max-associations", str(MAX_ALL), "--max-associations-per-peer", str(MAX_PEER), "--max-instance-mb", "1",
-         "--max-association-mb", "3", "--max-association-instances", "8", "--max-series-mb", "2",
+         "--max-association-mb", "3", "--max-association-instances", "8", "--max-study-mb", "2",
          "--min-free-mb", str(FLOOR_MB), "--retry-first", "60", "--retry-max", "60"]
 MB = 1 << 20
 RSS_BOUND = 64 * MB                   # what an attack may add to the node's resident memory
 
 
 # ---------------------------------------------------------------- DICOM objects and PDUs
-def ct(series: str, rows: int = 64, study: str = "1.2.3.4", seed: int = 0) -> Dataset:
-    """A CT slice the node keeps and can score: plausible HU noise (the header checks and the decoder's
-    plausibility rule pass)."""
+def study_of(series: str) -> str:
+    """The study of a test series: each its own (the node groups instances by study, and its limits are a study's)."""
+    return generate_uid(entropy_srcs=[series])
+
+
+def study_key(series: str) -> str:
+    from src.serve.node import key
+    return key(study_of(series))
+
+
+def ct(series: str, rows: int = 64, study: str | None = None, seed: int = 0) -> Dataset:
+    """Slice `seed` of an axial CT series the node keeps and the selector scores (five or more of them): plausible HU
+    noise (the header checks and the decoder's plausibility rule pass), a 256 mm field of view, slices 1 mm apart."""
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality, ds.PatientID = CTImageStorage, generate_uid(), "CT", "ATTACK"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study or study_of(series), series
     ds.Rows = ds.Columns = rows
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.SamplesPerPixel = 16, 16, 15, 1, 1
     ds.PhotometricInterpretation, ds.RescaleSlope, ds.RescaleIntercept = "MONOCHROME2", 1, -1024
-    ds.ImagePositionPatient, ds.PixelSpacing = [0, 0, seed], [0.5, 0.5]
+    ds.ImagePositionPatient, ds.PixelSpacing = [0, 0, seed], [256 / rows, 256 / rows]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.PixelData = np.random.default_rng(seed).integers(0, 2000, (rows, rows), dtype=np.int16).tobytes()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = CTImageStorage, ds.SOPInstanceUID
@@ -260,10 +271,12 @@ def disk(tmp_path_factory):
 def node(trained_run, disk, tmp_path_factory):
     root = disk if disk is not None else tmp_path_factory.mktemp("spool_disk")
     n = NodeProcess(trained_run, root / "spool", f"127.0.0.1:{free_port()}:NOBODY", free_port(), FLAGS)
-    n.start(series_timeout=1.0)
-    n.legit = ct(generate_uid(), seed=1)
-    assert send(n, [n.legit]) == [0]  # its series is scored once, before any attack: later copies count once
-    wait_for(lambda: f"series {n.legit.SeriesInstanceUID} scored" in n.text(), 120, "the legitimate series", n.log)
+    n.start(study_timeout=1.0)
+    series = generate_uid()
+    legit = [ct(series, seed=i) for i in range(5)]
+    n.legit = legit[0]
+    assert send(n, legit) == [0] * 5  # its study is scored once, before any attack: later copies count once
+    wait_for(lambda: f"study {study_key(series)} scored" in n.text(), 120, "the legitimate study", n.log)
     yield n
     if n.proc.poll() is None:
         n.stop()
@@ -416,13 +429,13 @@ def test_a_pdu_trickled_inside_an_association_is_dropped(node):
 
 # ---------------------------------------------------------------- data limits (issue 32: each untested before)
 def test_an_association_over_its_megabytes_is_aborted(node):
-    """--max-association-mb 3: eight 0.5 MB instances (MR: each refused, but carried) in one association; the
-    association is aborted while the one that passes 3 MB streams."""
+    """--max-association-mb 3: eight 0.5 MB instances (MR images: each valid, stored, not scored) in one association;
+    the association is aborted while the one that passes 3 MB streams."""
     mark, images = len(node.text()), [mr(generate_uid()) for _ in range(8)]
     size = len(dataset_bytes(images[0]))  # what the association carries of each (the data set, no file meta)
     fit = 3 * MB // size              # instances carried whole before the limit
     statuses = send(node, images, contexts=(MRImageStorage,), wait=2)
-    assert fit == 5 and statuses == [0xC000] * fit + [None] * (8 - fit)
+    assert fit == 5 and statuses == [0] * fit + [None] * (8 - fit)
     assert "aborted: over 3 MB in one association" in log_after(node, mark)
 
 
@@ -433,16 +446,17 @@ def test_instances_over_the_association_count_are_refused(node):
     assert "refused: over 8 instances in one association" in log_after(node, mark)
 
 
-def test_a_series_over_its_megabytes_is_refused_and_not_scored(node):
-    """--max-series-mb 2: of five 0.5 MB slices of one series three fit (with their headers), the rest are refused
-    with 0xA700, and the series is set aside unscored."""
+def test_a_study_over_its_megabytes_is_refused_and_not_scored(node):
+    """--max-study-mb 2: of five 0.5 MB slices of one study three fit (with their headers), the rest are refused
+    with 0xA700, and the study is set aside unscored."""
     series, mark = generate_uid(), len(node.text())
     assert send(node, [ct(series, rows=512, seed=i) for i in range(5)]) == [0, 0, 0, 0xA700, 0xA700]
-    wait_for(lambda: f"series {series} not scored: series {series} over its limit" in node.text(), 30,
-             "the series to be set aside", node.log)
-    assert f"series {series} complete" not in log_after(node, mark)
-    [reason] = (node.spool / "failed").glob(f"{series}-*/reason.txt")
-    assert "over its limit (2000 instances, 2 MB)" in reason.read_text()
+    study = study_key(series)
+    wait_for(lambda: f"study {study} not scored: study {study} over its limit" in node.text(), 30,
+             "the study to be set aside", node.log)
+    assert f"study {study} complete" not in log_after(node, mark)
+    [reason] = (node.spool / "failed").glob(f"{study}-*/reason.txt")
+    assert "over its limit (10000 instances, 2 MB)" in reason.read_text()
 
 
 def test_a_deeply_nested_header_is_refused_and_leaves_no_file(node, tmp_path):
@@ -483,6 +497,7 @@ def test_below_the_floor_instances_wait_with_0xa700(node, disk):
         pytest.skip("mounting a tmpfs is not allowed here (CI runs as root); test_the_disk_floor_in_process covers "
                     "the free-space check")
     series, mark = generate_uid(), len(node.text())
+    study = study_key(series)
     slices = [ct(series, rows=256, seed=i) for i in range(8)]
     ballast = fill(disk, FLOOR_MB * MB + int(0.55 * MB))
     try:
@@ -492,18 +507,18 @@ def test_below_the_floor_instances_wait_with_0xa700(node, disk):
             watch.check()
         log = log_after(node, mark)
         assert log.count("disk: the spool's disk has") == 1 and "4 refused (4 for lack of space)" in log
-        assert len((node.spool / "incoming" / series / "missing.txt").read_text().split()) == 1 + 4
+        assert len((node.spool / "incoming" / study / "missing.txt").read_text().split()) == 1 + 4
     finally:
         ballast.unlink()
     wait_for(lambda: "MB free again; receiving and scoring resume" in log_after(node, mark), 10, "space to return",
              node.log)
-    time.sleep(2.5)                   # past --series-timeout with space: the series still waits for its four
-    assert f"series {series} complete" not in log_after(node, mark)
+    time.sleep(2.5)                   # past --study-timeout with space: the series still waits for its four
+    assert f"study {study} complete" not in log_after(node, mark)
     assert send(node, slices[4:]) == [0] * 4
-    wait_for(lambda: f"series {series} scored" in node.text(), 60, "the whole series to be scored", node.log)
+    wait_for(lambda: f"study {study} scored" in node.text(), 60, "the whole study to be scored", node.log)
     log = log_after(node, mark)
-    assert log.count("MB free again") == 1 and f"series {series} complete: 8 instance(s)" in log
-    assert not (node.spool / "done" / series / "missing.txt").exists()
+    assert log.count("MB free again") == 1 and f"study {study} complete: 8 instance(s)" in log
+    assert not (node.spool / "done" / study / "missing.txt").exists()
     assert not list(node.spool.rglob("*.tmp")) and not any(f.stat().st_size == 0 for f in node.spool.rglob("*.dcm"))
 
 
@@ -514,22 +529,23 @@ def test_results_that_cannot_be_written_wait_and_a_restart_does_not_crash_loop(n
     if disk is None:
         pytest.skip("mounting a tmpfs is not allowed here (CI runs as root); test_disk_floor_unit covers the check")
     series, mark = generate_uid(), len(node.text())
-    assert send(node, [ct(series, rows=512, seed=i) for i in range(2)]) == [0, 0]
+    study = study_key(series)
+    assert send(node, [ct(series, rows=256, seed=i) for i in range(5)]) == [0] * 5
     ballast = fill(disk, FLOOR_MB * MB + int(0.2 * MB))   # above the floor; the results need 1.8 MB
     try:
-        wait_for(lambda: f"series {series}: OSError: [Errno 28] No space left on device" in node.text(), 60,
+        wait_for(lambda: f"study {study}: OSError: [Errno 28] No space left on device" in node.text(), 60,
                  "the results to fail for lack of space", node.log)
-        assert (node.spool / "work" / series).is_dir() and not list((node.spool / "outbox").glob(f"{series}-*"))
+        assert (node.spool / "work" / study).is_dir() and not list((node.spool / "outbox").glob(f"{study}-*"))
         node.kill9()
-        node.start(series_timeout=1.0)
-        wait_for(lambda: log_after(node, mark).count(f"series {series}: OSError: [Errno 28]") == 2, 60,
+        node.start(study_timeout=1.0)
+        wait_for(lambda: log_after(node, mark).count(f"study {study}: OSError: [Errno 28]") == 2, 60,
                  "the restarted node to try again", node.log)
         time.sleep(2)
         assert node.proc.poll() is None and associate(node).send_c_echo().Status == 0
         assert not list(node.spool.rglob(".*.tmp")) and not list((node.spool / "tmp").iterdir())
     finally:
         ballast.unlink()
-    wait_for(lambda: list((node.spool / "outbox").glob(f"{series}-*/summary.json")), 60, "the results", node.log)
+    wait_for(lambda: list((node.spool / "outbox").glob(f"{study}-*/summary.json")), 60, "the results", node.log)
     assert "Traceback" not in (node.spool.parent / "node.stderr").read_text()
 
 
@@ -564,20 +580,21 @@ def test_the_disk_floor_in_process(tmp_path):
     free = [10 * MB]
     sp, lines = spool_in(tmp_path, 3, free)
     series = generate_uid()
+    study = study_key(series)
     a, b, c = (encoded(ct(series, seed=i)) for i in range(3))
     assert sp.receive(a, CTImageStorage)[0] == 0
     free[0] = 3 * MB + len(b) - 1
     assert [sp.receive(x, CTImageStorage)[0] for x in (b, c, b)] == [OUT_OF_RESOURCES] * 3
-    assert sp.receive(a, CTImageStorage) == (0, f"duplicate of {series}/{pydicom.dcmread(io.BytesIO(a)).SOPInstanceUID}"
+    assert sp.receive(a, CTImageStorage) == (0, f"duplicate of {study}/{pydicom.dcmread(io.BytesIO(a)).SOPInstanceUID}"
                                                 ".dcm: counted once")
     assert [ln.startswith("disk: the spool's disk has") for ln in lines] == [True]
-    assert len(sp.missing[series][1]) == 2 and sp.ready(0, hold=3600) == []  # it waits for them
+    assert len(sp.missing[study][1]) == 2 and sp.ready(0, hold=3600) == []  # it waits for them
     free[0] = 3 * MB + len(b)         # enough for b, not yet the floor and the largest instance (1 MB)
     assert sp.receive(b, CTImageStorage)[0] == OUT_OF_RESOURCES and len(lines) == 1
     free[0] = 4 * MB
     assert [sp.receive(x, CTImageStorage)[0] for x in (b, c)] == [0, 0]
-    assert len(lines) == 2 and "free again" in lines[1] and series not in sp.missing
-    assert sp.ready(0, hold=3600) == [series] and not list((sp.root / "tmp").iterdir())
+    assert len(lines) == 2 and "free again" in lines[1] and study not in sp.missing
+    assert sp.ready(0, hold=3600) == [study] and not list((sp.root / "tmp").iterdir())
 
 
 def test_writes_that_fail_leave_no_file_and_answer_0xa700(tmp_path, monkeypatch):

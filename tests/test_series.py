@@ -17,19 +17,9 @@ from src.serve.selector import SeriesRules, kernel_kind, select
 from src.utils import PipelineError
 
 from .conftest import RSNA_SAMPLE
-from .studies import mixed_study
+from .studies import REASONS, mixed_study
 
 pytestmark = pytest.mark.skipif(not RSNA_SAMPLE.exists(), reason="../shared/rsna_sample (the real files) not present")
-
-REASONS = {"localizer": "ImageType LOCALIZER: not an original axial acquisition",
-           "thin": "eligible, but series 2 of the study is closer to the training data (one result per study; "
-                   "--all-series scores every eligible series)",
-           "bone": "kernel BONE: a bone or sharp kernel, not soft tissue",
-           "contrast": "contrast agent 'IOHEXOL': the model learned non-contrast CT",
-           "sagittal": "ImageType DERIVED/REFORMATTED/SECONDARY: not an original axial acquisition",
-           "coronal": "ImageType DERIVED/REFORMATTED/SECONDARY: not an original axial acquisition",
-           "dose": "Modality SR, not CT"}
-
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
@@ -189,3 +179,11 @@ def test_the_demo_answers_once_for_the_study(study, trained_run):
     for kind, why in REASONS.items():
         assert listing.loc[uids[kind], "reason"] == why
     assert s.summary["verdict"] == s.scored[0].summary["verdict"] and s.summary["scored_series"] == [uids["axial"]]
+
+
+def test_no_readable_header_gives_an_empty_listing(tmp_path):
+    """Files of which none is DICOM: no series, no error (the front ends then list the files as skipped)."""
+    (tmp_path / "a.dcm").write_bytes(b"x")
+    heads = read_headers([tmp_path / "a.dcm"])
+    d = select(heads[heads.status == "ok"], SeriesRules.load())
+    assert d.empty and list(d.columns)[:2] == ["StudyInstanceUID", "SeriesInstanceUID"]

@@ -1,27 +1,30 @@
-"""A DICOM node beside a PACS: it receives head CT series over DICOM, scores them, and sends the results back as DICOM.
+"""A DICOM node beside a PACS: it receives head CT studies over DICOM, scores each once, and sends the results back.
 
     python -m src.serve.node --run outputs/demo/bundles/resnet10t_128.ichbundle --send-to PACS_HOST:4242:ORTHANC
     python -m src.serve.node --run RUN --ae-title ICH --port 11112 --host 0.0.0.0 --allowed-callers ORTHANC --send-to ...
 
 A Storage SCP (pynetdicom) under --ae-title on --host:--port (127.0.0.1 unless told otherwise; --allowed-callers
-limits who may send) answers C-ECHO and takes CT images by C-STORE. Each instance is checked from its header before
-it is kept (a CT Image of modality CT, not a localizer, with the series and instance UIDs, a matrix and a decoded
-size a CT slice can have: `src.dicom.read_dicom` and `check_header`); what fails is refused with the reason, in the
-C-STORE status and in the log. Kept instances are written atomically to the spool, one folder per series; an
-instance already there counts once. A series is complete when none of its instances has come for
---series-timeout seconds: it is scored by the `Predictor` (`src.serve.results.analyse`: the run's preprocessing, folds,
-stage 2 and blend; Grad-CAM of the most suspicious slices) and its results (`src.serve.dicom_out`: a Structured Report
+limits who may send) answers C-ECHO and takes every storage SOP class by C-STORE. An instance is received when its
+header places it in a study (Study, Series and SOP Instance UIDs) and, for a CT image, declares a matrix and a decoded
+size a CT slice can have (`src.dicom.read_dicom`, `check_header`); what fails is refused with the reason, in the
+C-STORE status and in the log. A valid object the model does not score (a scout, a reformat, a dose report) is
+received too, with status Success: a sender forwarding a whole study is not stopped at it. Kept instances are
+written atomically to the spool, one folder per study; an instance already there counts once. A study is complete
+when none of its instances has come for --study-timeout seconds: the series selector (src/serve/selector.py,
+--series-rules) chooses from the headers the series the model can read, the `Predictor` scores it
+(`src.serve.results.analyse_study`: the run's preprocessing, folds, stage 2 and blend; Grad-CAM of the most
+suspicious slices), and its results (`src.serve.dicom_out`: a TID 1500 Measurement Report, a Key Object Selection
 and Secondary Capture images, in the source study) wait in the outbox until --send-to has accepted them by C-STORE,
 retried with exponential backoff while it is down.
 
 Spool (--spool-dir), every move between its folders one rename, so a node killed at any point and started again
 finishes from it:
-    incoming/<series>/   instances received, the series not yet quiet
-    work/<series>/       the series being scored (round.txt names the scoring round)
-    done/<series>/       instances scored (--keep-hours): a late instance of the series is scored with them;
+    incoming/<study>/    instances received, the study not yet quiet
+    work/<study>/        the study being scored (round.txt names the scoring round)
+    done/<study>/        instances scored (--keep-hours): a late instance of the study is scored with them;
                          the same instance again counts once
-    failed/<series>-<time>/  series that gave no result, with reason.txt
-    outbox/<series>-<round>/ results not yet delivered; sent/<...>/ delivered ones (--keep-hours)
+    failed/<study>-<time>/   studies that gave no result, with reason.txt
+    outbox/<study>-<round>/  results not yet delivered; sent/<...>/ delivered ones (--keep-hours)
     tmp/                 an instance while its header is checked (removed whatever happens, and at start)
     node.log             what came, what was refused and why, what was scored, what was delivered
 
@@ -33,11 +36,11 @@ Limits (docs/node.md has the table with the defaults):
   connections in all and --max-associations-per-peer from one address, more are rejected at once;
 - data: one instance larger than --max-instance-mb, or an association carrying more than --max-association-mb,
   aborts the association while it streams (nothing that large is held); instances beyond
-  --max-association-instances in one association are refused; a series beyond --max-series-instances or
-  --max-series-mb has the rest refused and is not scored (a partial series would be scored as if it were whole);
+  --max-association-instances in one association are refused; a study beyond --max-study-instances or
+  --max-study-mb has the rest refused and is not scored (a partial study would be scored as if it were whole);
 - disk: below --min-free-mb free on the spool's disk, instances are refused with 0xA700 (out of resources: the
   sender retries later) and nothing is scored, logged once; any failed write of the spool, the outbox or the
-  results leaves its series to be retried when space returns, and the node stays up. A series with instances
+  results leaves its study to be retried when space returns, and the node stays up. A study with instances
   refused for space waits for them to come again (up to --keep-hours), never scored without them.
 Every refusal is logged with its reason and the peer.
 
@@ -94,13 +97,15 @@ class NodeConfig:
     port: int = 11112                 # DICOM port to listen on
     allowed_callers: str = ""         # comma-separated calling AE titles accepted (empty: any caller)
     spool_dir: str = "node_spool"     # received instances, series being scored, results until delivered, node.log
-    series_timeout: float = 30.0      # a series is complete when none of its instances came for this many seconds
-    cam_slices: int = 4               # Grad-CAM images of this many most suspicious slices per series
+    study_timeout: float = 30.0       # a study is complete when none of its instances came for this many seconds
+    cam_slices: int = 4               # Grad-CAM images of this many most suspicious slices per scored series
+    series_rules: str = ""            # which series of a study are scored (default configs/serve/series_rules.yaml)
+    all_series: bool = False          # score every eligible series of a study, not only the one closest to training
     max_instance_mb: float = MAX_FILE_BYTES / MB  # a larger instance aborts its association (a CT slice is ~0.5 MB)
     max_association_mb: float = 16384.0  # an association carrying more is aborted
     max_association_instances: int = 20000  # instances accepted in one association; later ones are refused
-    max_series_instances: int = 2000  # a series with more: the rest are refused and the series is not scored
-    max_series_mb: float = 4096.0     # the same for the bytes of one series
+    max_study_instances: int = 10000  # a study with more: the rest are refused and the study is not scored
+    max_study_mb: float = 8192.0      # the same for the bytes of one study
     max_pdu: int = 16384              # bytes of a P-DATA-TF PDU (advertised, enforced): a longer one closes the link
     association_timeout: float = 10.0  # seconds from a connection to its whole association request (trickle or not)
     network_timeout: float = 30.0     # seconds for any later PDU, first byte to last, and of silence between PDUs
@@ -115,7 +120,7 @@ class NodeConfig:
     def __post_init__(self):
         if not 1 <= len(self.ae_title.strip()) <= 16:
             raise PipelineError(f"--ae-title {self.ae_title!r}: an AE title has 1 to 16 characters")
-        for name in ("series_timeout", "max_instance_mb", "max_association_mb", "max_series_mb", "retry_first",
+        for name in ("study_timeout", "max_instance_mb", "max_association_mb", "max_study_mb", "retry_first",
                      "retry_max", "keep_hours", "association_timeout", "network_timeout", "max_associations",
                      "max_associations_per_peer"):
             if not getattr(self, name) > 0:
@@ -164,19 +169,25 @@ def key(uid: str) -> str:
 
 
 def instance_problem(ds: Dataset, sop_class: str) -> str | None:
-    """Why a received instance cannot be a slice of a head CT series (None: it can), from its header alone."""
-    if str(sop_class) != CTImageStorage:
-        return f"SOP class {pydicom.uid.UID(str(sop_class)).name}: not a CT Image; this node scores CT slices only"
-    modality = str(ds.get("Modality", ""))
-    if modality != "CT":
-        return f"Modality {modality!r}, not CT"
-    if "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]:
-        return "a localizer (scout) image, not an axial slice"
+    """Why a received instance cannot be received (None: it can), from its header alone: the UIDs that place it in
+    a study, and for a CT image a matrix and a decoded size a CT slice can have. A valid object the model does not
+    score (a scout, a reformat, an MR image, a dose report, an SR) is received: the series selector lists it with its
+    reason when the study is scored, and a sender sending the whole study is not stopped at it."""
     for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         if not str(ds.get(kw, "")).strip():
             return f"no {kw}"
-    check_header(ds)
+    if str(sop_class) == CTImageStorage:
+        check_header(ds)
     return None
+
+
+def not_scored(ds: Dataset, sop_class: str) -> str:
+    """A note for the log when an instance obviously cannot be scored ('' when the selector decides at scoring)."""
+    if str(sop_class) != CTImageStorage:
+        return f"kept with its study, not scored: SOP class {pydicom.uid.UID(str(sop_class)).name}, not a CT image"
+    if "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]:
+        return "kept with its study, not scored: a localizer (scout) image"
+    return ""
 
 
 @dataclass
@@ -184,14 +195,14 @@ class Limits:
     instance_bytes: int
     association_bytes: int
     association_instances: int
-    series_instances: int
-    series_bytes: int
+    study_instances: int
+    study_bytes: int
     free_bytes: int = 0               # the spool's disk keeps this much free
 
     @classmethod
     def from_config(cls, c: NodeConfig) -> Limits:
         return cls(int(c.max_instance_mb * MB), int(c.max_association_mb * MB), c.max_association_instances,
-                   c.max_series_instances, int(c.max_series_mb * MB), int(c.min_free_mb * MB))
+                   c.max_study_instances, int(c.max_study_mb * MB), int(c.min_free_mb * MB))
 
 
 def _no_space(e: BaseException | None) -> OSError | None:
@@ -253,27 +264,27 @@ class DiskFloor:
 
 
 def uids_of(data: bytes) -> tuple[str, str] | None:
-    """The (series, instance) keys of an instance's bytes, read from memory without keeping it (None: unreadable)."""
+    """The (study, instance) keys of an instance's bytes, read from memory without keeping it (None: unreadable)."""
     try:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
-                             specific_tags=["SeriesInstanceUID", "SOPInstanceUID"])
-        series, sop = str(ds.get("SeriesInstanceUID", "")), str(ds.get("SOPInstanceUID", ""))
+                             specific_tags=["StudyInstanceUID", "SOPInstanceUID"])
+        study, sop = str(ds.get("StudyInstanceUID", "")), str(ds.get("SOPInstanceUID", ""))
     except Exception:  # noqa: BLE001  (any parse failure: the instance cannot be attributed, nothing more)
         return None
-    return (key(series), key(sop)) if series and sop else None
+    return (key(study), key(sop)) if study and sop else None
 
 
 @dataclass
 class Spool:
-    """The node's folders (module docstring). The receiving threads add instances, the main loop claims quiet series,
+    """The node's folders (module docstring). The receiving threads add instances, the main loop claims quiet studies,
     scores them and files them; a lock orders the two around every rename."""
     root: Path
     limits: Limits
     log: logging.Logger
     lock: threading.Lock = field(default_factory=threading.Lock)
-    last_seen: dict = field(default_factory=dict)     # series key -> time.monotonic() of its last new instance
-    counts: dict = field(default_factory=dict)        # series key -> [instances, bytes] held (incoming, work, done)
-    missing: dict = field(default_factory=dict)       # series key -> [time.time() of the first, {SOP UIDs}] refused
+    last_seen: dict = field(default_factory=dict)     # study key -> time.monotonic() of its last new instance
+    counts: dict = field(default_factory=dict)        # study key -> [instances, bytes] held (incoming, work, done)
+    missing: dict = field(default_factory=dict)       # study key -> [time.time() of the first, {SOP UIDs}] refused
                                                       # for lack of space and not come again
 
     def __post_init__(self):
@@ -282,8 +293,8 @@ class Spool:
             (self.root / d).mkdir(parents=True, exist_ok=True)
         self.disk = DiskFloor(self.root, self.limits.free_bytes, self.limits.instance_bytes, self.log)
 
-    def dir(self, kind: str, series: str = "") -> Path:
-        return self.root / kind / series if series else self.root / kind
+    def dir(self, kind: str, study: str = "") -> Path:
+        return self.root / kind / study if study else self.root / kind
 
     def receive(self, data: bytes, sop_class: str) -> tuple[int, str]:
         """Check and keep one instance (its bytes as a DICOM file): (C-STORE status, what happened). Its temporary
@@ -310,83 +321,86 @@ class Spool:
                 why = str(e)
             if why:
                 return CANNOT_UNDERSTAND, f"refused: {why}"
-            series, name = key(ds.SeriesInstanceUID), key(ds.SOPInstanceUID) + ".dcm"
+            study, name = key(ds.StudyInstanceUID), key(ds.SOPInstanceUID) + ".dcm"
+            note = not_scored(ds, sop_class)
             with self.lock:
-                code, what = self._keep(tmp, series, name, len(data))
-            return self._out_of_space(data, what) if code is None else (code, what)
+                code, what = self._keep(tmp, study, name, len(data))
+            if code is None:
+                return self._out_of_space(data, what)
+            return code, f"{what} ({note})" if note and code == 0x0000 else what
         finally:
             tmp.unlink(missing_ok=True)   # a kept instance was renamed away: this removes only what was not kept
 
     def _out_of_space(self, data: bytes, why: str) -> tuple[int, str]:
-        """Refuse an instance for lack of space (transient: the sender retries); its series waits for it. A copy of
+        """Refuse an instance for lack of space (transient: the sender retries); its study waits for it. A copy of
         an instance already kept needs no space: it counts once, as always."""
         uids = uids_of(data)
         if uids is None:
             return OUT_OF_RESOURCES, f"refused for now: {why}"
-        series, name = uids
+        study, name = uids
         with self.lock:
-            if any((self.dir(k, series) / f"{name}.dcm").exists() for k in ("incoming", "work", "done")):
-                self._arrived(series, name)
-                return 0x0000, f"duplicate of {series}/{name}.dcm: counted once"
-            self._note_missing(series, name)
+            if any((self.dir(k, study) / f"{name}.dcm").exists() for k in ("incoming", "work", "done")):
+                self._arrived(study, name)
+                return 0x0000, f"duplicate of {study}/{name}.dcm: counted once"
+            self._note_missing(study, name)
         return OUT_OF_RESOURCES, f"refused for now: {why}"
 
-    def _note_missing(self, series: str, name: str) -> None:
-        self.missing.setdefault(series, [time.time(), set()])[1].add(name)
-        self.last_seen[series] = time.monotonic()
-        self._write_missing(series)
+    def _note_missing(self, study: str, name: str) -> None:
+        self.missing.setdefault(study, [time.time(), set()])[1].add(name)
+        self.last_seen[study] = time.monotonic()
+        self._write_missing(study)
 
-    def _arrived(self, series: str, name: str) -> None:
-        entry = self.missing.get(series)
+    def _arrived(self, study: str, name: str) -> None:
+        entry = self.missing.get(study)
         if entry and name in entry[1]:
             entry[1].discard(name)
             if not entry[1]:
-                del self.missing[series]
-            self._write_missing(series)
+                del self.missing[study]
+            self._write_missing(study)
 
-    def _write_missing(self, series: str) -> None:
-        """missing.txt in the series' incoming folder (best effort: on a full disk the node remembers it in memory)."""
-        d = self.dir("incoming", series)
+    def _write_missing(self, study: str) -> None:
+        """missing.txt in the study's incoming folder (best effort: on a full disk the node remembers it in memory)."""
+        d = self.dir("incoming", study)
         try:
-            if self.missing.get(series):
+            if self.missing.get(study):
                 d.mkdir(exist_ok=True)
-                since, uids = self.missing[series]
+                since, uids = self.missing[study]
                 (d / MISSING).write_text(f"{since}\n" + "".join(f"{u}\n" for u in sorted(uids)))
             elif (d / MISSING).exists():
                 (d / MISSING).unlink()
         except OSError:
             pass
 
-    def _keep(self, tmp: Path, series: str, name: str, size: int) -> tuple[int | None, str]:
+    def _keep(self, tmp: Path, study: str, name: str, size: int) -> tuple[int | None, str]:
         """(status, what happened); status None: it could not be written (the reason follows)."""
-        if any((self.dir(k, series) / name).exists() for k in ("incoming", "work", "done")):
-            self._arrived(series, name[:-4])
-            return 0x0000, f"duplicate of {series}/{name}: counted once"
-        n, b = self.counts.get(series, (0, 0))
-        incoming = self.dir("incoming", series)
-        if n + 1 > self.limits.series_instances or b + size > self.limits.series_bytes:
-            why = (f"series {series} over its limit ({self.limits.series_instances} instances, "
-                   f"{self.limits.series_bytes / MB:,.0f} MB): not scored")
-            self.last_seen[series] = time.monotonic()
+        if any((self.dir(k, study) / name).exists() for k in ("incoming", "work", "done")):
+            self._arrived(study, name[:-4])
+            return 0x0000, f"duplicate of {study}/{name}: counted once"
+        n, b = self.counts.get(study, (0, 0))
+        incoming = self.dir("incoming", study)
+        if n + 1 > self.limits.study_instances or b + size > self.limits.study_bytes:
+            why = (f"study {study} over its limit ({self.limits.study_instances} instances, "
+                   f"{self.limits.study_bytes / MB:,.0f} MB): not scored")
+            self.last_seen[study] = time.monotonic()
             try:
                 incoming.mkdir(exist_ok=True)
                 if not (incoming / REFUSED).exists():
                     (incoming / REFUSED).write_text(why + "\n")
             except OSError as e:
-                return None, self.disk.failed(e, "a series' refusal note")
+                return None, self.disk.failed(e, "a study's refusal note")
             return OUT_OF_RESOURCES, f"refused: {why}"
         try:
             incoming.mkdir(exist_ok=True)
             os.replace(tmp, incoming / name)
         except OSError as e:
             return None, self.disk.failed(e, "an instance")
-        self.counts[series] = [n + 1, b + size]
-        self.last_seen[series] = time.monotonic()
-        self._arrived(series, name[:-4])
-        return 0x0000, f"stored {series}/{name}"
+        self.counts[study] = [n + 1, b + size]
+        self.last_seen[study] = time.monotonic()
+        self._arrived(study, name[:-4])
+        return 0x0000, f"stored {study}/{name}"
 
     def ready(self, quiet: float, hold: float) -> list[str]:
-        """Series none of whose instances came for `quiet` seconds, oldest first; one waiting for instances refused
+        """Studies none of whose instances came for `quiet` seconds, oldest first; one waiting for instances refused
         for lack of space is ready only after `hold` seconds (then it is set aside)."""
         now, wall = time.monotonic(), time.time()
         with self.lock:
@@ -394,12 +408,12 @@ class Spool:
                           (s not in self.missing or wall - self.missing[s][0] >= hold)]
             return sorted(quiet_ones, key=self.last_seen.get)
 
-    def claim(self, series: str) -> tuple[Path, str] | None:
-        """Move a quiet series to work/ with the instances scored before (done/): (its folder, the scoring round);
+    def claim(self, study: str) -> tuple[Path, str] | None:
+        """Move a quiet study to work/ with the instances scored before (done/): (its folder, the scoring round);
         None when it has nothing new. OSError: a write failed (what was moved stays in work/ for a retry)."""
         with self.lock:
-            self.last_seen.pop(series, None)
-            work, incoming = self.dir("work", series), self.dir("incoming", series)
+            self.last_seen.pop(study, None)
+            work, incoming = self.dir("work", study), self.dir("incoming", study)
             if not (incoming.exists() or work.exists()):
                 return None
             if incoming.exists():
@@ -407,28 +421,28 @@ class Spool:
                     _merge(incoming, work)
                 else:
                     os.replace(incoming, work)
-            if self.dir("done", series).exists():
-                _merge(self.dir("done", series), work)
+            if self.dir("done", study).exists():
+                _merge(self.dir("done", study), work)
         if not (work / ROUND).exists():
             (work / ROUND).write_text(uuid.uuid4().hex[:12])
         return work, (work / ROUND).read_text().strip()
 
-    def finish(self, series: str) -> None:
-        """The series' results are in the outbox: its instances go to done/."""
+    def finish(self, study: str) -> None:
+        """The study's results are in the outbox: its instances go to done/."""
         with self.lock:
             for f in (ROUND, ATTEMPTS):
-                (self.dir("work", series) / f).unlink(missing_ok=True)
-            os.replace(self.dir("work", series), self.dir("done", series))
+                (self.dir("work", study) / f).unlink(missing_ok=True)
+            os.replace(self.dir("work", study), self.dir("done", study))
 
-    def fail(self, series: str, reason: str, forget: bool = True) -> Path:
-        """Set a series aside in failed/ with the reason; `forget`: a later instance of it starts it afresh (a series
+    def fail(self, study: str, reason: str, forget: bool = True) -> Path:
+        """Set a study aside in failed/ with the reason; `forget`: a later instance of it starts it afresh (a study
         over its limit is not forgotten: what else comes of it is refused too, until a restart)."""
         with self.lock:
-            dest = self.dir("failed", f"{series}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:4]}")
-            os.replace(self.dir("work", series), dest)
-            self.missing.pop(series, None)
+            dest = self.dir("failed", f"{study}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:4]}")
+            os.replace(self.dir("work", study), dest)
+            self.missing.pop(study, None)
             if forget:
-                self.counts.pop(series, None)
+                self.counts.pop(study, None)
         try:
             (dest / "reason.txt").write_text(reason + "\n")
         except OSError:
@@ -437,8 +451,8 @@ class Spool:
 
     def recover(self) -> list[str]:
         """After a start: partial writes removed (tmp/, unfinished outbox entries), the counts and the instances
-        still missing rebuilt, series interrupted while scored returned (they are scored first), received series
-        given --series-timeout from now for their sender to resume."""
+        still missing rebuilt, studies interrupted while scored returned (they are scored first), received studies
+        given --study-timeout from now for their sender to resume."""
         shutil.rmtree(self.dir("tmp"), ignore_errors=True)
         self.dir("tmp").mkdir()
         for stray in self.dir("outbox").glob(".*.tmp"):
@@ -457,7 +471,7 @@ class Spool:
         return sorted(p.name for p in self.dir("work").iterdir() if p.is_dir())
 
     def prune(self, hours: float) -> None:
-        """Scored instances, delivered results and failed series older than `hours` leave the spool."""
+        """Scored instances, delivered results and failed studies older than `hours` leave the spool."""
         cutoff = time.time() - hours * 3600
         for kind in ("done", "sent", "failed"):
             for d in self.dir(kind).iterdir():
@@ -670,7 +684,8 @@ class Receiver:
         if code == 0x0000:
             link.duplicates += what.startswith("duplicate")
             link.stored += not what.startswith("duplicate")
-            (self.log.info if what.startswith("duplicate") else self.log.debug)(f"{link.caller} {sop}: {what}")
+            (self.log.info if what.startswith("duplicate") or "not scored" in what else self.log.debug)(
+                f"{link.caller} {sop}: {what}")
         else:
             link.refused += 1
             link.low_disk += what.startswith("refused for now")
@@ -700,27 +715,32 @@ def start_scp(cfg: NodeConfig, receiver: Receiver, log: logging.Logger):
                             f"port, or the address is not this machine's; choose --port / --host") from e
 
 
-def score_series(p, work: Path, cam_slices: int, log: logging.Logger) -> tuple[list[Dataset], dict]:
-    """The result objects of one series folder (SR first) and the demo's summary of it."""
-    from .results import analyse
+def score_study(p, algorithm, work: Path, cfg: NodeConfig, log: logging.Logger) -> tuple[list[Dataset], dict]:
+    """The result objects of one study folder (the SR first, the key images, the Grad-CAM captures; none when no
+    series of it could be scored) and its summary: the series selector chooses what is scored."""
     from .dicom_out import result_objects, source_header
+    from .results import analyse_study
+    from .selector import SeriesRules
     files = sorted(work.glob("*.dcm"))
-    results, skipped = analyse(p, files, cam_slices)
+    studies, skipped = analyse_study(p, files, cfg.cam_slices, rules=SeriesRules.load(cfg.series_rules or None),
+                                     all_series=cfg.all_series or None)
     for path, why in skipped.values:
         log.warning(f"  skipped {Path(path).name}: {why}")
-    if not results:
-        raise DicomError(f"no readable CT slice among {len(files)} instance(s)")
-    used = {f for r in results for f in r.table["file"]}
+    if not studies:
+        raise DicomError(f"no readable DICOM object among {len(files)} instance(s)")
+    if len(studies) > 1:  # one folder per StudyInstanceUID: only a hash collision of two UIDs could do this
+        raise DicomError(f"{len(studies)} studies in one folder: {[s.study for s in studies]}")
+    study = studies[0]
+    used = {f for r in study.scored for f in r.table["file"]}
     headers = {f.name: source_header(read_dicom(f, stop_before_pixels=True)) for f in files if f.name in used}
-    objects = [o for r in results for o in result_objects(r, headers, p.description)]
-    summary = {**results[0].summary, "skipped": {Path(a).name: b for a, b in skipped.values},
-               "series_scored": [r.series for r in results]}
+    objects = result_objects(study, headers, algorithm)
+    summary = {**study.summary, "skipped": {Path(a).name: b for a, b in skipped.values}}
     return objects, summary
 
 
 @dataclass
 class Node:
-    """The node's main loop: quiet series are scored one at a time, in the order they went quiet; delivery runs
+    """The node's main loop: quiet studies are scored one at a time, in the order they went quiet; delivery runs
     beside it in its own thread."""
     cfg: NodeConfig
     predictor: object
@@ -728,48 +748,57 @@ class Node:
     stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self):
-        self.retry: dict[str, float] = {}  # series in work/ -> time.monotonic() when it is tried again
+        self.retry: dict[str, float] = {}  # studies in work/ -> time.monotonic() when it is tried again
         self.told: set[str] = set()        # of those, the ones whose failure is logged
         self.spool = Spool(Path(self.cfg.spool_dir), Limits.from_config(self.cfg), self.log)
         self.outbox = Outbox(self.spool.root, parse_destination(self.cfg.send_to), self.cfg.ae_title, self.log,
                              self.cfg.retry_first, self.cfg.retry_max)
+        self._algorithm = None
 
-    def process(self, series: str) -> None:
-        """Score one series and file its results. A write that fails for lack of space leaves the series in work/,
+    @property
+    def algorithm(self):
+        """The model as every result object names it (IHE AIR Contributing Equipment), made once."""
+        if self._algorithm is None:
+            from .dicom_out import Algorithm
+            self._algorithm = Algorithm.of(self.predictor)
+        return self._algorithm
+
+    def process(self, study: str) -> None:
+        """Score one study and file its results. A write that fails for lack of space leaves the study in work/,
         tried again after RETRY_WRITE seconds with space back; any other failure sets it aside in failed/."""
         try:
-            self._process(series)
-            self.retry.pop(series, None)
-            self.told.discard(series)
-        except Exception as e:  # noqa: BLE001  (whatever it is, one series must not stop the node)
+            self._process(study)
+            self.retry.pop(study, None)
+            self.told.discard(study)
+        except Exception as e:  # noqa: BLE001  (whatever it is, one study must not stop the node)
             space = _no_space(e)
             why = _short(space or e)
             if space is None:
                 try:
-                    dest = self.spool.fail(series, why)
-                    self.retry.pop(series, None)
-                    self.told.discard(series)
-                    self.log.error(f"series {series} not scored or filed ({why}); its instances are in {dest}")
+                    dest = self.spool.fail(study, why)
+                    self.retry.pop(study, None)
+                    self.told.discard(study)
+                    self.log.error(f"study {study} not scored or filed ({why}); its instances are in {dest}")
                     return
                 except OSError:
                     pass
-            if series not in self.told:  # once, not at every retry
-                self.told.add(series)
+            if study not in self.told:  # once, not at every retry
+                self.told.add(study)
                 if space is not None:
-                    self.spool.disk.failed(space, f"the results of series {series}")
-                self.log.error(f"series {series}: {why}; kept in work/, tried again every {RETRY_WRITE:.0f} s "
+                    self.spool.disk.failed(space, f"the results of study {study}")
+                self.log.error(f"study {study}: {why}; kept in work/, tried again every {RETRY_WRITE:.0f} s "
                                f"and as soon as space returns")
-            self.retry[series] = time.monotonic() + RETRY_WRITE
+            self.retry[study] = time.monotonic() + RETRY_WRITE
 
-    def _why_not_scored(self, series: str, work: Path) -> str:
-        """Why a claimed series is set aside rather than scored ('' when it is scored); counts the start."""
+    def _why_not_scored(self, study: str, work: Path) -> str:
+        """Why a claimed study is set aside rather than scored ('' when it is scored); counts the start."""
         if (work / REFUSED).exists():
             return (work / REFUSED).read_text().strip()
-        missing = self.spool.missing.get(series) or ([0, (work / MISSING).read_text().split()[1:]]
+        missing = self.spool.missing.get(study) or ([0, (work / MISSING).read_text().split()[1:]]
                                                       if (work / MISSING).exists() else None)
         if missing and missing[1]:
             return (f"{len(missing[1])} instance(s) refused for lack of space did not come again within --keep-hours "
-                    f"{self.cfg.keep_hours:g}: an incomplete series is not scored; send the series again")
+                    f"{self.cfg.keep_hours:g}: an incomplete study is not scored; send the study again")
         started = int((work / ATTEMPTS).read_text() or 0) if (work / ATTEMPTS).exists() else 0
         if started >= MAX_ATTEMPTS:
             return (f"its scoring was started {started} times and never finished (the node was killed or crashed "
@@ -777,35 +806,42 @@ class Node:
         (work / ATTEMPTS).write_text(str(started + 1))
         return ""
 
-    def _process(self, series: str) -> None:
-        claimed = self.spool.claim(series)
+    def _process(self, study: str) -> None:
+        claimed = self.spool.claim(study)
         if claimed is None:
             return
         work, round_id = claimed
-        name = f"{series}-{round_id}"
+        name = f"{study}-{round_id}"
         if self.outbox.has(name):  # scored before the node was stopped; only the filing was left
-            self.spool.finish(series)
+            self.spool.finish(study)
             return
-        why = self._why_not_scored(series, work)
+        why = self._why_not_scored(study, work)
         if why:
-            dest = self.spool.fail(series, why, forget=not (work / REFUSED).exists())
-            self.log.warning(f"series {series} not scored: {why} -> {dest}")
+            dest = self.spool.fail(study, why, forget=not (work / REFUSED).exists())
+            self.log.warning(f"study {study} not scored: {why} -> {dest}")
             return
         n, t0 = len(list(work.glob("*.dcm"))), time.time()
-        self.log.info(f"series {series} complete: {n} instance(s); scoring")
+        self.log.info(f"study {study} complete: {n} instance(s); scoring")
         try:
-            objects, summary = score_series(self.predictor, work, self.cfg.cam_slices, self.log)
-        except Exception as e:  # one series that cannot be scored, for whatever reason, must not stop the node
-            dest = self.spool.fail(series, f"{type(e).__name__}: {e}")
-            self.log.error(f"series {series} not scored ({type(e).__name__}: {e}); its instances are in {dest}")
+            objects, summary = score_study(self.predictor, self.algorithm, work, self.cfg, self.log)
+        except Exception as e:  # one study that cannot be scored, for whatever reason, must not stop the node
+            dest = self.spool.fail(study, f"{type(e).__name__}: {e}")
+            self.log.error(f"study {study} not scored ({type(e).__name__}: {e}); its instances are in {dest}")
             return
         (work / ATTEMPTS).unlink(missing_ok=True)  # scoring ended: only a start that never ended counts
+        for row in summary["series"]:
+            self.log.info(f"  series {row['SeriesNumber'] or row['SeriesInstanceUID']} ({row['files']} instance(s)): "
+                          + (f"scored{'; ' + row['notes'] if row['notes'] else ''}" if row["scored"]
+                             else f"not scored: {row['reason']}"))
+        if not objects:  # nothing the model can read: said in the log, nothing sent; a later series is scored then
+            self.spool.finish(study)
+            self.log.warning(f"study {study} not scored: no series of it is one the model can read (reasons above)")
+            return
         self.outbox.put(name, objects, summary)
-        self.spool.finish(series)
-        any_ = summary["types"]["any"]
-        self.log.info(f"series {series} scored in {time.time() - t0:.1f} s: {summary['slices']} slice(s), "
-                      f"{summary['verdict']} (highest 'any' {any_['max_probability']:.3f}, threshold "
-                      f"{summary['threshold']:.3f}); {len(objects)} object(s) for {self.outbox.dest} in outbox/{name}")
+        self.spool.finish(study)
+        self.log.info(f"study {study} scored in {time.time() - t0:.1f} s: {summary['verdict']} (threshold "
+                      f"{summary['threshold']:.3f}; series {', '.join(summary['scored_series'])}); {len(objects)} "
+                      f"object(s) for {self.outbox.dest} in outbox/{name}")
 
     def serve(self) -> None:
         """Listen, score and deliver until `stop` is set."""
@@ -820,8 +856,8 @@ class Node:
         server = start_scp(self.cfg, Receiver(self.spool, self.log, self.cfg.callers), self.log)
         sender = threading.Thread(target=self.outbox.run, args=(self.stop,), name="outbox", daemon=True)
         sender.start()
-        waiting = {"series interrupted while scored (scored first)": len(pending),
-                   "series received before a stop (complete after --series-timeout)": len(self.spool.last_seen),
+        waiting = {"studies interrupted while scored (scored first)": len(pending),
+                   "studies received before a stop (complete after --study-timeout)": len(self.spool.last_seen),
                    "result(s) to deliver": len(self.outbox.pending())}
         self.log.info(f"listening as {self.cfg.ae_title} on {self.cfg.host}:{self.cfg.port}; results to "
                       f"{self.outbox.dest}; spool {self.spool.root}"
@@ -838,7 +874,7 @@ class Node:
             self.log.info("stopped")
 
     def _loop(self) -> None:
-        """Score what is due (series to retry first, the interrupted ones among them, then quiet ones) while the disk
+        """Score what is due (studies to retry first, the interrupted ones among them, then quiet ones) while the disk
         has space (what waited for space is retried as soon as it returns); prune every quarter of --keep-hours (at
         most every 10 minutes)."""
         pruned, every, hold = 0.0, min(600.0, self.cfg.keep_hours * 900), self.cfg.keep_hours * 3600
@@ -850,8 +886,8 @@ class Node:
                     self.retry = dict.fromkeys(self.retry, 0.0)
                 now = time.monotonic()
                 due = [s for s, t in sorted(self.retry.items(), key=lambda kv: kv[1]) if t <= now]
-                for series in dict.fromkeys(due + self.spool.ready(self.cfg.series_timeout, hold)):
-                    self.process(series)
+                for study in dict.fromkeys(due + self.spool.ready(self.cfg.study_timeout, hold)):
+                    self.process(study)
                     if self.stop.is_set() or self.spool.disk.is_low:
                         break
             if time.monotonic() - pruned > every:
@@ -874,8 +910,10 @@ def main():
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # the node logs what matters, once, in its words
     from ..predictor import Predictor
     from .results import SYNTHETIC_WARNING, model_notes
+    from .selector import SeriesRules
+    rules = SeriesRules.load(cfg.series_rules or None)  # a broken rules file stops the node before it listens
     p = Predictor.load(cfg.run, cfg.device)
-    log.info(f"model: {p.description}")
+    log.info(f"model: {p.description}; series rules: {rules.source}")
     for note in model_notes(p.card):
         log.info(("WARNING: " if note == SYNTHETIC_WARNING else "") + note)
     node = Node(cfg, p, log)

@@ -149,11 +149,12 @@ def classify(g: pd.DataFrame, rules: SeriesRules) -> tuple[str, list[str], dict]
     first = g.iloc[0]
     geo = series_geometry(g)
     notes = []
-    if first["Modality"] not in ("CT", ""):
-        return f"Modality {first['Modality']}, not CT", notes, geo
-    sop = set(g["SOPClassUID"]) - {""}
-    if sop - set(rules.sop_classes):
-        return f"not a CT image (SOP class {sorted(sop)[0]})", notes, geo
+    other = sorted(set(g["Modality"]) - {"CT", ""})
+    if other:
+        return f"Modality {other[0]}, not CT", notes, geo
+    sop = sorted(set(g["SOPClassUID"]) - {""} - set(rules.sop_classes))
+    if sop:
+        return f"not a CT image (SOP class {sop[0]})", notes, geo
     if (g["frames"] > 1).any():
         return "a multi-frame object, not single slices", notes, geo
     types = set("\\".join(g["ImageType"]).split("\\")) - {""}
@@ -186,7 +187,7 @@ def geometry_problem(g: pd.DataFrame, geo: dict, rules: SeriesRules, notes: list
     """The first geometry rule the series breaks ('' when none); an uneven spacing within the gap rule is a note."""
     lo, hi = rules.min_slices, rules.max_slices
     if not lo <= geo["slices"] <= hi:
-        return f"{geo['slices']} slices: a head CT series has {lo} to {hi}"
+        return f"{geo['slices']} slice(s): a head CT series has {lo} to {hi}"
     thick = g["SliceThickness"].dropna()
     a, b = rules.slice_thickness_mm
     if len(thick) and not ((thick >= a) & (thick <= b)).all():
@@ -237,9 +238,9 @@ def select(headers: pd.DataFrame, rules: SeriesRules | None = None, all_series: 
                      "spacing_mm": round(geo["spacing_mm"], 3), "tilt_degrees": round(geo["tilt_degrees"], 1),
                      "kernel": "/".join(sorted(set(g["ConvolutionKernel"]) - {""})), "scored": not why,
                      "reason": why, "notes": "; ".join(notes), "_key": preference(g, notes, rules) if not why else None})
-    out = pd.DataFrame(rows, columns=[*SERIES_COLUMNS, "_key"])
+    out = pd.DataFrame(rows, columns=[*SERIES_COLUMNS, "_key"]).astype({"scored": bool})
     if not every:
-        for _, idx in out[out.scored].groupby("StudyInstanceUID").groups.items():
+        for _, idx in out[out["scored"]].groupby("StudyInstanceUID").groups.items():
             best = min(idx, key=lambda i: out.at[i, "_key"])
             for i in idx:
                 if i != best:

@@ -51,7 +51,8 @@ from starlette.requests import ClientDisconnect
 from ..config import parse_config
 from ..predictor import Predictor
 from ..utils import PipelineError, cli_main
-from .results import SYNTHETIC_WARNING, analyse, model_notes, overlay, zplot
+from .results import SYNTHETIC_WARNING, analyse_study, model_notes, overlay, zplot
+from .selector import SeriesRules
 
 MAX_BYTES = 512 * 1024 * 1024      # request body, then zips counted again uncompressed as they are unpacked
 MAX_FILES = 2000
@@ -246,46 +247,74 @@ def upload_form(p: Predictor) -> str:
 <p class="note">Nothing you upload is kept: files are deleted when the result is sent.</p>"""
 
 
-def result_html(results, skipped, p: Predictor) -> str:
-    parts = [model_box(p), "<p class='note'><a href='/'>Analyse other files</a></p>"]
-    for si, r in enumerate(results):
-        s = r.summary
-        rows = "".join(
-            f"<tr class='{'pos' if t['max_probability'] >= s['threshold'] else ''}'><td>{c}</td><td>{t['max_probability']:.3f}</td>"
-            f"<td>{t['slice_of_max']}</td><td>{', '.join(map(str, t['slices_above_threshold'])) or '-'}</td></tr>"
-            for c, t in s["types"].items())
-        frames = []
-        for pos in range(len(r.table)):
-            cls, cam = r.cams.get(pos, (None, None))
-            row = r.table.iloc[pos]
-            caption = (f"slice {pos + 1}/{len(r.table)} ({row['file']}): any {row['any']:.2f}"  # shown as textContent
-                       + (f"; heat map for {cls}" if cls else ""))
-            frames.append({"src": _b64png(overlay(r.brain[pos], cam)), "caption": caption})
-        start = int(r.table["any"].to_numpy().argmax())
-        parts.append(f"""
+def series_section(si: int, r) -> str:
+    """One scored series: its summary table, the probabilities along the series and a slice viewer."""
+    s = r.summary
+    rows = "".join(
+        f"<tr class='{'pos' if t['max_probability'] >= s['threshold'] else ''}'><td>{c}</td><td>{t['max_probability']:.3f}</td>"
+        f"<td>{t['slice_of_max']}</td><td>{', '.join(map(str, t['slices_above_threshold'])) or '-'}</td></tr>"
+        for c, t in s["types"].items())
+    frames = []
+    for pos in range(len(r.table)):
+        cls, cam = r.cams.get(pos, (None, None))
+        row = r.table.iloc[pos]
+        caption = (f"slice {pos + 1}/{len(r.table)} ({row['file']}): any {row['any']:.2f}"  # shown as textContent
+                   + (f"; heat map for {cls}" if cls else ""))
+        frames.append({"src": _b64png(overlay(r.brain[pos], cam)), "caption": caption})
+    start = int(r.table["any"].to_numpy().argmax())
+    notes = f"<p class='note'>Scored with a note: {html.escape(s['selection_notes'])}</p>" \
+        if s.get("selection_notes") else ""
+    return f"""
 <section class="series" id="series{si}">
-<h2>Series {html.escape(r.series)}</h2>
+<h3>Series {html.escape(r.series)}</h3>{notes}
 <div class="summary" id="summary{si}"><p><b>{s['slices']} slices</b>. Verdict at {s['threshold']:.3f}
 (<span class="threshold-from">{html.escape(s['threshold_from'])}</span>): <b class="verdict">{s['verdict']}</b></p>
 <table><tr><th>type</th><th>highest probability</th><th>at slice</th><th>slices at or above {s['threshold']:.3f}</th></tr>{rows}</table></div>
-<img alt="probabilities along z" src="data:image/png;base64,{base64.b64encode(zplot(r.table, None, f'series {r.series}', s['threshold'])).decode()}">
+<img alt="probabilities along the series" src="data:image/png;base64,{base64.b64encode(zplot(r.table, None, f'series {r.series}', s['threshold'])).decode()}">
 <div class="viewer"><div><img id="slice{si}" alt="slice"><br>
 <input type="range" id="range{si}" min="1" max="{len(frames)}" value="{start + 1}" style="width:384px"></div>
 <p id="caption{si}"></p></div>
 <script>(function(){{const f={script_json(frames)};const img=document.getElementById('slice{si}'),
 cap=document.getElementById('caption{si}'),rng=document.getElementById('range{si}');
 function show(i){{img.src=f[i].src;cap.textContent=f[i].caption;}} rng.oninput=()=>show(rng.value-1); show(rng.value-1);}})();</script>
-</section>""")
+</section>"""
+
+
+def series_table(listing) -> str:
+    """Every series of a study: scored or not, and why (the series selector's words)."""
+    rows = "".join(
+        f"<tr class='{'pos' if r.scored else ''}'><td>{html.escape(str(r.SeriesNumber or '-'))}</td>"
+        f"<td>{html.escape(str(r.SeriesDescription or '-'))}</td><td>{r.files}</td><td>{'yes' if r.scored else 'no'}</td>"
+        f"<td class='why'>{html.escape(str(r.reason or r.notes or '-'))}</td></tr>" for r in listing.itertuples())
+    return ("<table class='series-list'><tr><th>series</th><th>description</th><th>files</th><th>scored</th>"
+            f"<th>why not / notes</th></tr>{rows}</table>")
+
+
+def result_html(studies, skipped, p: Predictor) -> str:
+    """The answer page: the model first, then per study its verdict, every series (scored or not and why) and each
+    scored series' details."""
+    parts, si = [model_box(p), "<p class='note'><a href='/'>Analyse other files</a></p>"], 0
+    for k, st in enumerate(studies):
+        s = st.summary
+        parts.append(f"""<section class="study" id="study{k}"><h2>Study {html.escape(st.study)}</h2>
+<p class="study-verdict">Verdict at {s['threshold']:.3f}: <b class="verdict">{html.escape(s['verdict'])}</b></p>
+{series_table(st.series)}""")
+        for r in st.scored:
+            parts.append(series_section(si, r))
+            si += 1
+        parts.append("</section>")
     if len(skipped):
         items = "".join(f"<li>{html.escape(Path(p).name)}: {html.escape(str(why))}</li>" for p, why in skipped.values[:50])
         parts.append(f"<h2>Skipped files ({len(skipped)})</h2><ul>{items}</ul>")
-    if not results:
-        parts.insert(1, "<div class='err' id='error'>No readable CT slice in the upload.</div>")
+    if not any(st.scored for st in studies):
+        parts.insert(1, "<div class='err' id='error'>No series the model can read in the upload (the reasons are "
+                        "listed per series below).</div>")
     return "".join(parts)
 
 
 def create_app(run_dir=None, predictor: Predictor | None = None, max_uploads: int = MAX_UPLOADS,
-               upload_seconds: float = UPLOAD_SECONDS) -> FastAPI:
+               upload_seconds: float = UPLOAD_SECONDS, rules: SeriesRules | None = None, all_series: bool = False) -> FastAPI:
+    rules = rules or SeriesRules.load()
     models = predictor or Predictor.load(run_dir)
     app = FastAPI(title="ICH demo", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()  # one analysis at a time: the models are shared and the CPU is small
@@ -302,8 +331,9 @@ def create_app(run_dir=None, predictor: Predictor | None = None, max_uploads: in
     def analyse_page(paths, total):
         paths = unpack_zips(paths, total)
         with lock:
-            results, skipped = analyse(models, paths, cam_slices=MAX_VIEWER_SLICES)
-        return page(result_html(results, skipped, models))
+            studies, skipped = analyse_study(models, paths, cam_slices=MAX_VIEWER_SLICES, rules=rules,
+                                             all_series=all_series or None)
+        return page(result_html(studies, skipped, models))
 
     @app.post("/analyse", response_class=HTMLResponse)
     async def analyse_upload(request: Request):  # no File(...) parameter: the body is read here, as it streams
@@ -341,15 +371,18 @@ class ServeConfig:
     port: int = 7860                  # port of the page
     max_uploads: int = MAX_UPLOADS    # uploads under way at once; one more is answered 503 (busy)
     upload_seconds: float = UPLOAD_SECONDS  # the longest one upload's body may take; past it, 408 and files removed
+    series_rules: str = ""            # which series of a study are scored (default configs/serve/series_rules.yaml)
+    all_series: bool = False          # score every eligible series of a study, not only the one closest to training
 
     def __post_init__(self):
         if self.max_uploads < 1 or not self.upload_seconds > 0:
             raise PipelineError("--max-uploads must be >= 1 and --upload-seconds > 0")
 
 
-def serve(run_dir, host="127.0.0.1", port=7860, max_uploads=MAX_UPLOADS, upload_seconds=UPLOAD_SECONDS):
+def serve(run_dir, host="127.0.0.1", port=7860, max_uploads=MAX_UPLOADS, upload_seconds=UPLOAD_SECONDS, rules=None,
+          all_series=False):
     import uvicorn
-    app = create_app(run_dir, max_uploads=max_uploads, upload_seconds=upload_seconds)
+    app = create_app(run_dir, max_uploads=max_uploads, upload_seconds=upload_seconds, rules=rules, all_series=all_series)
     print(f"ICH demo on http://{host}:{port}/  (Ctrl-C to stop)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
@@ -391,7 +424,8 @@ def main():
     a = parse_config(ServeConfig, description=__doc__, prog="python -m src.serve.webapp")
     if not a.run:
         raise PipelineError("--run RUN_FOLDER_OR_BUNDLE is required (e.g. outputs/demo/runs/resnet10t_128)")
-    serve(a.run, a.host, a.port, a.max_uploads, a.upload_seconds)
+    serve(a.run, a.host, a.port, a.max_uploads, a.upload_seconds, SeriesRules.load(a.series_rules or None),
+          a.all_series)
 
 
 if __name__ == "__main__":
