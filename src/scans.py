@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
 
-from .dicom import (DEFAULT_WINDOWS, DicomError, dicom_to_image, header_fields, image_id_from_path, read_dicom,
-                    series_fields)
+from .dicom import (DEFAULT_WINDOWS, DicomError, check_header, dicom_to_image, header_fields, image_id_from_path,
+                    read_dicom, series_fields)
 from .utils import PipelineError
 
 
@@ -40,9 +40,12 @@ UNKNOWN_SERIES = "unknown-series"  # the series of a user's files that carry no 
 
 def read_one_header(path: str) -> dict:
     """One file's header, pixels left on disk: status ok with header_fields and series_fields, or skipped with the
-    reason the file cannot be read."""
+    reason the file cannot be read (an image whose header declares what no CT slice can be, a decompression bomb, is
+    refused here, before its pixels are looked at)."""
     try:
         ds = read_dicom(path, stop_before_pixels=True)
+        if ds.get("Rows") is not None:  # an image: what its header declares is checked before anything else
+            check_header(ds)
         head = {**header_fields(ds), **series_fields(ds)}
     except DicomError as e:
         return {"path": str(path), "status": "skipped", "reason": str(e)}
