@@ -3,11 +3,15 @@
     .venv/bin/python docs/screenshot.py --run outputs/demo/runs/resnet10t_128 ../shared/ct_other/cq500_ct0_every10th
 
 Needs Debian's `chromium` (what `.ci/run` installs) and the `playwright` package of requirements.txt.
-Writes docs/demo_page.png (or --out).
+Writes docs/demo_page.png (or --out) and, beside it, docs/demo_page.card.json: the model card the page showed and
+the picture's sha256, which tests/test_structure.py compares with the demo run `bash run.sh` makes today, so the
+picture cannot go stale unnoticed.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -38,8 +42,16 @@ def main():
             page.click("#submit")
             page.wait_for_selector(".summary", timeout=600_000)
             page.screenshot(path=a.out, full_page=True)
+            verdict = page.inner_text(".summary")
             browser.close()
-    print(f"wrote {a.out} ({len(files)} files uploaded)")
+    from src.predictor import Predictor
+    card = Predictor.load(a.run).card
+    record = {"image": Path(a.out).name, "image_sha256": hashlib.sha256(Path(a.out).read_bytes()).hexdigest(),
+              "run": str(a.run), "uploaded": sorted({str(Path(f).parent) for f in files}), "card": card,
+              "summary_shown": " ".join(verdict.split())[:600]}
+    card_file = Path(a.out).with_suffix(".card.json")
+    card_file.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+    print(f"wrote {a.out} and {card_file} ({len(files)} files uploaded)")
 
 
 if __name__ == "__main__":

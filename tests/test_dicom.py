@@ -297,6 +297,11 @@ def header(**tags):
     ds = pydicom.Dataset()
     ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.PixelRepresentation = 4, 4, 16, 12, 0
     ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    return with_tags(ds, tags)
+
+
+def with_tags(ds, tags: dict):
+    """ds with each tag set, or deleted where its value is None."""
     for k, v in tags.items():
         if v is None:
             delattr(ds, k)
@@ -413,13 +418,7 @@ def test_size_tags_that_are_not_numbers_and_a_one_pixel_wide_image():
 def small_file(tmp_path, **tags):
     """A 2 x 2 16-bit file with plausible values, tags set on its dataset (None: deleted)."""
     raw = np.array([[0, 1000], [1040, 2000]])
-    ds = D.read_dicom(write_ds(tmp_path / "s.dcm", raw, bits=16, rep=0, intercept=-1024))
-    for k, v in tags.items():
-        if v is None:
-            delattr(ds, k)
-        else:
-            setattr(ds, k, v)
-    return ds
+    return with_tags(D.read_dicom(write_ds(tmp_path / "s.dcm", raw, bits=16, rep=0, intercept=-1024)), tags)
 
 
 @pytest.mark.parametrize("tags, message", [

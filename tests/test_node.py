@@ -148,16 +148,20 @@ class NodeProcess:
         return self.log.read_text()
 
 
-def send(port: int, datasets, calling="TESTSCU", contexts=(CTImageStorage,)) -> list[int | None]:
-    """C-STORE datasets to the node in one association (pynetdicom as a modality would); their statuses (None: no
-    answer, the association was aborted)."""
+def send(port: int, datasets, calling="TESTSCU", contexts=(CTImageStorage,), source: str = "127.0.0.1",
+         wait: float | None = None, syntaxes=(ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLosslessSV1)
+         ) -> list[int | None]:
+    """C-STORE datasets to the node in one association from `source` (pynetdicom as a modality would); their
+    statuses (None: no answer within `wait` seconds, pynetdicom's defaults when None, or the association aborted)."""
     from pynetdicom import AE
     ae = AE(ae_title=calling)
+    if wait is not None:
+        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = wait
     for c in contexts:  # one context per transfer syntax: each file goes in its own
-        for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLosslessSV1):
+        for ts in syntaxes:
             ae.add_requested_context(c, ts)
-    assoc = ae.associate("127.0.0.1", port, ae_title="ICH")
-    assert assoc.is_established, f"the node refused an association from {calling}"
+    assoc = ae.associate("127.0.0.1", port, ae_title="ICH", bind_address=(source, 0))
+    assert assoc.is_established, f"the node refused an association from {calling} at {source}"
     out = []
     try:
         for ds in datasets:

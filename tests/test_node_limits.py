@@ -35,6 +35,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from .test_node import NodeProcess, free_port, wait_for
+from .test_node import send as node_send
 
 pytestmark = pytest.mark.xdist_group("node")  # beside test_node.py's node, one at a time: both are heavy
 ASSOC_S = 2.0                         # the node's --association-timeout and --network-timeout here
@@ -170,23 +171,11 @@ def associate(node, calling="TESTSCU", source="127.0.0.1"):
 
 
 def send(node, datasets, source="127.0.0.1", contexts=(CTImageStorage,), wait: float = 20) -> list[int | None]:
-    """C-STORE datasets in one association from TESTSCU at `source`; their statuses (None: no answer within
-    `wait` seconds; pynetdicom waits that long for an answer even once the association is aborted)."""
-    from pynetdicom import AE
-    ae = AE(ae_title="TESTSCU")
-    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = wait
-    for c in contexts:
-        ae.add_requested_context(c, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="ICH", bind_address=(source, 0))
-    assert assoc.is_established, "the node refused the legitimate peer"
-    out = []
-    try:
-        for ds in datasets:
-            st = assoc.send_c_store(ds) if assoc.is_established else None
-            out.append(int(st.Status) if st and "Status" in st else None)
-    finally:
-        assoc.release() if assoc.is_established else assoc.abort()
-    return out
+    """C-STORE datasets in one association from TESTSCU at `source` (Explicit VR Little Endian); their statuses
+    (None: no answer within `wait` seconds; pynetdicom waits that long for an answer even once the association is
+    aborted)."""
+    return node_send(node.port, datasets, contexts=contexts, source=source, wait=wait,
+                     syntaxes=(ExplicitVRLittleEndian,))
 
 
 def proc_status(pid: int) -> dict[str, int]:

@@ -124,3 +124,26 @@ def test_the_pipeline_does_not_import_the_serving_side():
     assert users == [], users
     assert {m for m in modules() if m.startswith("serve.")} >= {"serve.demo", "serve.webapp", "serve.node",
                                                                 "serve.dicom_out", "serve.results"}
+
+
+def test_the_readme_picture_is_of_the_demo_run_that_run_sh_makes():
+    """docs/screenshot.py writes, beside docs/demo_page.png, the model card the page showed: the picture must be of
+    the run a plain `bash run.sh` makes today (its patients, folds, model and size, its out-of-fold operating point,
+    a card of today's code) and the card must be the picture's (its sha256). Retake both with docs/screenshot.py."""
+    import hashlib
+    import json
+
+    import yaml
+    rec = json.loads((ROOT / "docs" / "demo_page.card.json").read_text())
+    assert hashlib.sha256((ROOT / "docs" / "demo_page.png").read_bytes()).hexdigest() == rec["image_sha256"]
+    run_sh = (ROOT / "run.sh").read_text()
+    patients = int(re.search(r"src\.synth .*--patients (\d+)", run_sh).group(1))
+    k = int(re.search(r"K=\$\{K_GIVEN:-(\d+)\}", run_sh).group(1))
+    spec_file = re.search(r"CPU_CONFIGS=\((configs/[^ )]+)", run_sh).group(1)
+    spec = yaml.safe_load((ROOT / spec_file).read_text())
+    card = rec["card"]
+    assert (card["data"], card["patients"], len(card["folds"])) == ("demo", patients, k)
+    assert (card["run"], card["model"], card["img_size"]) == (Path(spec_file).stem, spec["model"], spec["img_size"])
+    assert set(card["prior"]) == {"epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"}
+    op = card["operating_point"]
+    assert f"Verdict at {op['threshold']:.3f}" in rec["summary_shown"] and "chosen out of fold" in rec["summary_shown"]

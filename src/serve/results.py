@@ -162,7 +162,8 @@ def zplot(table: pd.DataFrame, path=None, title="", threshold: float = THRESHOLD
     for c in CLASSES:
         ax.plot(x, table[c], "-o" if c == "any" else "-", ms=3, lw=2.2 if c == "any" else 1.3, label=c)
     ax.axhline(threshold, ls=":", color="grey")
-    ax.set_ylim(-0.02, 1.02), ax.set_xlabel("slice (ordered by z, inferior to superior)"), ax.set_ylabel("probability")
+    ax.set_ylim(-0.02, 1.02), ax.set_ylabel("probability")
+    ax.set_xlabel("slice (ordered along the slice normal; axial: inferior to superior)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, ncol=3, loc="upper left")
     fig.tight_layout()
