@@ -4,6 +4,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 60
 
@@ -126,16 +128,18 @@ def test_the_pipeline_does_not_import_the_serving_side():
                                                                 "serve.dicom_out", "serve.results"}
 
 
-def test_the_readme_picture_is_of_the_demo_run_that_run_sh_makes():
-    """docs/screenshot.py writes, beside docs/demo_page.png, the model card the page showed: the picture must be of
-    the run a plain `bash run.sh` makes today (its patients, folds, model and size, its out-of-fold operating point,
-    a card of today's code) and the card must be the picture's (its sha256). Retake both with docs/screenshot.py."""
+@pytest.mark.parametrize("picture", ["demo_page", "node_report"])
+def test_the_docs_pictures_are_of_the_demo_run_that_run_sh_makes(picture):
+    """docs/screenshot.py (the page, README) and docs/node_picture.py (what a viewer receives, docs/node.md) write,
+    beside each picture, the model card it showed: the picture must be of the run a plain `bash run.sh` makes today
+    (its patients, folds, model and size, its out-of-fold operating point, a card of today's code) and the card must
+    be the picture's (its sha256). Retake both with those scripts."""
     import hashlib
     import json
 
     import yaml
-    rec = json.loads((ROOT / "docs" / "demo_page.card.json").read_text())
-    assert hashlib.sha256((ROOT / "docs" / "demo_page.png").read_bytes()).hexdigest() == rec["image_sha256"]
+    rec = json.loads((ROOT / "docs" / f"{picture}.card.json").read_text())
+    assert hashlib.sha256((ROOT / "docs" / f"{picture}.png").read_bytes()).hexdigest() == rec["image_sha256"]
     run_sh = (ROOT / "run.sh").read_text()
     patients = int(re.search(r"src\.synth .*--patients (\d+)", run_sh).group(1))
     k = int(re.search(r"K=\$\{K_GIVEN:-(\d+)\}", run_sh).group(1))
@@ -146,4 +150,7 @@ def test_the_readme_picture_is_of_the_demo_run_that_run_sh_makes():
     assert (card["run"], card["model"], card["img_size"]) == (Path(spec_file).stem, spec["model"], spec["img_size"])
     assert set(card["prior"]) == {"epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"}
     op = card["operating_point"]
-    assert f"Verdict at {op['threshold']:.3f}" in rec["summary_shown"] and "chosen out of fold" in rec["summary_shown"]
+    if picture == "demo_page":
+        assert f"Verdict at {op['threshold']:.3f}" in rec["summary_shown"] and "chosen out of fold" in rec["summary_shown"]
+    else:
+        assert rec["objects"][:2] == ["SR ICH AI result (research use)", "KO ICH AI key images (research use)"]
