@@ -34,10 +34,10 @@ declare -A SPEC=(
   [blend]="tests/test_blend.py tests/test_submission.py | not report_and_the_card and not kaggle_client | src.blend.x_fit_simplex* src.blend.x_fit_weights* src.blend.x_weights_for* src.blend.x_blend* src.blend.x_fold_weights* src.blend.x_cross_fitted* src.blend.x_oof_table* src.blend.x_fit_blend* src.blend.x_score* src.blend.x_weight_matrix*"
   [submission]="tests/test_submission.py | not kaggle_client | "
   [dicom]="tests/test_dicom.py tests/test_bombs.py tests/test_bad_input.py | not cli and not page and not cache_build and not stays_on_disk and not weights and not backbone | src.dicom.x_read_dicom* src.dicom.x_check_header* src.dicom.x_rescale_params* src.dicom.x_check_ct_values* src.dicom.x_first_value* src.dicom.x_pixels* src.dicom.x__finite* src.dicom.x__native_pixels*"
-  [bundle]="tests/test_bundle.py | not onnx and not fine_tun and not submission | src.bundle.x__checked_members* src.bundle.x__check_infos* src.bundle.x__read* src.bundle.x_read_bundle*"
+  [bundle]="tests/test_bundle.py | crafted or holding_another or declaring_more or flipped or out_of_bounds or huge_size or truncated | src.bundle.x_read_bundle* src.bundle.x__refuse* src.bundle.x__check_file* src.bundle.x__file_sha256* src.bundle.x__checked_members* src.bundle.x__verified* src.bundle.x__check_infos* src.bundle.x__read* src.bundle.x__json* src.bundle.x__safetensors* src.bundle.x__unpack*"
 )
-# bundle: every test_bundle test needs the `blended` fixture (a run trained with both stages), which mutmut builds
-# again in each mutant's pytest session: hours on 2 cores. Run it on a bigger machine, or with -k on crafted bundles.
+# bundle: the reader's own tests, on small bundles made for them (the tests on a trained run's bundle build one
+# again in each mutant's pytest session: hours on 2 cores).
 ORDER=(metrics intervals blend submission dicom bundle)
 MODULES=("$@"); [ ${#MODULES[@]} -gt 0 ] || MODULES=("${ORDER[@]}")
 
