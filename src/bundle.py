@@ -374,6 +374,8 @@ def _safetensors(files: dict, name: str, path: Path, dtype: str, aliases: dict |
     aliased names pointing at their tensor again."""
     import torch
     from safetensors.torch import load
+    if name not in files:
+        _refuse(path, f"{MODEL} names the member {name!r}, which the bundle does not hold")
     try:
         sd = load(files[name])
     except Exception as e:  # noqa: BLE001  (safetensors reports a bad header in its own error types)

@@ -170,6 +170,21 @@ def test_export_is_skipped_when_up_to_date_and_readable_by_others(blended):
 
 
 # ---------------------------------------------------------------- refusals
+NOT_A_BUNDLE = ("refused: not a bundle (not a zip archive written by src.export, or truncated or damaged at its end): "
+                "get the file again")
+CHECKSUM_DIFFERS = ("refused: its bytes differ from the SHA-256 it carries (damaged in transfer or changed): get the "
+                    "file again")
+
+
+def refused(path: Path, why: str) -> str:
+    """The one-line message read_bundle refuses `path` with, checked to name the file first and hold `why`."""
+    with pytest.raises(B.BundleError) as e:
+        B.read_bundle(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and why in msg and "\n" not in msg, msg
+    return msg
+
+
 def rewrite(src: Path, dst: Path, change) -> Path:
     """A copy of a bundle with its members changed by change(members: dict name -> bytes, manifest: dict), sealed
     with a checksum that matches (as a stranger's crafted file would be): what refuses it is the member checks."""
@@ -208,13 +223,14 @@ CASES = {
                                 "SHA-256 differs from the manifest"),
     "a member not in the manifest": (lambda m, man: m.__setitem__("extra.txt", b"hello"),
                                      "'extra.txt' is not in the manifest"),
-    "a member of the manifest missing": (lambda m, man: m.pop("seq/fold1.safetensors"), "of the manifest is missing"),
+    "a member of the manifest missing": (lambda m, man: m.pop("boost/fold0/model_any.txt"), "of the manifest is missing"),
     "a path that escapes": (lambda m, man: listed(m, man, "../evil.txt", b"x"), "escapes the bundle"),
     "an absolute path": (lambda m, man: listed(m, man, "/etc/evil.txt", b"x"), "escapes the bundle"),
     "a pickle": (lambda m, man: listed(m, man, "stage1/fold9.pth", pickled()), "would need code to load"),
     "a pickle under a safe name": (lambda m, man: (listed(m, man, "stage1/fold0.safetensors", pickled())),
-                                   "not a safetensors file"),
-    "an unknown format version": (lambda m, man: man.__setitem__("version", 99), "format version 99 is unknown"),
+                                   "is not a safetensors file (SafetensorError: Error while deserializing"),
+    "an unknown format version": (lambda m, man: man.__setitem__("version", 99),
+                                  "format version 99 is unknown to this code (it reads 1); update the project"),
     "another format": (lambda m, man: man.__setitem__("format", "zip of something"), "is not an ich-bundle manifest"),
     "a model.json this code cannot read": (lambda m, man: listed(m, man, B.MODEL, b'{"format": "ich-bundle", '
                                                                  b'"version": 1}'), "does not describe a model"),
@@ -231,15 +247,101 @@ def test_a_bundle_is_refused_with_the_file_and_the_reason(blended, tmp_path, cas
     assert str(bad) in str(e.value) and why in str(e.value), str(e.value)
 
 
-def test_sizes_out_of_bounds_are_refused_before_reading(tiny, monkeypatch):
-    bundle = tiny  # the reader's checks need no trained model: the small bundle keeps them quick to mutate
-    monkeypatch.setattr(B, "MAX_MEMBER_BYTES", 100)  # its weights file (152 bytes) and manifest are larger
-    with pytest.raises(PipelineError, match="declares .* bytes, out of bounds"):
-        B.read_bundle(bundle)
-    monkeypatch.setattr(B, "MAX_MEMBER_BYTES", 2 << 30)
-    monkeypatch.setattr(B, "MAX_MEMBERS", 3)
-    with pytest.raises(PipelineError, match="members, more than a bundle may have"):
-        B.read_bundle(bundle)
+def test_each_bound_holds_at_its_value_and_refuses_past_it(tiny, tmp_path, monkeypatch):
+    """Each bound of docs/bundles.md set to exactly what the small bundle has reads it; one less refuses it, naming
+    the file and the member (the reader's checks need no trained model: the small bundle keeps them quick to
+    mutate). The bounds: members, a member's declared bytes (JSON members have their own), the file's bytes, the
+    members' declared bytes in all, a deflated member's ratio."""
+    from fractions import Fraction
+    with zipfile.ZipFile(tiny) as z:
+        infos = z.infolist()
+    weights = max((i for i in infos if not i.filename.endswith(".json")), key=lambda i: i.file_size)
+    biggest_json = max((i for i in infos if i.filename.endswith(".json")), key=lambda i: i.file_size)
+    assert weights.file_size > biggest_json.file_size  # so that the JSON bound is seen to apply to JSON only
+    assert biggest_json.filename == B.MODEL and biggest_json.file_size - 1 >= z.getinfo(B.MANIFEST).file_size
+    size = tiny.stat().st_size
+    cases = [("MAX_MEMBERS", len(infos), f"refused: {len(infos)} members, more than a bundle may have "
+                                         f"({len(infos) - 1})"),
+             ("MAX_MEMBER_BYTES", weights.file_size, f"refused: member {weights.filename!r} declares "
+                                                     f"{weights.file_size:,} bytes, out of bounds for a bundle member "
+                                                     f"(at most {weights.file_size - 1:,})"),
+             ("MAX_JSON_BYTES", biggest_json.file_size, f"refused: member {biggest_json.filename!r} declares "
+                                                        f"{biggest_json.file_size:,} bytes, more than "
+                                                        f"{biggest_json.file_size - 1:,}"),
+             ("MAX_BUNDLE_BYTES", size, f"refused: {size:,} bytes, more than a bundle may be ({size - 1:,})")]
+    want = content(B.read_bundle(tiny))
+    for name, value, why in cases:
+        with monkeypatch.context() as m:
+            m.setattr(B, name, value)
+            assert content(B.read_bundle(tiny)) == want, name
+            m.setattr(B, name, value - 1)
+            refused(tiny, why)
+    # deflated: the members declare more than the file holds, so the total and the ratio are reached on their own
+    entries = [(f"boost/{i}.txt", b"\0" * 20_000, DEFLATED) for i in range(3)]
+    packed = zip_with(tmp_path / "packed.ichbundle", entries)
+    with zipfile.ZipFile(packed) as z:
+        infos = z.infolist()
+    total, first = sum(i.file_size for i in infos), infos[1]
+    ratio = max(Fraction(i.file_size, i.compress_size) for i in infos if i.compress_type == DEFLATED)
+    for name, value, why in [("MAX_BUNDLE_BYTES", total, f"refused: its members declare more than {total - 1:,} "
+                                                          f"bytes in all"),
+                             ("MAX_RATIO", ratio, f"refused: member {first.filename!r} declares "
+                                                  f"{first.file_size:,} bytes from {first.compress_size:,} compressed, "
+                                                  f"more than")]:
+        with monkeypatch.context() as m:
+            m.setattr(B, "MAX_RATIO", 10_000)  # the other bound out of the way
+            m.setattr(B, name, value)
+            assert sorted(B._checked_members(packed)) == [f"boost/{i}.txt" for i in range(3)], name
+            m.setattr(B, name, value - Fraction(1, 10**6) if name == "MAX_RATIO" else value - 1)
+            refused(packed, why)
+
+
+def test_the_checksum_is_the_sha256_of_the_bytes_before_it(tiny, tmp_path):
+    """The seal, against hashlib over the file (the reference): its last 64 bytes are the hex SHA-256 of all before
+    them, after the prefix in the zip comment. A bundle from before bundles were sealed (no comment) is read by the
+    member checks alone: the same model, and a member changed in it still refused."""
+    import hashlib
+    data = tiny.read_bytes()
+    assert data[-64:].decode() == hashlib.sha256(data[:-64]).hexdigest()
+    assert data[-B.CHECKSUM:-64] == B.CHECKSUM_PREFIX and data[-B.CHECKSUM - 2:-B.CHECKSUM] == \
+        B.CHECKSUM.to_bytes(2, "little")
+    old = tmp_path / "old.ichbundle"
+    with zipfile.ZipFile(tiny) as src, zipfile.ZipFile(old, "w") as dst:
+        for i in src.infolist():
+            dst.writestr(i, src.read(i))
+    assert old.read_bytes()[-22:-18] == b"PK\x05\x06" and old.read_bytes()[-2:] == b"\0\0"
+    assert content(B.read_bundle(old)) == content(B.read_bundle(tiny))
+    changed = tmp_path / "changed.ichbundle"
+    with zipfile.ZipFile(tiny) as src, zipfile.ZipFile(changed, "w") as dst:
+        for i in src.infolist():
+            dst.writestr(i, src.read(i) + (b"x" if i.filename.endswith(".txt") else b""))
+    refused(changed, "its SHA-256 differs from the manifest's (changed or damaged)")
+    with pytest.raises(B.BundleError, match=f"^bundle not found: {tmp_path / 'absent.ichbundle'}$"):
+        B.read_bundle(tmp_path / "absent.ichbundle")
+
+
+def test_the_file_hash_reads_the_first_n_bytes_in_chunks():
+    """_file_sha256 against hashlib on the same bytes: at chunk boundaries (1 MiB), one byte past one, none, and past
+    the end of a file (all it holds)."""
+    import hashlib
+    import io
+    data = np.random.default_rng(0).bytes(3 << 20)
+    for n in (0, 1, 1 << 20, (1 << 20) + 1, (2 << 20) + 5, len(data), len(data) + 10):
+        assert B._file_sha256(io.BytesIO(data), n) == hashlib.sha256(data[:n]).hexdigest(), n
+
+
+def test_a_zip_the_reader_cannot_read_is_named_with_the_reason(tiny, tmp_path):
+    """A member whose bytes no longer match the zip's own CRC (resealed, so the checksum passes): the zip reader's
+    error, in the refusal's words."""
+    data = bytearray(tiny.read_bytes())
+    with zipfile.ZipFile(tiny) as z:
+        i = z.getinfo("stage1/fold0.safetensors")
+    at = i.header_offset + 30 + len(i.filename) + len(i.extra) + i.compress_size - 1  # its last data byte
+    data[at] ^= 0xFF
+    bad = tmp_path / "bad.ichbundle"
+    bad.write_bytes(resealed(bytes(data)))
+    refused(bad, "refused: not a readable bundle (BadZipFile: Bad CRC-32 for file 'stage1/fold0.safetensors'): "
+                 "damaged or not a bundle; get the file again")
 
 
 def test_a_member_claiming_a_huge_size_is_refused_without_allocating_it(tiny, tmp_path):
@@ -259,13 +361,11 @@ def test_not_a_bundle_and_a_truncated_one(tiny, tmp_path):
     bundle = tiny
     junk = tmp_path / "junk.ichbundle"
     junk.write_bytes(b"hello, not a zip")
-    with pytest.raises(PipelineError, match="not a bundle \\(not a zip archive written by src.export"):
-        B.read_bundle(junk)
+    assert refused(junk, NOT_A_BUNDLE) == f"{junk}: {NOT_A_BUNDLE}"
     data, cut = bundle.read_bytes(), tmp_path / "cut.ichbundle"
     for n in sorted({1, 22, 100, len(data) // 2, len(data) - 200, len(data) - 64, len(data) - 1}):
         cut.write_bytes(data[:n])
-        with pytest.raises(B.BundleError, match=f"^{cut}: refused: not a bundle \\(not a zip archive"):
-            B.read_bundle(cut)
+        assert refused(cut, NOT_A_BUNDLE) == f"{cut}: {NOT_A_BUNDLE}"
 
 
 # ---------------------------------------------------------------- refusals the docs list, each crafted
@@ -291,7 +391,11 @@ CRAFTED = {
     "a duplicate name": ([("a.txt", b"one", STORED), ("a.txt", b"two", STORED)], "member 'a.txt' appears twice"),
     "a backslash in a name": ([("stage1\\fold0.txt", b"x", STORED)], "escapes the bundle or is not a plain relative"),
     "a drive letter": ([("C:/fold0.txt", b"x", STORED)], "escapes the bundle or is not a plain relative path"),
-    "a disallowed kind": ([("run.sh", b"rm -rf /", STORED)], "member 'run.sh' is of a kind bundles do not hold"),
+    "an empty part in a name": ([("stage1//fold0.txt", b"x", STORED)], "escapes the bundle or is not a plain relative"),
+    "a dot part in a name": ([("./fold0.txt", b"x", STORED)], "escapes the bundle or is not a plain relative path"),
+    "a manifest that is not JSON": ([(B.MANIFEST, b"{not json", STORED)], "refused: manifest.json is not JSON ("),
+    "a disallowed kind": ([("run.sh", b"rm -rf /", STORED)], "member 'run.sh' is of a kind bundles do not hold "
+                                                              "(only .json, .safetensors, .txt)"),
     "a disallowed compression method": ([("a.txt", b"x" * 100, zipfile.ZIP_BZIP2)],
                                         "member 'a.txt' uses compression method 12; bundles are stored or deflated"),
     "a deflate ratio over the bound": ([("a.txt", b"\0" * 2_000_000, DEFLATED)],
@@ -347,17 +451,105 @@ def test_members_declaring_more_than_a_bundle_may_hold_in_all(tmp_path, monkeypa
 
 
 # ---------------------------------------------------------------- damage anywhere in the bytes
+def tiny_trained() -> B.Trained:
+    """A small run's predicting parts, every kind a bundle holds: a stage-1 fold with a tensor under two names (as
+    the network's head is its backbone's classifier) and a run-control key, a GRU fold, a tree fold, blend, card."""
+    w, g = torch.arange(1200.0), torch.full((2, 3), 0.5)  # w: a weights file larger than the JSON members
+    return B.Trained("tiny", [("fold0", {"model": "resnet10t", "input_mode": "windows", "img_size": 64, "workers": 3},
+                               {"w": w, "head.w": w, "b": torch.ones(2), "bn.num_batches_tracked": torch.tensor(7)})],
+                     {"size": 64, "windows": [[40, 80]]},
+                     seq=[("fold0", {"model": {"gru.weight": g, "out.weight": g}, "config": {"hidden": 2},
+                                     "emb_dim": 3, "emb_mean": torch.zeros(3), "emb_std": torch.ones(3)})],
+                     boost=[("fold0", {"threads": 1, "leaves": 4}, [f"tree {c}\n" for c in CLASSES])],
+                     blend={"stage1": [1.0] * 6}, card={"synthetic": True, "note": "n" * 2000})  # model.json >
+                     # the manifest, so that the JSON bound is seen to apply to each JSON member
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    """A small bundle of every member kind (safetensors, JSON, text), written by write_bundle: small enough for every
-    byte of it to be damaged in turn."""
-    t = B.Trained("tiny", [("fold0", {"model": "resnet10t", "input_mode": "windows", "img_size": 64},
-                            {"w": torch.arange(6.0), "b": torch.ones(2)})], {"size": 64, "windows": [[40, 80]]},
-                  boost=[("fold0", {"threads": 1}, [f"tree {c}\n" for c in CLASSES])], blend={"stage1": [1.0] * 6},
-                  card={"synthetic": True})
+    """tiny_trained() written by write_bundle: small enough for every byte of it to be damaged in turn."""
     path = tmp_path_factory.mktemp("tiny") / "tiny.ichbundle"
-    B.write_bundle(t, path)
+    B.write_bundle(tiny_trained(), path)
     return path
+
+
+def test_a_bundle_gives_back_what_was_written(tiny, tmp_path):
+    """read_bundle against the Trained that write_bundle was given (the reference): every tensor, the tied one
+    still one tensor, the GRU's checkpoint, the trees' texts, blend and card, configs without run control; the card
+    says which file and dtype it came from. stage2=False reads stage 1 only; an fp16 bundle reads back as float32."""
+    want, got = tiny_trained(), B.read_bundle(tiny)
+    assert (got.name, got.settings, got.blend) == (want.name, want.settings, want.blend)
+    [(fold, cfg, sd)] = got.stage1
+    assert (fold, cfg) == ("fold0", {"model": "resnet10t", "input_mode": "windows", "img_size": 64})
+    assert sorted(sd) == ["b", "bn.num_batches_tracked", "head.w", "w"] and sd["head.w"] is sd["w"]
+    assert sd["w"].tolist() == [float(i) for i in range(1200)] and sd["b"].tolist() == [1.0, 1.0]
+    assert [v.dtype for v in (sd["w"], sd["b"])] == [torch.float32] * 2
+    assert (sd["bn.num_batches_tracked"].dtype, sd["bn.num_batches_tracked"].item()) == (torch.int64, 7)
+    [(fold, ck)] = got.seq
+    assert (fold, ck["config"], ck["emb_dim"], type(ck["emb_dim"])) == ("fold0", {"hidden": 2}, 3, int)
+    assert sorted(ck["model"]) == ["gru.weight", "out.weight"] and ck["model"]["out.weight"] is ck["model"]["gru.weight"]
+    assert ck["model"]["gru.weight"].tolist() == [[0.5] * 3] * 2
+    assert ck["emb_mean"].tolist() == [0.0] * 3 and ck["emb_std"].tolist() == [1.0] * 3
+    assert got.boost == [("fold0", {"leaves": 4}, [f"tree {c}\n" for c in CLASSES])]
+    assert got.card == {"synthetic": True, "note": "n" * 2000,
+                        "bundle": {"file": str(tiny), "dtype": "float32", "versions": B.versions()}}
+    only1 = B.read_bundle(tiny, stage2=False)
+    assert (len(only1.stage1), only1.seq, only1.boost) == (1, [], [])
+    half = tmp_path / "half.ichbundle"
+    B.write_bundle(want, half, fp16=True)
+    [(_, _, sd16)] = B.read_bundle(half).stage1
+    assert sd16["w"].dtype == torch.float32 and sd16["w"].tolist() == sd["w"].tolist() and sd16["head.w"] is sd16["w"]
+    assert sd16["bn.num_batches_tracked"].dtype == torch.int64  # integers stay integers in an fp16 bundle
+    assert B.read_bundle(half).card["bundle"]["dtype"] == "float16"
+
+
+def test_a_model_json_without_its_optional_keys_reads_with_their_defaults(tiny, tmp_path):
+    """A model.json with no dtype, versions, GRU, trees or aliases (as a smaller exporter may write): float32, no
+    versions, no stage 2, and each tensor under its one name."""
+    def bare(mo):
+        for k in ("dtype", "versions", "seq", "boost"):
+            mo.pop(k)
+        mo["stage1"][0].pop("aliases")
+    bad = rewrite(tiny, tmp_path / "bare.ichbundle", model_json(bare))
+    got = B.read_bundle(bad)
+    assert got.card["bundle"] == {"file": str(bad), "dtype": "float32", "versions": {}}
+    assert (got.seq, got.boost) == ([], [])
+    assert sorted(got.stage1[0][2]) == ["b", "bn.num_batches_tracked", "w"]
+
+
+def model_json(change):
+    """A CASES change that rewrites model.json with change(model: dict) (its manifest entry made to match)."""
+    def edit(members, manifest):
+        model = json.loads(members[B.MODEL])
+        change(model)
+        listed(members, manifest, B.MODEL, json.dumps(model).encode())
+    return edit
+
+
+TINY_CASES = {
+    **CASES,
+    "a manifest without members": (lambda m, man: man.pop("members"), "manifest.json lists no members"),
+    "model.json not JSON": (lambda m, man: listed(m, man, B.MODEL, b"{not json"), "model.json is not JSON"),
+    "a model of an unknown version": (model_json(lambda mo: mo.__setitem__("version", 7)),
+                                      "model.json is not an ich-bundle model of a known version"),
+    "no stage-1 fold": (model_json(lambda mo: mo.__setitem__("stage1", [])), "refused: it holds no stage-1 fold"),
+    "no model.json": (lambda m, man: (m.pop(B.MODEL), man["members"].pop(B.MODEL)), "refused: no model.json"),
+    "an alias naming nothing": (model_json(lambda mo: mo["stage1"][0]["aliases"].__setitem__("x", "nowhere")),
+                                "alias 'x' names 'nowhere', which it does not hold"),
+    "a weights file it does not hold": (model_json(lambda mo: mo["seq"][0].__setitem__("weights", "seq/f9.safetensors")),
+                                        "model.json names the member 'seq/f9.safetensors', which the bundle does "
+                                        "not hold"),
+    "a tree model it does not hold": (model_json(lambda mo: mo["boost"][0]["models"].__setitem__(0, "boost/x.txt")),
+                                      "does not describe a model this code can load (KeyError: 'boost/x.txt')"),
+}
+
+
+@pytest.mark.parametrize("case", list(TINY_CASES))
+def test_the_reader_refuses_each_way_a_bundle_can_be_wrong(tiny, tmp_path, case):
+    """Each refusal above (and those only model.json can give) from read_bundle itself, on the small bundle: one
+    line naming the file and the reason."""
+    change, why = TINY_CASES[case]
+    refused(rewrite(tiny, tmp_path / "bad.ichbundle", change), why)
 
 
 def content(t: B.Trained) -> tuple:
@@ -401,9 +593,12 @@ def test_every_byte_flipped_or_cut_is_refused(tiny, tmp_path):
                 f.seek(0)
                 f.write(data)
                 f.flush()
+        end = len(data) - 22 - B.CHECKSUM   # the end record, then the comment: prefix and digits
+        ends_not_a_bundle = set(range(end, end + 4)) | set(range(end + 20, end + 22 + len(B.CHECKSUM_PREFIX)))
         for n in offsets:
-            with pytest.raises(B.BundleError, match=f"^{bad}: refused: "):
+            with pytest.raises(B.BundleError) as e:
                 flipped(n, reseal=False)
+            assert str(e.value) == f"{bad}: " + (NOT_A_BUNDLE if n in ends_not_a_bundle else CHECKSUM_DIFFERS), n
         same = []
         for n in offsets[:-64]:
             try:
@@ -416,8 +611,7 @@ def test_every_byte_flipped_or_cut_is_refused(tiny, tmp_path):
     assert 0 < len(same) < len(offsets) // 2
     for n in offsets[::8]:
         cut.write_bytes(data[:n])
-        with pytest.raises(B.BundleError, match=f"^{cut}: refused: "):
-            B.read_bundle(cut)
+        assert refused(cut, NOT_A_BUNDLE) == f"{cut}: {NOT_A_BUNDLE}"
 
 
 # ---------------------------------------------------------------- ONNX, fine-tuning, the ensemble

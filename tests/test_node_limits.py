@@ -354,10 +354,23 @@ def test_many_addresses_fill_the_node_but_not_for_its_known_peer(node):
 def test_parallel_associations_up_to_the_documented_limit(node):
     """20 associations at once from one peer are all accepted (pynetdicom's default refused half of them); one more
     is rejected with the setting to raise."""
+    import threading
     mark = len(node.text())
+    assocs, done = [], threading.Event()
+
+    def keep_alive():  # the node drops an association idle for --network-timeout (2 s here): opening 20 one after
+        while not done.wait(0.2):  # another can take longer on a loaded machine, so each open one is echoed
+            for a in list(assocs):
+                if a.is_established:
+                    a.send_c_echo()
     with Watch(node, node.legit) as watch:
-        assocs = [associate(node, "TESTSCU", "127.0.0.10") for _ in range(MAX_PEER)]
+        pinger = threading.Thread(target=keep_alive, daemon=True)
+        pinger.start()
+        for _ in range(MAX_PEER):
+            assocs.append(associate(node, "TESTSCU", "127.0.0.10"))
         extra = associate(node, "TESTSCU", "127.0.0.10")
+        done.set()
+        pinger.join()
         echoes = [a.send_c_echo().Status if a.is_established else None for a in assocs]
         for a in assocs:
             a.release()
