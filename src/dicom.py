@@ -330,13 +330,19 @@ def _vector(v, n: int) -> np.ndarray | None:
 
 def slice_normal(ds) -> np.ndarray | None:
     """The unit normal of the slice plane (row direction x column direction of ImageOrientationPatient), in the
-    patient's coordinates; None when the orientation is missing, not numbers or degenerate."""
+    patient's coordinates, pointing the way of its largest component (for an axial slice: up, towards the head);
+    None when the orientation is missing, not numbers or degenerate. The sign is fixed because the cross product's
+    depends on how the rows and columns run: a feet-first series (rows running right to left) has a normal pointing
+    down, and ordering along it would put its slices top to bottom, the other way from the head-first series the
+    model learned from (2.5D neighbours and the sequence model read them in order)."""
     iop = _vector(ds.get("ImageOrientationPatient"), 6)
     if iop is None:
         return None
     n = np.cross(iop[:3], iop[3:])
     norm = float(np.linalg.norm(n))
-    return n / norm if norm > 1e-6 else None
+    if norm <= 1e-6:
+        return None
+    return n / norm * (1.0 if n[int(np.argmax(np.abs(n)))] > 0 else -1.0)
 
 
 def slice_z(ds) -> tuple[float, str]:

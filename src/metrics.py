@@ -126,7 +126,9 @@ def operating_point(y: np.ndarray, p: np.ndarray, sensitivity: float = 0.95) -> 
     pos = np.sort(p[y > 0.5])[::-1]
     if not len(pos):
         return float("nan")
-    k = int(np.ceil(sensitivity * len(pos))) - 1  # the k-th highest positive score keeps k+1 positives above it
+    # the k-th highest positive score keeps k+1 positives above it; rounded first, as 0.55 * 100 is 55.000000000000007
+    # in floating point, whose ceiling would ask for one positive more than the target needs
+    k = int(np.ceil(round(sensitivity * len(pos), 9))) - 1
     return float(pos[min(max(k, 0), len(pos) - 1)])
 
 

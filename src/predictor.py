@@ -187,24 +187,45 @@ class Predictor:
     def analyse(self, inputs, progress=False, select=None) -> Analysis:
         """Decode files/folders with the run's preprocessing and predict every readable slice; with `select` (a
         function from the files' headers, src.scans.read_headers, to one row per series with `scored` and `reason`:
-        src.serve.selector.select), only the slices of the series it chooses, read from their headers first."""
+        src.serve.selector.select), only the slices of the series it chooses, read from their headers first. A chosen
+        series of which no slice decodes (damaged pixels, a compression without a decoder) is listed as not scored
+        with that reason, and the selector chooses again without it: the study's next eligible series is scored."""
         paths = list_inputs(inputs)
-        series, skipped = None, pd.DataFrame(columns=["path", "reason"])
-        if select is not None:
-            heads = read_headers(paths)
-            ok = heads[heads.status == "ok"]
-            skipped = heads.loc[heads.status != "ok", ["path", "reason"]]
-            series = select(ok)
+        if select is None:
+            images, meta = self._decode(paths)
+            return Analysis(self.score(images, meta, progress), meta.loc[meta.status != "ok", ["path", "reason"]]
+                            .reset_index(drop=True), images, meta, None)
+        heads = read_headers(paths)
+        ok = heads[heads.status == "ok"]
+        skipped = [heads.loc[heads.status != "ok", ["path", "reason"]]]
+        failed: set[str] = set()
+        listing = None                # the first choice's listing: its order is the one kept
+        while True:  # each turn drops at least one series, so it ends
+            series = select(ok[~ok["SeriesInstanceUID"].isin(failed)])
+            listing = series if listing is None else listing
             chosen = set(series.loc[series.scored, "SeriesInstanceUID"])
-            paths = ok.loc[ok["SeriesInstanceUID"].isin(chosen), "path"].tolist()
-        if paths:
-            images, meta = decode_files(paths, windows_from_settings(self.settings), self.settings["size"])
-        else:  # nothing to score: an empty table, every file accounted for in `skipped` or `series`
-            images, meta = np.zeros((0, self.settings["size"], self.settings["size"], 3), np.uint8), \
-                pd.DataFrame(columns=[*META_COLUMNS, "slice_index", "series_len", "prev_id", "next_id"])
-        bad = meta.loc[meta.status != "ok", ["path", "reason"]]
-        skipped = pd.concat([skipped, bad], ignore_index=True) if len(bad) else skipped.reset_index(drop=True)
+            images, meta = self._decode(ok.loc[ok["SeriesInstanceUID"].isin(chosen), "path"].tolist())
+            dead = chosen - set(meta.loc[meta.status == "ok", "SeriesInstanceUID"])
+            if not dead:
+                break
+            failed |= dead
+            skipped.append(meta.loc[meta["SeriesInstanceUID"].isin(dead) & (meta.status != "ok"), ["path", "reason"]])
+        if failed:
+            gone = select(ok[ok["SeriesInstanceUID"].isin(failed)]).assign(
+                scored=False, reason="eligible, but no slice of it could be decoded (its files are listed as skipped)")
+            place = {s: i for i, s in enumerate(listing["SeriesInstanceUID"])}
+            series = pd.concat([series, gone], ignore_index=True).sort_values(
+                "SeriesInstanceUID", key=lambda uids: uids.map(place), kind="stable").reset_index(drop=True)
+        skipped.append(meta.loc[meta.status != "ok", ["path", "reason"]])
+        skipped = pd.concat([s for s in skipped if len(s)] or [skipped[0]], ignore_index=True)
         return Analysis(self.score(images, meta, progress), skipped, images, meta, series)
+
+    def _decode(self, paths: list) -> tuple[np.ndarray, pd.DataFrame]:
+        """(images, meta) of the files with the run's preprocessing; empty ones for no file."""
+        if paths:
+            return decode_files(paths, windows_from_settings(self.settings), self.settings["size"])
+        return np.zeros((0, self.settings["size"], self.settings["size"], 3), np.uint8), \
+            pd.DataFrame(columns=[*META_COLUMNS, "slice_index", "series_len", "prev_id", "next_id"])
 
     def score(self, images, meta: pd.DataFrame, progress=False) -> pd.DataFrame:
         """One row per readable slice of `meta` (rows of `images`, decoded with this model's preprocessing: files

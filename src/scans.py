@@ -38,6 +38,12 @@ def list_inputs(inputs) -> list[Path]:
 UNKNOWN_SERIES = "unknown-series"  # the series of a user's files that carry no SeriesInstanceUID
 
 
+def unknown_series(study: str) -> str:
+    """The series of a study's files that carry no SeriesInstanceUID: one per study, so that two studies' such files
+    are never taken as one series (series are keyed by SeriesInstanceUID alone downstream)."""
+    return f"{UNKNOWN_SERIES}-{study}" if study else UNKNOWN_SERIES  # a folder name too: no colon
+
+
 def read_one_header(path: str) -> dict:
     """One file's header, pixels left on disk: status ok with header_fields and series_fields, or skipped with the
     reason the file cannot be read (an image whose header declares what no CT slice can be, a decompression bomb, is
@@ -51,7 +57,7 @@ def read_one_header(path: str) -> dict:
         return {"path": str(path), "status": "skipped", "reason": str(e)}
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:  # a malformed element read lazily
         return {"path": str(path), "status": "skipped", "reason": f"unreadable header ({type(e).__name__}: {str(e)[:120]})"}
-    head["SeriesInstanceUID"] = head["SeriesInstanceUID"] or UNKNOWN_SERIES
+    head["SeriesInstanceUID"] = head["SeriesInstanceUID"] or unknown_series(head["StudyInstanceUID"])
     return {"path": str(path), "status": "ok", "reason": "", **head}
 
 
@@ -132,5 +138,6 @@ def decode_files(paths, windows=DEFAULT_WINDOWS, size=256, jobs=1, split="test")
     meta["z"] = pd.to_numeric(meta["z"], errors="coerce")
     # a user's files without a SeriesInstanceUID are taken as one series rather than left unordered
     uid = meta["SeriesInstanceUID"].astype(object).where(meta["SeriesInstanceUID"].notna(), "").astype(str)
-    meta["SeriesInstanceUID"] = uid.where((uid != "") | (meta.status != "ok"), UNKNOWN_SERIES)
+    placeholder = meta["StudyInstanceUID"].fillna("").astype(str).map(unknown_series)
+    meta["SeriesInstanceUID"] = uid.where((uid != "") | (meta.status != "ok"), placeholder)
     return images, order_series(meta)

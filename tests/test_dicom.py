@@ -196,8 +196,10 @@ def test_z_fallbacks(tmp_path):
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     assert D.slice_z(ds) == (12.5, "ImagePositionPatient")     # axial: along the normal (0, 0, 1) is z
     ds.ImagePositionPatient = [10, 20, 30]
-    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]             # sagittal: the normal is -x
-    assert D.slice_z(ds) == (-10.0, "ImagePositionPatient")
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]             # sagittal: the cross product is -x, made +x
+    assert D.slice_z(ds) == (10.0, "ImagePositionPatient")
+    ds.ImageOrientationPatient = [-1, 0, 0, 0, 1, 0]             # feet first: the cross product points down, made up
+    assert D.slice_z(ds) == (30.0, "ImagePositionPatient")
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0, 0]         # not six numbers: ignored
     assert D.slice_z(ds) == (30.0, "ImagePositionPatient[2]")
     del ds.ImagePositionPatient

@@ -39,6 +39,8 @@ def test_operating_point_flags_the_stated_share_of_positive_series():
     assert operating_point(y, p, 0.1) == 0.9  # a share under one series: the highest positive score
     ramp = np.arange(100) / 100  # 100 positive series: the default 95% keeps 95 of them
     assert operating_point(np.ones(100), ramp) == 0.05
+    # 0.55 x 100 is 55.000000000000007 in floating point: still the 55th highest, never the 56th
+    assert operating_point(np.ones(100), ramp, 0.55) == 0.45 and operating_point(np.ones(100), ramp, 0.29) == 0.71
     assert np.isnan(operating_point(np.zeros(3), np.ones(3)))
     # weighted (a bootstrap's multiplicities); the negative scored exactly at the threshold counts as flagged
     w = np.array([2, 1, 1, 1, 3, 1, 1, 1, 1, 1], float)

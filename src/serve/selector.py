@@ -56,7 +56,15 @@ def _vendor_kind(vendor: str, k: str) -> str:
 
 VENDORS = {"siemens": "siemens", "ge ": "ge", "ge": "ge", "general electric": "ge", "philips": "philips",
            "canon": "canon", "toshiba": "canon"}
-NO_CONTRAST = {"", "NONE", "NO", "N", "NO CONTRAST", "NON-CONTRAST", "NONCONTRAST", "0"}
+# ContrastBolusAgent values that say "none", compared as words (case and punctuation dropped: "N/A" is "N A",
+# "Non-contrast" is "NON CONTRAST", "-" is empty)
+NO_CONTRAST = {"", "NONE", "NONE GIVEN", "NOT GIVEN", "NO", "N", "NA", "N A", "NIL", "0", "NO CONTRAST",
+               "NO CONTRAST AGENT", "NON CONTRAST", "NONCONTRAST", "WITHOUT", "WITHOUT CONTRAST"}
+
+
+def contrast_words(agent: str) -> str:
+    """A ContrastBolusAgent value as upper-case words, punctuation dropped (what NO_CONTRAST is compared with)."""
+    return re.sub(r"[^A-Z0-9]+", " ", agent.upper()).strip()
 
 
 @dataclass
@@ -72,7 +80,7 @@ class SeriesRules:
     field_of_view_mm: list = field(default_factory=lambda: [120.0, 500.0])
     min_slices: int = 5
     max_slices: int = 1000
-    max_gap_ratio: float = 3.0
+    max_gap_ratio: float = 2.5
     uneven_ratio: float = 1.25
     refuse_contrast: bool = True
     preferred_thickness_mm: list = field(default_factory=lambda: [2.5, 5.0])
@@ -177,14 +185,24 @@ def classify(g: pd.DataFrame, rules: SeriesRules) -> tuple[str, list[str], dict]
         if rules.unknown_kernel == "refuse":
             return f"kernel {'/'.join(kernels) or '(none given)'}: not in the kernel table", notes, geo
         notes.append(f"kernel {'/'.join(kernels) or '(none given)'} not in the kernel table (allowed)")
-    agents = {a.upper() for a in g["ContrastBolusAgent"]} - NO_CONTRAST
+    agents = sorted({a for a in g["ContrastBolusAgent"] if contrast_words(a) not in NO_CONTRAST})
     if rules.refuse_contrast and agents:
-        return f"contrast agent {sorted(agents)[0]!r}: the model learned non-contrast CT", notes, geo
+        return f"contrast agent {agents[0]!r}: the model learned non-contrast CT", notes, geo
     return geometry_problem(g, geo, rules, notes), notes, geo
 
 
 def geometry_problem(g: pd.DataFrame, geo: dict, rules: SeriesRules, notes: list) -> str:
     """The first geometry rule the series breaks ('' when none); an uneven spacing within the gap rule is a note."""
+    sources = g["z_source"].value_counts()
+    if len(sources) > 1:  # positions in one series from different tags are not comparable (mm along two axes, or
+        # slice numbers beside millimetres): a slice would be put in the wrong place, silently
+        return ("slice positions from different tags (" + ", ".join(f"{s} on {n}" for s, n in sources.items()) +
+                "): some slices lack ImagePositionPatient or ImageOrientationPatient, so their places are unknown")
+    if sources.index[0] in ("InstanceNumber", "missing"):
+        return ("no ImagePositionPatient or SliceLocation: the slices' positions and spacing are unknown "
+                "(InstanceNumber orders slices, in slices, not millimetres)")
+    if sources.index[0] == "SliceLocation":
+        notes.append("positions from SliceLocation (no ImagePositionPatient)")
     lo, hi = rules.min_slices, rules.max_slices
     if not lo <= geo["slices"] <= hi:
         return f"{geo['slices']} slice(s): a head CT series has {lo} to {hi}"
@@ -231,8 +249,11 @@ def select(headers: pd.DataFrame, rules: SeriesRules | None = None, all_series: 
     rules = rules or SeriesRules.load()
     every = rules.all_series if all_series is None else all_series
     rows = []
+    studies_of = headers.groupby("SeriesInstanceUID")["StudyInstanceUID"].nunique()
     for (study, series), g in headers.groupby(["StudyInstanceUID", "SeriesInstanceUID"], sort=False):
         why, notes, geo = classify(g, rules)
+        if studies_of[series] > 1:  # downstream a series is its SeriesInstanceUID: two studies' slices would mix
+            why = "its SeriesInstanceUID also names a series of another study (a UID is unique): not mixed with it"
         rows.append({"StudyInstanceUID": study, "SeriesInstanceUID": series, "SeriesNumber": g["SeriesNumber"].iloc[0],
                      "SeriesDescription": g["SeriesDescription"].iloc[0], "files": len(g), "slices": geo["slices"],
                      "spacing_mm": round(geo["spacing_mm"], 3), "tilt_degrees": round(geo["tilt_degrees"], 1),
