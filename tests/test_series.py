@@ -81,6 +81,9 @@ def test_a_broken_rules_file_is_a_clear_error(tmp_path, text, message):
 
 
 @pytest.mark.parametrize("kernel,vendor,kind", [("STANDARD", "GE MEDICAL SYSTEMS", "soft"), ("BONE", "GE MEDICAL SYSTEMS", "sharp"),
+                                                ("HD BONE", "GE", "sharp"), ("BONE PLUS", "GE MEDICAL SYSTEMS", "sharp"),
+                                                ("Bone", "SIEMENS", "sharp"), ("LUNG", "", "sharp"),
+                                                ("HD STANDARD", "GE", "soft"), ("SOFT TISSUE", "GE", "soft"),
                                                 ("BONEPLUS", "GE", "sharp"), ("H30s", "SIEMENS", "soft"),
                                                 ("Hr38", "Siemens Healthineers", "soft"), ("H70h", "SIEMENS", "sharp"),
                                                 ("J70h", "", "sharp"), ("FC23", "TOSHIBA", "soft"), ("FC30", "Canon", "sharp"),
@@ -296,3 +299,10 @@ def test_when_the_chosen_series_cannot_be_decoded_the_next_one_is_scored(study, 
         axial = {str(f) for f in dest.iterdir() if pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID ==
                  uids["axial"]}
     assert set(skipped["path"]) == axial and len(axial) == 33
+
+
+def test_the_built_in_defaults_are_the_shipped_rules():
+    """A site's rules file may name only the rules it changes; the others come from the dataclass, which must say
+    what configs/serve/series_rules.yaml says."""
+    import dataclasses
+    assert dataclasses.replace(SeriesRules(), source="") == dataclasses.replace(SeriesRules.load(), source="")

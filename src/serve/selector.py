@@ -35,6 +35,9 @@ SIEMENS = r"^(HR|BR|QR|JR|IR|DR|HN|HC|H|B|J|Q|D|I|U|V|T|S)(\d{2})"
 CANON = r"^FC(\d{2})"
 GE = {"soft": {"STANDARD", "STND", "SOFT", "SMOOTH", "BRAIN", "NEURO", "HEAD"},
       "sharp": {"BONE", "BONEPLUS", "EDGE", "LUNG", "DETAIL", "SHARP", "CHEST", "ULTRA"}}
+# words that name a bone or lung kernel whatever the vendor or the spelling ("HD BONE", "BONE PLUS", "Bone" under
+# another vendor's name): sharp, before any table is read
+SHARP_WORDS = {"BONE", "BONEPLUS", "LUNG", "EDGE", "SHARP"}
 PHILIPS = {"soft": {"A", "B", "C", "UA", "UB", "UC", "MA", "MB", "MC"},
            "sharp": {"D", "E", "L", "YA", "YB", "YC", "YD", "EA", "EB", "EC"}}
 
@@ -50,8 +53,10 @@ def _vendor_kind(vendor: str, k: str) -> str:
     if vendor == "canon":
         m = re.match(CANON, k)
         return _by_number(int(m.group(1)), range(0, 30), (range(30, 40), range(50, 60), range(80, 90))) if m else "unknown"
-    table = GE if vendor == "ge" else PHILIPS
-    return next((kind for kind, names in table.items() if k in names), "unknown")
+    if vendor == "ge":  # by name, or by its words ("HD STANDARD", "SOFT TISSUE")
+        words = set(re.split(r"[^A-Z0-9]+", k)) - {""}
+        return next((kind for kind, names in GE.items() if k in names or words & names), "unknown")
+    return next((kind for kind, names in PHILIPS.items() if k in names), "unknown")
 
 
 VENDORS = {"siemens": "siemens", "ge ": "ge", "ge": "ge", "general electric": "ge", "philips": "philips",
@@ -129,6 +134,8 @@ def kernel_kind(kernel: str, manufacturer: str) -> str:
     k = kernel.upper().split("\\")[0].strip()
     if not k:
         return "unknown"
+    if set(re.split(r"[^A-Z0-9]+", k)) & SHARP_WORDS:
+        return "sharp"
     m = manufacturer.lower()
     vendor = next((v for name, v in VENDORS.items() if m.startswith(name) or f" {name}" in f" {m}"), None)
     kinds = {_vendor_kind(v, k) for v in ([vendor] if vendor else ["siemens", "canon", "ge", "philips"])} - {"unknown"}
