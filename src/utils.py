@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import logging.handlers
 import os
 import sys
 import tempfile
@@ -103,7 +104,9 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def get_logger(name: str, log_file=None) -> logging.Logger:
+def get_logger(name: str, log_file=None, max_bytes: int = 0) -> logging.Logger:
+    """A logger to stderr and, with log_file, to that file too (with max_bytes, rotated past it: the file and five
+    older ones, log_file.1 to .5, so that a server's log cannot fill its disk)."""
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -115,7 +118,8 @@ def get_logger(name: str, log_file=None) -> logging.Logger:
         log_file = str(Path(log_file).resolve())
         if not any(getattr(h, "baseFilename", None) == log_file for h in logger.handlers):
             Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-            fh = logging.FileHandler(log_file)
+            fh = logging.handlers.RotatingFileHandler(log_file, maxBytes=max_bytes, backupCount=5) if max_bytes \
+                else logging.FileHandler(log_file)
             fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             logger.addHandler(fh)
     return logger

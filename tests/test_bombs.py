@@ -210,7 +210,7 @@ def test_the_page_refuses_them_and_stays_small(bombs, trained_run, demo_data):
 
 
 def test_a_zip_declaring_too_many_entries_is_refused_before_its_directory_is_read(tmp_path):
-    from src.serve.webapp import MAX_FILES, UploadError, unpack_zips, zip_entries
+    from src.serve.webapp import MAX_FILES, UploadError, unpack_zips, zip_directory
     z = tmp_path / "up" / "00000" / "many.zip"
     z.parent.mkdir(parents=True)
     with zipfile.ZipFile(z, "w") as f:
@@ -219,6 +219,56 @@ def test_a_zip_declaring_too_many_entries_is_refused_before_its_directory_is_rea
     eocd = data.rfind(b"PK\x05\x06")
     data[eocd + 8:eocd + 12] = (60000).to_bytes(2, "little") * 2  # entries on this disk, entries in all
     z.write_bytes(bytes(data))
-    assert zip_entries(z) == 60000 > MAX_FILES
+    assert zip_directory(z)[0] == 60000 > MAX_FILES
     with pytest.raises(UploadError, match="declares 60000 entries"):
+        unpack_zips([z], 0)
+
+
+def test_a_zip_whose_directory_is_larger_than_its_entries_take_is_refused_before_it_is_read(tmp_path):
+    """The end record declares one entry but a directory of 3 MB (8 million entries would make it 400 MB, which
+    zipfile reads whole, by its size, before any count is checked): refused from the end record."""
+    from src.serve.webapp import MAX_FILES, ZIP_DIRECTORY_BYTES, UploadError, unpack_zips, zip_directory
+    z = tmp_path / "up" / "00000" / "wide.zip"
+    z.parent.mkdir(parents=True)
+    with zipfile.ZipFile(z, "w") as f:
+        f.writestr("a.dcm", b"x")
+    data = bytearray(z.read_bytes())
+    eocd = data.rfind(b"PK\x05\x06")
+    data[eocd + 12:eocd + 16] = (3_000_000).to_bytes(4, "little")  # the directory's size
+    z.write_bytes(bytes(data))
+    assert zip_directory(z) == (1, 3_000_000)
+    with pytest.raises(UploadError) as e:
+        unpack_zips([z], 0)
+    assert str(e.value) == (f"a zip archive whose directory is 3,000,000 bytes, more than {MAX_FILES} entries take "
+                            f"({MAX_FILES * ZIP_DIRECTORY_BYTES:,}): refused before it is read")
+
+
+@pytest.mark.parametrize("entries,message", [
+    ([("a", b"x"), ("a/b.dcm", b"y")], "zip entry 'a/b.dcm' collides with another entry of the archive"),
+    ([("a.dcm", b"x"), ("a.dcm", b"y")], "zip entry 'a.dcm' collides with another entry of the archive")])
+def test_zip_entries_that_collide_are_refused(tmp_path, entries, message):
+    import warnings
+    from src.serve.webapp import UploadError, unpack_zips
+    z = tmp_path / "up" / "00000" / "c.zip"
+    z.parent.mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name: that is the case
+        with zipfile.ZipFile(z, "w") as f:
+            for name, data in entries:
+                f.writestr(name, data)
+    with pytest.raises(UploadError, match=message):
+        unpack_zips([z], 0)
+
+
+def test_a_zip_that_zipfile_cannot_read_is_a_message(tmp_path):
+    from src.serve.webapp import UploadError, unpack_zips
+    z = tmp_path / "up" / "00000" / "broken.zip"
+    z.parent.mkdir(parents=True)
+    with zipfile.ZipFile(z, "w") as f:
+        f.writestr("a.dcm", b"x")
+    data = bytearray(z.read_bytes())
+    cd = data.rfind(b"PK\x01\x02")
+    data[cd:cd + 4] = b"XXXX"      # the directory's entry is not one
+    z.write_bytes(bytes(data))
+    with pytest.raises(UploadError, match="^broken.zip: not a readable zip archive \\(BadZipFile: "):
         unpack_zips([z], 0)

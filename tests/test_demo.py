@@ -327,10 +327,11 @@ def server(run_dir):
 
 
 @contextlib.contextmanager
-def served(app):
-    """app served by uvicorn in a thread of this process, where a test's monkeypatching reaches it."""
+def served(app, **limits):
+    """app served as the page is (src.serve.webapp.server_config, with `limits`) by uvicorn in a thread of this
+    process, where a test's monkeypatching reaches it."""
     import uvicorn
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    srv = uvicorn.Server(W.server_config(app, "127.0.0.1", free_port(), **limits))
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()
     deadline = time.time() + 60
@@ -513,3 +514,60 @@ def test_report_blends_the_members_and_the_predictor_applies_that_blend(run_dir,
     for i, part in enumerate(("stage1", "seq", "boost")):
         assert np.allclose(p.weights[part], w[:, i], atol=1e-6)
     assert p.card["oof_weighted_log_loss"] == pytest.approx(honest) and "blend of" in p.card["stage"]
+
+
+def peer_closed(s: socket.socket) -> bool:
+    """Whether the other end has closed `s` without answering: an end of stream, or a reset (a close with our bytes
+    unread); an answer is not a close."""
+    try:
+        data = s.recv(100)
+    except ConnectionResetError:
+        return True
+    assert data == b"", data[:100]
+    return True
+
+
+def test_slow_headers_and_too_many_connections_are_closed_while_a_visitor_is_served(run_dir):
+    """The page with --header-seconds 1 --max-connections-per-address 5: five connections from 127.0.0.1 trickle a
+    request's headers (slowloris); a sixth from there is closed at once; a visitor from 127.0.0.2 gets the page
+    meanwhile; at 1 s the five are closed, though they keep sending, and 127.0.0.1 is served again."""
+    import http.client
+    app = W.create_app(run_dir)
+
+    def visit(source: str) -> int:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=20, source_address=(source, 0))
+        c.request("GET", "/")
+        status = c.getresponse().status
+        c.close()
+        return status
+
+    with served(app, header_seconds=1.0, max_per_address=5) as url:
+        port = int(url.rsplit(":", 1)[1])
+        slow = [socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.1", 0))
+                for _ in range(5)]
+        t0 = time.monotonic()
+        for s in slow:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.2)
+        extra = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.1", 0))
+        extra.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert peer_closed(extra)  # closed at once, unanswered
+        assert visit("127.0.0.2") == 200
+        alive = set(range(5))
+        while alive and time.monotonic() - t0 < 5:
+            for i in list(alive):
+                try:
+                    slow[i].sendall(b"X-Slow: 1\r\n")
+                    slow[i].settimeout(0.05)
+                    if peer_closed(slow[i]):
+                        alive.discard(i)
+                except TimeoutError:
+                    pass
+                except BrokenPipeError:  # closed by the page before this send
+                    alive.discard(i)
+            time.sleep(0.1)
+        closed_after = time.monotonic() - t0
+        assert not alive and 0.9 < closed_after < 3, closed_after
+        assert visit("127.0.0.1") == 200
+        for s in [*slow, extra]:
+            s.close()

@@ -24,6 +24,7 @@ import struct
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -648,3 +649,170 @@ def test_keep_hours_prunes_what_is_older(tmp_path):
     finally:
         node.stop.set()
         t.join(30)
+
+
+# ---------------------------------------------------------------- an attack run's findings (2026-12-07)
+def request_with(contexts: int = 2, syntaxes_per_context: int = 1) -> bytes:
+    """association_request() with its CT Image Storage context repeated to `contexts` contexts, each proposing
+    `syntaxes_per_context` transfer syntaxes (Explicit VR Little Endian repeated): the PDU pynetdicom's encoder will
+    not write past 128 contexts, built here from its bytes."""
+    base = association_request()
+    body = bytearray(base[6:])
+    pos, items = 68, []
+    while pos < len(body):
+        n = int.from_bytes(body[pos + 2:pos + 4], "big")
+        items.append(bytes(body[pos:pos + 4 + n]))
+        pos += 4 + n
+    app, verification, ct, user = items[0], items[1], items[2], items[3]
+    subs, sub = [], 8                 # the CT context's sub-items: abstract syntax, transfer syntax
+    while sub < len(ct):
+        n = int.from_bytes(ct[sub + 2:sub + 4], "big")
+        subs.append(ct[sub:sub + 4 + n])
+        sub += 4 + n
+    value = ct[4:8] + subs[0] + subs[1] * syntaxes_per_context
+    ct = bytes([0x20, 0]) + len(value).to_bytes(2, "big") + value
+    out = bytes(body[:68]) + app + verification + ct * (contexts - 1) + user
+    return bytes([0x01, 0]) + len(out).to_bytes(4, "big") + out
+
+
+def test_association_requests_proposing_more_than_a_sender_needs_are_refused_before_negotiation(node):
+    """3,000 presentation contexts in 180 KB (under the 256 KB request limit; each cost half a CPU-second to
+    negotiate) and 4 contexts of 600 transfer syntaxes (and Verification's): each answered A-ASSOCIATE-RJ at once, with the reason; the
+    standard's most, 128 contexts, is accepted. Sent over and over from 8 connections meanwhile, they leave the
+    legitimate peer served."""
+    mark = len(node.text())
+    from pynetdicom.presentation import build_context
+    from pynetdicom.sop_class import Verification
+    many, wide, most = request_with(3000), request_with(5, 600), request_with(128, 2)
+    wide_syntaxes = len(build_context(Verification).transfer_syntax) + 4 * 600  # Verification's, then 4 x 600
+    assert 150_000 < len(many) < 256 << 10
+    c = raw(node, "127.0.0.13")
+    c.sendall(most)
+    assert c.recv(6)[0] == 0x02       # A-ASSOCIATE-AC
+    c.close()
+    stop = threading.Event()
+
+    def flood(source):
+        while not stop.is_set():
+            try:
+                s = raw(node, source)
+                s.sendall(many)
+                closed(s, 2)
+                s.close()
+            except OSError:
+                pass
+    with Watch(node, node.legit) as watch:
+        for request, why in ((many, "proposing 3,000 presentation contexts, over the standard's 128"),
+                             (wide, f"proposing {wide_syntaxes:,} transfer syntaxes, over 2,048")):
+            c = raw(node, "127.0.0.13")
+            c.sendall(request)
+            answer = closed(c, 5)
+            assert answer is not None and answer[:1] == b"\x03", answer  # A-ASSOCIATE-RJ, then the close
+        floods = [threading.Thread(target=flood, args=(f"127.0.0.{20 + i % 4}",), daemon=True) for i in range(8)]
+        for t in floods:
+            t.start()
+        time.sleep(4)                 # the legitimate peer is served throughout (strangers fill the node, it has a
+        stop.set()                    # reserve), then the floods stop and their connections end
+        for t in floods:
+            t.join(10)
+        watch.check(min_served=3)
+    log = log_after(node, mark)
+    assert "127.0.0.13:" in log and "refused: an A-ASSOCIATE-RQ proposing 3,000 presentation contexts, over the " \
+        "standard's 128" in log and f"refused: an A-ASSOCIATE-RQ proposing {wide_syntaxes:,} transfer syntaxes, over " \
+        "2,048" in log
+
+
+def test_a_command_set_that_never_ends_is_aborted_at_its_bound(node):
+    """Associated, then P-DATA-TF PDUs of command fragments that never say "last" (pynetdicom keeps them in memory):
+    aborted once they pass 64 KB, logged with the peer; the node's memory does not grow."""
+    mark = len(node.text())
+    with Watch(node, node.legit) as watch:
+        c = raw(node, "127.0.0.14")
+        c.sendall(association_request())
+        assert c.recv(6)[0] == 0x02
+        fragment = b"\x00" * 16000
+        pdv = (len(fragment) + 2).to_bytes(4, "big") + bytes([1, 0x01]) + fragment  # context 1, command, not last
+        pdu = pdu_header(0x04, len(pdv)) + pdv
+        sent = 0
+        try:
+            while sent < 64 * MB:     # after the abort pynetdicom reads and drops what still comes, until its close
+                c.sendall(pdu)
+                sent += len(fragment)
+        except OSError:
+            pass
+        assert closed(c, ASSOC_S + 5) is not None, "the connection is still open"
+        c.close()
+        watch.check()
+    assert "association from TESTSCU (127.0.0.14:" in log_after(node, mark) and \
+        "aborted: a command set over 64 KB" in log_after(node, mark)
+
+
+def test_a_message_pynetdicom_cannot_read_is_one_line_naming_the_peer(node):
+    """Associated, then a PDV of one byte (pynetdicom's reader raises IndexError on it): one line in node.log naming
+    the peer, no traceback; a request that is not one (garbage after a valid header) is a line too."""
+    mark = len(node.text())
+    stderr = node.spool.parent / "node.stderr"
+    err_mark = stderr.stat().st_size
+    c = raw(node, "127.0.0.15")
+    c.sendall(association_request())
+    assert c.recv(6)[0] == 0x02
+    c.sendall(pdu_header(0x04, 5) + (1).to_bytes(4, "big") + b"\x01")
+    closed(c, 5)
+    c.close()
+    g = raw(node, "127.0.0.16")
+    g.sendall(pdu_header(0x01, 100) + b"\xff" * 100)
+    closed(g, 5)
+    g.close()
+    wait_for(lambda: "127.0.0.16:" in log_after(node, mark), 10, "the malformed request's line", node.log)
+    log = log_after(node, mark)
+    assert "association from TESTSCU (127.0.0.15:" in log and "ended: a message pynetdicom could not read (" in log
+    assert "refused: an association request that could not be read (malformed), or a peer that left first" in log
+    assert "Traceback" not in stderr.read_bytes()[err_mark:].decode(errors="replace")
+
+
+def test_values_a_peer_sent_cannot_write_a_line_of_their_own():
+    """What a peer sends (a SeriesDescription, a UID) reaches node.log with its control characters escaped."""
+    import logging
+
+    from src.serve.node import OneLine
+    record = logging.LogRecord("node", logging.INFO, "", 0, "series %s scored", ("HEAD\n2026 FORGED\r\x1b[2J",), None)
+    assert OneLine().filter(record) and record.getMessage() == "series HEAD\\n2026 FORGED\\r\\x1b[2J scored"
+
+
+def test_an_association_for_another_ae_title_is_rejected(node):
+    mark = len(node.text())
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="NOT_THE_NODE")
+    assert assoc.is_rejected
+    wait_for(lambda: "the called AE title is not this node's --ae-title" in log_after(node, mark), 10,
+             "the rejection's line", node.log)
+
+
+def test_a_uid_with_a_line_break_does_not_forge_a_log_line(node):
+    """Five slices whose SeriesInstanceUID holds a line break and a fake log line: stored and scored, and the node's
+    log gives the UID on its own line, escaped (the attack run's forged line is not there)."""
+    mark = len(node.text())
+    series = generate_uid() + "\n2026-01-01 00:00:00,000 FORGED LINE"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns of the invalid UID: that is the attack
+        assert send(node, [ct(series, study=generate_uid(), seed=i) for i in range(5)]) == [0] * 5
+    wait_for(lambda: "\\n2026-01-01 00:00:00,000 FORGED LINE" in log_after(node, mark), 60, "the study's lines",
+             node.log)
+    assert not [line for line in log_after(node, mark).splitlines() if line.startswith("2026-01-01 00:00:00,000 FORGED")]
+
+
+def test_the_log_is_rotated_so_it_cannot_fill_the_disk(tmp_path):
+    """get_logger with max_bytes (the node's node.log: 20 MB): past it the file is rotated, five older ones kept."""
+    from src.utils import get_logger
+    log = get_logger("test.rotation", tmp_path / "node.log", max_bytes=2000)
+    for i in range(400):
+        log.info(f"connection from 127.0.0.{i % 250}:1 refused: a line of about sixty bytes {i}")
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["node.log", *(f"node.log.{i}" for i in range(1, 6))]
+    assert all((tmp_path / f).stat().st_size <= 2000 for f in files)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()

@@ -76,6 +76,7 @@ from ..utils import PipelineError, cli_main, get_logger, write_json
 from .transport import TransportLimits, start_server
 
 LOG = "node.log"
+LOG_BYTES = 20 << 20                  # node.log is rotated past this (node.log.1 to .5 kept): 120 MB at most
 FOLDERS = ("tmp", "incoming", "work", "done", "failed", "outbox", "sent")
 REFUSED = "refused.txt"               # in a series folder: why the series will not be scored
 MISSING = "missing.txt"               # in a series folder: SOP Instance UIDs refused for lack of space, not come again
@@ -590,6 +591,7 @@ class Link:
     address: str
     bytes: int = 0
     current: int = 0                  # bytes of the instance now streaming
+    command: int = 0                  # bytes of the command set now streaming
     instances: int = 0
     stored: int = 0
     duplicates: int = 0
@@ -597,6 +599,39 @@ class Link:
     low_disk: int = 0                 # of the refused: for lack of space
     aborted: bool = False
 
+
+class OneLine(logging.Filter):
+    """Every log record one line: control characters in what a peer sent (a UID, a description, an AE title) are
+    escaped, so that none can write a line of its own into node.log."""
+
+    ESCAPES = {i: f"\\x{i:02x}" for i in range(32)} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if any(c < " " for c in msg):
+            record.msg, record.args = msg.translate(self.ESCAPES), ()
+        return True
+
+
+def reader_failures(log: logging.Logger, default):
+    """A threading.excepthook: an association's reader thread that a malformed message breaks inside pynetdicom
+    (an IndexError on a one-byte PDV, a KeyError on an unknown context) is one log line naming the peer, not a
+    traceback; any other thread's exception goes to `default`."""
+    from pynetdicom.association import Association
+    from pynetdicom.dul import DULServiceProvider
+
+    def hook(args) -> None:
+        thread = args.thread
+        if not isinstance(thread, (DULServiceProvider, Association)):
+            return default(args)
+        assoc = thread if isinstance(thread, Association) else getattr(thread, "assoc", None)
+        who = f"{assoc.requestor.ae_title} ({assoc.requestor.address}:{assoc.requestor.port})" if assoc else "a peer"
+        log.warning(f"association from {who} ended: a message pynetdicom could not read "
+                    f"({args.exc_type.__name__}: {str(args.exc_value)[:120]})")
+    return hook
+
+
+COMMAND_BYTES = 64 << 10  # a DIMSE command set (C-STORE-RQ, C-ECHO-RQ) is a few hundred bytes; more is an attack
 
 REJECTIONS = {  # pynetdicom's A-ASSOCIATE-RJ (source, reason) -> what the log says
     (1, 3): "calling AE title {caller!r} is not in --allowed-callers",
@@ -643,7 +678,8 @@ class Receiver:
             how = "aborted" if event.event.name == "EVT_ABORTED" else "ended"
             if how == "aborted" and event.assoc.dul.idle_timer_expired():
                 how = "aborted (silent for over --network-timeout)"
-            self.log.info(f"association from {link.caller} {how}: {link.stored} stored, {link.duplicates} duplicate(s), "
+            self.log.info(f"association from {link.caller} ({link.address}) {how}: {link.stored} stored, "
+                          f"{link.duplicates} duplicate(s), "
                           f"{link.refused} refused" + (f" ({link.low_disk} for lack of space)" if link.low_disk else "")
                           + f", {link.bytes / MB:,.1f} MB")
 
@@ -654,16 +690,20 @@ class Receiver:
         link = self.link(event.assoc)
         for item in event.pdu.presentation_data_value_items:
             data = item.presentation_data_value or b"\x01"
-            if data[0] & 1:           # a command fragment
-                continue
-            link.current += len(data) - 1
             link.bytes += len(data) - 1
             lim = self.limits
-            over = (f"an instance over {lim.instance_bytes / MB:,.0f} MB" if link.current > lim.instance_bytes
-                    else f"over {lim.association_bytes / MB:,.0f} MB in one association"
-                    if link.bytes > lim.association_bytes else "")
-            if data[0] & 2:           # the instance's last fragment
-                link.current = 0
+            if data[0] & 1:           # a command fragment: pynetdicom keeps them in memory until the last one
+                link.command += len(data) - 1
+                over = f"a command set over {COMMAND_BYTES // 1024} KB" if link.command > COMMAND_BYTES else ""
+                if data[0] & 2:
+                    link.command = 0
+            else:
+                link.current += len(data) - 1
+                over = f"an instance over {lim.instance_bytes / MB:,.0f} MB" if link.current > lim.instance_bytes else ""
+                if data[0] & 2:       # the instance's last fragment
+                    link.current = 0
+            if not over and link.bytes > lim.association_bytes:
+                over = f"over {lim.association_bytes / MB:,.0f} MB in one association"
             if over and not link.aborted:
                 link.aborted = True
                 self.log.warning(f"association from {link.caller} ({link.address}) aborted: {over}")
@@ -705,6 +745,7 @@ def start_scp(cfg: NodeConfig, receiver: Receiver, log: logging.Logger):
     ae.add_supported_context(Verification)
     if cfg.callers:
         ae.require_calling_aet = cfg.callers
+    ae.require_called_aet = True      # an association for another AE title is a sender configured wrong: rejected
 
     def refuse(peer: str, why: str) -> None:
         log.warning(f"connection from {peer} refused: {why}")
@@ -906,8 +947,10 @@ def main():
                             "AE title, e.g. pacs.example.org:4242:ORTHANC)")
     parse_destination(cfg.send_to)
     Path(cfg.spool_dir).mkdir(parents=True, exist_ok=True)
-    log = get_logger("src.serve.node", Path(cfg.spool_dir) / LOG)
+    log = get_logger("src.serve.node", Path(cfg.spool_dir) / LOG, max_bytes=LOG_BYTES)
+    log.addFilter(OneLine())
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # the node logs what matters, once, in its words
+    threading.excepthook = reader_failures(log, threading.excepthook)
     from ..predictor import Predictor
     from .results import SYNTHETIC_WARNING, model_notes
     from .selector import SeriesRules

@@ -38,7 +38,9 @@ from pynetdicom import evt
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-P_DATA_TF = 0x04
+P_DATA_TF, A_ASSOCIATE_RQ = 0x04, 0x01
+MAX_CONTEXTS = 128                    # presentation contexts of one A-ASSOCIATE-RQ: the standard's most (odd IDs 1-255)
+MAX_TRANSFER_SYNTAXES = 2048          # transfer syntaxes proposed in all: a sender proposes a few per context
 NEGOTIATION_POLL = 0.02               # seconds between turns of a connection's reader until it is associated
 KNOWN_SECONDS = 24 * 3600            # an address that had an association accepted stays known this long
 
@@ -70,6 +72,23 @@ def _abort() -> bytes:
     return ab.encode()
 
 
+def proposed(body: bytes) -> tuple[int, int]:
+    """(presentation context items, transfer syntax sub-items) of an A-ASSOCIATE-RQ's body (after its 6-byte header:
+    68 fixed bytes, then items of type, reserved, 2-byte length, value; PS3.8 9.3.2). Lengths past the end stop the
+    count (pynetdicom refuses such a PDU itself)."""
+    pos, contexts, syntaxes = 68, 0, 0
+    while pos + 4 <= len(body):
+        end = pos + 4 + int.from_bytes(body[pos + 2:pos + 4], "big")
+        if body[pos] == 0x20:         # presentation context: ID, 3 reserved bytes, then its sub-items
+            contexts += 1
+            sub = pos + 8
+            while sub + 4 <= min(end, len(body)):
+                syntaxes += body[sub] == 0x40
+                sub += 4 + int.from_bytes(body[sub + 2:sub + 4], "big")
+        pos = end
+    return contexts, syntaxes
+
+
 class _Shared(list):
     """The server's supported contexts, handed to each association as they are: pynetdicom deep-copies them for
     every connection (~0.1 s for the node's 171 storage classes x 45 transfer syntaxes, before a byte is read),
@@ -87,6 +106,7 @@ class GuardedConnection:
         self._sock, self.limits, self.peer, self._refuse = sock, limits, peer, refuse
         self._head = bytearray()      # the header of the PDU being read, while incomplete
         self._left = 0                # bytes of the current PDU's body not yet read
+        self._request = None          # the A-ASSOCIATE-RQ's body while it arrives (at most max_request_pdu bytes)
         self.pdus = 0                 # whole PDUs read
         self.refused = ""             # why this connection was closed by a limit ("" while it was not)
         self.peer_closed = False
@@ -138,14 +158,32 @@ class GuardedConnection:
                     name = "P-DATA-TF" if kind == P_DATA_TF else f"type 0x{kind:02X}"
                     self.close_for(f"a {name} PDU declaring {length:,} bytes, over the {limit:,}-byte maximum")
                 self._left = length
+                if kind == A_ASSOCIATE_RQ and self.pdus == 0:
+                    self._request = bytearray()
                 if length == 0:
                     self.pdus += 1
             else:
                 take = min(self._left, len(data) - i)
+                if self._request is not None:
+                    self._request += data[i:i + take]
                 self._left -= take
                 i += take
                 if self._left == 0:
+                    if self._request is not None:
+                        self._check_request(bytes(self._request))
+                        self._request = None
                     self.pdus += 1
+
+    def _check_request(self, body: bytes) -> None:
+        """An A-ASSOCIATE-RQ proposing more presentation contexts or transfer syntaxes than any sender needs is
+        refused before pynetdicom negotiates it: negotiation costs CPU in proportion to what is proposed (3,000
+        contexts in 243 KB cost half a CPU-second each, and a few peers repeating them starve everyone)."""
+        contexts, syntaxes = proposed(body)
+        if contexts > MAX_CONTEXTS:
+            self.close_for(f"an A-ASSOCIATE-RQ proposing {contexts:,} presentation contexts, over the standard's "
+                           f"{MAX_CONTEXTS}")
+        if syntaxes > MAX_TRANSFER_SYNTAXES:
+            self.close_for(f"an A-ASSOCIATE-RQ proposing {syntaxes:,} transfer syntaxes, over {MAX_TRANSFER_SYNTAXES:,}")
 
     def close_for(self, why: str):
         """Refuse: log once, tell the peer (an A-ABORT once associated), close, and raise `Refused`."""
@@ -185,9 +223,13 @@ class GuardedHandler(RequestHandler):
             self.assoc.join()
         finally:
             self.server.release(self.client_address[0])
-            conn = self.request
+            conn, assoc = self.request, getattr(self, "assoc", None)
             if conn.pdus == 0 and not conn.refused and not conn.peer_closed:
                 conn.refused = f"no association request within {self.server.limits.association_timeout:g} s"
+                self.server.refuse(conn.peer, conn.refused)
+            elif conn.pdus and not conn.refused and assoc is not None and not getattr(assoc, "was_established", False) \
+                    and not assoc.is_rejected:  # pynetdicom aborts a request it cannot read, and says nothing
+                conn.refused = "an association request that could not be read (malformed), or a peer that left first"
                 self.server.refuse(conn.peer, conn.refused)
 
 
@@ -214,6 +256,7 @@ class GuardedServer(ThreadedAssociationServer):
 
     def _established(self, event) -> None:
         event.assoc.dul._run_loop_delay = 0.001  # pynetdicom's own, for the data
+        event.assoc.was_established = True
         with self._gate:
             self.known[event.assoc.requestor.address] = time.monotonic()
 

@@ -18,7 +18,10 @@ gives the page with a message, never JSON or a stack trace.
 At most --max-uploads requests to /analyse are under way at once (receiving or waiting for the analysis): one
 more is answered 503 at once, so the temporary files never pass --max-uploads x MAX_BYTES. One upload's body must
 arrive within --upload-seconds, however slowly it trickles: past it the answer is 408 and its files are removed
-at once.
+at once. Before any body: a request's headers must arrive whole within --header-seconds of its first byte (or of
+the connection), and at most --max-connections connections are open at once, --max-connections-per-address from one
+address; past either, a connection is closed at once (`GuardedH11`, uvicorn's own HTTP protocol has no such limit:
+slow headers from a thousand connections would hold every file descriptor).
 """
 from __future__ import annotations
 
@@ -59,6 +62,10 @@ MAX_FILES = 2000
 MAX_VIEWER_SLICES = 300            # Grad-CAM for every slice of the viewer up to this many per series
 MAX_UPLOADS = 2                    # requests to /analyse at once (their files are on disk until answered)
 UPLOAD_SECONDS = 300.0             # the longest one upload's body may take to arrive
+HEADER_SECONDS = 10.0              # the longest a request's headers may take to arrive
+MAX_CONNECTIONS = 256              # connections open at once (a browser opens a few)
+MAX_PER_ADDRESS = 32               # connections open at once from one address
+ZIP_DIRECTORY_BYTES = 1024         # bytes of a zip's central directory per entry it may have: names, extra fields
 CHUNK = 1 << 20
 
 STYLE = """
@@ -114,6 +121,8 @@ async def receive_uploads(request: Request, folder: Path) -> tuple[list[Path], i
         filename = Path(opts.get(b"filename", b"").decode("utf-8", "replace")).name  # base name only: no path from the client
         if not filename:  # a plain field, or the browser's empty part when no file was chosen
             return
+        if any(c < " " for c in filename):
+            raise UploadError(f"a file name with a control character ({filename[:60]!r}): rename the file")
         if len(saved) >= MAX_FILES:
             raise UploadError(f"more than {MAX_FILES} files (the page takes {limits()})")
         dest = folder / f"{len(saved):05d}" / (filename if filename != ".." else "file")
@@ -167,12 +176,19 @@ def unpack_zips(paths: list[Path], total: int) -> list[Path]:
             continue
         out = dest.parent.with_name(dest.parent.name + "-unzipped")
         out.mkdir()
-        declared = zip_entries(dest)  # from the end record, before zipfile reads a directory of that many entries
+        declared, directory = zip_directory(dest)  # from the end record, before zipfile reads the directory
         if declared is None or declared > MAX_FILES - len(saved):
             raise UploadError(f"more than {MAX_FILES} files once unpacked: the zip archive declares "
                               f"{declared if declared is not None else 'an unreadable number of'} entries "
                               f"(the page takes {limits()})")
-        with zipfile.ZipFile(dest) as z:
+        if directory > MAX_FILES * ZIP_DIRECTORY_BYTES:  # zipfile reads the directory by its size, whatever the count
+            raise UploadError(f"a zip archive whose directory is {directory:,} bytes, more than {MAX_FILES} entries "
+                              f"take ({MAX_FILES * ZIP_DIRECTORY_BYTES:,}): refused before it is read")
+        try:
+            z = zipfile.ZipFile(dest)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            raise UploadError(f"{dest.name}: not a readable zip archive ({type(e).__name__}: {str(e)[:80]})") from None
+        with z:
             for info in z.infolist():
                 if info.is_dir():
                     continue
@@ -184,8 +200,13 @@ def unpack_zips(paths: list[Path], total: int) -> list[Path]:
                     raise too_large(" once unpacked")
                 if len(saved) >= MAX_FILES:
                     raise UploadError(f"more than {MAX_FILES} files once unpacked (the page takes {limits()})")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with z.open(info) as src, open(target, "wb") as dst:
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    dst = open(target, "xb")
+                except (FileExistsError, NotADirectoryError, IsADirectoryError, ValueError):
+                    raise UploadError(f"zip entry {info.filename!r} collides with another entry of the archive "
+                                      f"(a file and a folder of one name, or a name twice): refused") from None
+                with z.open(info) as src, dst:
                     written = 0
                     while chunk := src.read(CHUNK):  # the header's size may lie: count what comes out
                         written += len(chunk)
@@ -201,14 +222,15 @@ def unpack_zips(paths: list[Path], total: int) -> list[Path]:
     return saved
 
 
-def zip_entries(path: Path) -> int | None:
-    """The number of entries a zip's end-of-central-directory record declares (zip64 included), or None."""
+def zip_directory(path: Path) -> tuple[int | None, int]:
+    """(entries, bytes of the central directory) that a zip's end-of-central-directory record declares (zip64
+    included); (None, 0) when it cannot be read."""
     try:
         with open(path, "rb") as f:
             rec = zipfile._EndRecData(f)  # the standard library's own reader of the end record
     except (OSError, zipfile.BadZipFile, struct.error):
-        return None
-    return None if not rec else int(rec[zipfile._ECD_ENTRIES_TOTAL])
+        return None, 0
+    return (None, 0) if not rec else (int(rec[zipfile._ECD_ENTRIES_TOTAL]), int(rec[zipfile._ECD_SIZE]))
 
 
 def script_json(obj) -> str:
@@ -371,20 +393,96 @@ class ServeConfig:
     port: int = 7860                  # port of the page
     max_uploads: int = MAX_UPLOADS    # uploads under way at once; one more is answered 503 (busy)
     upload_seconds: float = UPLOAD_SECONDS  # the longest one upload's body may take; past it, 408 and files removed
+    header_seconds: float = HEADER_SECONDS  # the longest a request's headers may take; past it, the connection closed
+    max_connections: int = MAX_CONNECTIONS  # connections open at once; more are closed at once
+    max_connections_per_address: int = MAX_PER_ADDRESS  # connections open at once from one address
     series_rules: str = ""            # which series of a study are scored (default configs/serve/series_rules.yaml)
     all_series: bool = False          # score every eligible series of a study, not only the one closest to training
 
     def __post_init__(self):
-        if self.max_uploads < 1 or not self.upload_seconds > 0:
-            raise PipelineError("--max-uploads must be >= 1 and --upload-seconds > 0")
+        if self.max_uploads < 1 or not self.upload_seconds > 0 or not self.header_seconds > 0 \
+                or self.max_connections < 1 or self.max_connections_per_address < 1:
+            raise PipelineError("--max-uploads, --max-connections and --max-connections-per-address must be >= 1, "
+                                "--upload-seconds and --header-seconds > 0")
+
+
+def guarded_h11(header_seconds: float = HEADER_SECONDS, max_connections: int = MAX_CONNECTIONS,
+                max_per_address: int = MAX_PER_ADDRESS):
+    """uvicorn's h11 protocol with the connection limits of the module docstring: a class for uvicorn's `http`."""
+    import logging
+    from collections import Counter
+
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    log, open_from = logging.getLogger("uvicorn.error"), Counter()
+
+    class GuardedH11(H11Protocol):
+        _timer, _host = None, None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            host = (self.client or ("unknown",))[0]
+            why = (f"{len(self.connections) - 1} connections open, the page's limit (--max-connections)"
+                   if len(self.connections) > max_connections else
+                   f"{open_from[host]} connections from {host} open, its limit (--max-connections-per-address)"
+                   if open_from[host] >= max_per_address else "")
+            if why:
+                log.warning(f"connection from {host} refused: {why}")
+                transport.close()
+                return
+            self._host = host
+            open_from[host] += 1
+            self._arm()
+
+        def _arm(self) -> None:
+            self._timer = self.loop.call_later(header_seconds, self._late)
+
+        def _late(self) -> None:
+            self._timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                log.warning(f"connection from {self._host} closed: a request's headers not received whole within "
+                            f"{header_seconds:g} s (--header-seconds)")
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            if self._host is None:    # refused in connection_made: nothing it sends is read
+                return
+            if self._timer is None and self.conn.their_state is h11.IDLE:
+                self._arm()           # a new request on a kept-alive connection: its headers have their deadline
+            super().data_received(data)
+            if self._timer is not None and self.conn.their_state is not h11.IDLE:
+                self._timer.cancel()
+                self._timer = None
+
+        def connection_lost(self, exc) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._host is not None:
+                open_from[self._host] -= 1
+                if open_from[self._host] <= 0:
+                    del open_from[self._host]
+                self._host = None
+            super().connection_lost(exc)
+
+    return GuardedH11
+
+
+def server_config(app, host: str, port: int, header_seconds: float = HEADER_SECONDS,
+                  max_connections: int = MAX_CONNECTIONS, max_per_address: int = MAX_PER_ADDRESS):
+    """The uvicorn configuration the page is served with (tests serve an app with it too)."""
+    import uvicorn
+    return uvicorn.Config(app, host=host, port=port, log_level="warning",
+                          http=guarded_h11(header_seconds, max_connections, max_per_address))
 
 
 def serve(run_dir, host="127.0.0.1", port=7860, max_uploads=MAX_UPLOADS, upload_seconds=UPLOAD_SECONDS, rules=None,
-          all_series=False):
+          all_series=False, header_seconds=HEADER_SECONDS, max_connections=MAX_CONNECTIONS,
+          max_per_address=MAX_PER_ADDRESS):
     import uvicorn
     app = create_app(run_dir, max_uploads=max_uploads, upload_seconds=upload_seconds, rules=rules, all_series=all_series)
     print(f"ICH demo on http://{host}:{port}/  (Ctrl-C to stop)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(server_config(app, host, port, header_seconds, max_connections, max_per_address)).run()
 
 
 @contextlib.contextmanager
@@ -425,7 +523,7 @@ def main():
     if not a.run:
         raise PipelineError("--run RUN_FOLDER_OR_BUNDLE is required (e.g. outputs/demo/runs/resnet10t_128)")
     serve(a.run, a.host, a.port, a.max_uploads, a.upload_seconds, SeriesRules.load(a.series_rules or None),
-          a.all_series)
+          a.all_series, a.header_seconds, a.max_connections, a.max_connections_per_address)
 
 
 if __name__ == "__main__":
