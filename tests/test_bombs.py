@@ -209,16 +209,22 @@ def test_the_page_refuses_them_and_stays_small(bombs, trained_run, demo_data):
     assert seconds < 10, seconds
 
 
-def test_a_zip_declaring_too_many_entries_is_refused_before_its_directory_is_read(tmp_path):
-    from src.serve.webapp import MAX_FILES, UploadError, unpack_zips, zip_directory
-    z = tmp_path / "up" / "00000" / "many.zip"
+def one_entry_zip(z: Path, signature: bytes, at: int, value: bytes) -> Path:
+    """An upload's zip of one entry, the bytes at `at` of its last `signature` record replaced by `value`."""
     z.parent.mkdir(parents=True)
     with zipfile.ZipFile(z, "w") as f:
         f.writestr("a.dcm", b"x")
     data = bytearray(z.read_bytes())
-    eocd = data.rfind(b"PK\x05\x06")
-    data[eocd + 8:eocd + 12] = (60000).to_bytes(2, "little") * 2  # entries on this disk, entries in all
+    pos = data.rfind(signature) + at
+    data[pos:pos + len(value)] = value
     z.write_bytes(bytes(data))
+    return z
+
+
+def test_a_zip_declaring_too_many_entries_is_refused_before_its_directory_is_read(tmp_path):
+    from src.serve.webapp import MAX_FILES, UploadError, unpack_zips, zip_directory
+    z = one_entry_zip(tmp_path / "up" / "00000" / "many.zip", b"PK\x05\x06", 8,
+                      (60000).to_bytes(2, "little") * 2)  # entries on this disk, entries in all
     assert zip_directory(z)[0] == 60000 > MAX_FILES
     with pytest.raises(UploadError, match="declares 60000 entries"):
         unpack_zips([z], 0)
@@ -228,14 +234,8 @@ def test_a_zip_whose_directory_is_larger_than_its_entries_take_is_refused_before
     """The end record declares one entry but a directory of 3 MB (8 million entries would make it 400 MB, which
     zipfile reads whole, by its size, before any count is checked): refused from the end record."""
     from src.serve.webapp import MAX_FILES, ZIP_DIRECTORY_BYTES, UploadError, unpack_zips, zip_directory
-    z = tmp_path / "up" / "00000" / "wide.zip"
-    z.parent.mkdir(parents=True)
-    with zipfile.ZipFile(z, "w") as f:
-        f.writestr("a.dcm", b"x")
-    data = bytearray(z.read_bytes())
-    eocd = data.rfind(b"PK\x05\x06")
-    data[eocd + 12:eocd + 16] = (3_000_000).to_bytes(4, "little")  # the directory's size
-    z.write_bytes(bytes(data))
+    z = one_entry_zip(tmp_path / "up" / "00000" / "wide.zip", b"PK\x05\x06", 12,
+                      (3_000_000).to_bytes(4, "little"))  # the directory's size
     assert zip_directory(z) == (1, 3_000_000)
     with pytest.raises(UploadError) as e:
         unpack_zips([z], 0)
@@ -262,13 +262,6 @@ def test_zip_entries_that_collide_are_refused(tmp_path, entries, message):
 
 def test_a_zip_that_zipfile_cannot_read_is_a_message(tmp_path):
     from src.serve.webapp import UploadError, unpack_zips
-    z = tmp_path / "up" / "00000" / "broken.zip"
-    z.parent.mkdir(parents=True)
-    with zipfile.ZipFile(z, "w") as f:
-        f.writestr("a.dcm", b"x")
-    data = bytearray(z.read_bytes())
-    cd = data.rfind(b"PK\x01\x02")
-    data[cd:cd + 4] = b"XXXX"      # the directory's entry is not one
-    z.write_bytes(bytes(data))
+    z = one_entry_zip(tmp_path / "up" / "00000" / "broken.zip", b"PK\x01\x02", 0, b"XXXX")  # no directory entry
     with pytest.raises(UploadError, match="^broken.zip: not a readable zip archive \\(BadZipFile: "):
         unpack_zips([z], 0)
