@@ -16,6 +16,7 @@ in-process (the unit test that stands in where no tmpfs can be mounted) and --ke
 """
 from __future__ import annotations
 
+import copy
 import io
 import os
 import shutil
@@ -816,3 +817,15 @@ def test_the_log_is_rotated_so_it_cannot_fill_the_disk(tmp_path):
     for h in list(log.handlers):
         log.removeHandler(h)
         h.close()
+
+
+def test_a_copy_with_other_bytes_is_dropped_with_a_warning(node):
+    """An instance sent again under its SOP Instance UID with other pixels: Success (the sender's job goes on), the
+    first copy kept, and a warning that the copies differ; the same bytes again are a plain duplicate."""
+    mark, first = len(node.text()), ct(generate_uid(), study=generate_uid(), seed=1)
+    forged = copy.deepcopy(first)
+    forged.PixelData = np.zeros((64, 64), np.int16).tobytes()
+    assert send(node, [first, first, forged]) == [0, 0, 0]
+    log = log_after(node, mark)
+    assert log.count("with other bytes than the copy held: the first copy is kept, this one dropped") == 1
+    assert log.count(": counted once") == 1

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import filecmp
 import hashlib
 import io
 import logging
@@ -374,8 +375,13 @@ class Spool:
 
     def _keep(self, tmp: Path, study: str, name: str, size: int) -> tuple[int | None, str]:
         """(status, what happened); status None: it could not be written (the reason follows)."""
-        if any((self.dir(k, study) / name).exists() for k in ("incoming", "work", "done")):
+        held = next((self.dir(k, study) / name for k in ("incoming", "work", "done")
+                     if (self.dir(k, study) / name).exists()), None)
+        if held is not None:
             self._arrived(study, name[:-4])
+            if not filecmp.cmp(tmp, held, shallow=False):  # a resend in another transfer syntax, or a forgery
+                return 0x0000, (f"duplicate of {study}/{name} with other bytes than the copy held: the first copy "
+                                f"is kept, this one dropped")
             return 0x0000, f"duplicate of {study}/{name}: counted once"
         n, b = self.counts.get(study, (0, 0))
         incoming = self.dir("incoming", study)
@@ -724,7 +730,8 @@ class Receiver:
         if code == 0x0000:
             link.duplicates += what.startswith("duplicate")
             link.stored += not what.startswith("duplicate")
-            (self.log.info if what.startswith("duplicate") or "not scored" in what else self.log.debug)(
+            (self.log.warning if "other bytes" in what else
+             self.log.info if what.startswith("duplicate") or "not scored" in what else self.log.debug)(
                 f"{link.caller} {sop}: {what}")
         else:
             link.refused += 1
