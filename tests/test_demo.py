@@ -571,3 +571,12 @@ def test_slow_headers_and_too_many_connections_are_closed_while_a_visitor_is_ser
         assert visit("127.0.0.1") == 200
         for s in [*slow, extra]:
             s.close()
+
+
+def test_a_file_name_with_a_control_character_is_refused_in_words(client, tmp):
+    body = (b"--B\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a\x00b.dcm\"\r\n"
+            b"Content-Type: application/octet-stream\r\n\r\nxx\r\n--B--\r\n")
+    r = client.post("/analyse", content=body, headers={"content-type": "multipart/form-data; boundary=B"})
+    assert r.status_code == 400 and "a file name with a control character (&#x27;a\\x00b.dcm&#x27;): rename the " \
+        "file" in r.text
+    assert not list(tmp.iterdir())
