@@ -210,8 +210,8 @@ class Predictor:
                 break
             failed |= dead
             skipped.append(meta.loc[meta["SeriesInstanceUID"].isin(dead) & (meta.status != "ok"), ["path", "reason"]])
-        if failed:
-            gone = select(ok[ok["SeriesInstanceUID"].isin(failed)]).assign(
+        if failed:  # their rows as the first choice listed them (it saw every series), now with the reason
+            gone = listing[listing["SeriesInstanceUID"].isin(failed)].assign(
                 scored=False, reason="eligible, but no slice of it could be decoded (its files are listed as skipped)")
             place = {s: i for i, s in enumerate(listing["SeriesInstanceUID"])}
             series = pd.concat([series, gone], ignore_index=True).sort_values(

@@ -42,6 +42,11 @@ PHILIPS = {"soft": {"A", "B", "C", "UA", "UB", "UC", "MA", "MB", "MC"},
            "sharp": {"D", "E", "L", "YA", "YB", "YC", "YD", "EA", "EB", "EC"}}
 
 
+def _words(kernel: str) -> set[str]:
+    """A kernel name's words ("HD BONE" -> {"HD", "BONE"})."""
+    return set(re.split(r"[^A-Z0-9]+", kernel)) - {""}
+
+
 def _by_number(n: int, soft: range, sharp: tuple[range, ...]) -> str:
     return "soft" if n in soft else "sharp" if any(n in r for r in sharp) else "unknown"
 
@@ -54,8 +59,7 @@ def _vendor_kind(vendor: str, k: str) -> str:
         m = re.match(CANON, k)
         return _by_number(int(m.group(1)), range(0, 30), (range(30, 40), range(50, 60), range(80, 90))) if m else "unknown"
     if vendor == "ge":  # by name, or by its words ("HD STANDARD", "SOFT TISSUE")
-        words = set(re.split(r"[^A-Z0-9]+", k)) - {""}
-        return next((kind for kind, names in GE.items() if k in names or words & names), "unknown")
+        return next((kind for kind, names in GE.items() if k in names or _words(k) & names), "unknown")
     return next((kind for kind, names in PHILIPS.items() if k in names), "unknown")
 
 
@@ -134,7 +138,7 @@ def kernel_kind(kernel: str, manufacturer: str) -> str:
     k = kernel.upper().split("\\")[0].strip()
     if not k:
         return "unknown"
-    if set(re.split(r"[^A-Z0-9]+", k)) & SHARP_WORDS:
+    if _words(k) & SHARP_WORDS:
         return "sharp"
     m = manufacturer.lower()
     vendor = next((v for name, v in VENDORS.items() if m.startswith(name) or f" {name}" in f" {m}"), None)

@@ -177,7 +177,7 @@ class GuardedConnection:
     def _check_request(self, body: bytes) -> None:
         """An A-ASSOCIATE-RQ proposing more presentation contexts or transfer syntaxes than any sender needs is
         refused before pynetdicom negotiates it: negotiation costs CPU in proportion to what is proposed (3,000
-        contexts in 243 KB cost half a CPU-second each, and a few peers repeating them starve everyone)."""
+        contexts in 180-243 KB cost half a CPU-second each, and a few peers repeating them starve everyone)."""
         contexts, syntaxes = proposed(body)
         if contexts > MAX_CONTEXTS:
             self.close_for(f"an A-ASSOCIATE-RQ proposing {contexts:,} presentation contexts, over the standard's "

@@ -437,6 +437,11 @@ def guarded_h11(header_seconds: float = HEADER_SECONDS, max_connections: int = M
         def _arm(self) -> None:
             self._timer = self.loop.call_later(header_seconds, self._late)
 
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
         def _late(self) -> None:
             self._timer = None
             if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
@@ -450,14 +455,11 @@ def guarded_h11(header_seconds: float = HEADER_SECONDS, max_connections: int = M
             if self._timer is None and self.conn.their_state is h11.IDLE:
                 self._arm()           # a new request on a kept-alive connection: its headers have their deadline
             super().data_received(data)
-            if self._timer is not None and self.conn.their_state is not h11.IDLE:
-                self._timer.cancel()
-                self._timer = None
+            if self.conn.their_state is not h11.IDLE:  # the headers are in: the body has its own limit
+                self._disarm()
 
         def connection_lost(self, exc) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self._disarm()
             if self._host is not None:
                 open_from[self._host] -= 1
                 if open_from[self._host] <= 0:
