@@ -408,9 +408,9 @@ class ServeConfig:
 
 def guarded_h11(header_seconds: float = HEADER_SECONDS, max_connections: int = MAX_CONNECTIONS,
                 max_per_address: int = MAX_PER_ADDRESS):
-    """uvicorn's h11 protocol with the connection limits of the module docstring: a class for uvicorn's `http`. Long
-    because it is one class, defined here so that uvicorn is imported only when the page is served, whose methods
-    share the limits and the count of connections per address."""
+    """uvicorn's h11 protocol with the connection limits of the module docstring: a class for uvicorn's `http`.
+    Long because it is one class, defined here so that uvicorn is imported only when the page is served, whose
+    methods share the limits and the count of connections per address."""
     import logging
     from collections import Counter
 
